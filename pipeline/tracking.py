@@ -1,0 +1,166 @@
+"""MLflow tracking: where runs live, and what each run records.
+
+With no ``MLFLOW_TRACKING_URI`` set, runs and the registry live in a SQLite store
+under ``mlflow/`` with artifacts beside it. Every call names its run id explicitly, so
+logging works from whichever thread an orchestrator runs a step in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STORE_DIR = "mlflow"
+
+
+def embedded_uri(project_dir: Path) -> str:
+    """The project's own SQLite store under ``mlflow/``."""
+    return f"sqlite:///{(project_dir / STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def artifact_root(project_dir: Path, uri: str) -> str | None:
+    """Artifact folder for new experiments in a local SQLite store; a server decides its own."""
+    if not uri.startswith("sqlite:"):
+        return None
+    return (project_dir / STORE_DIR / "artifacts").resolve().as_uri()
+
+
+def configure(project_dir: Path, uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at ``uri``, or the embedded store; returns the URI.
+
+    The caller reads ``MLFLOW_TRACKING_URI`` (the CLI does); MLflow itself rewrites that
+    variable, so it is not read here.
+    """
+    import mlflow
+
+    uri = uri or embedded_uri(project_dir)
+    if uri == embedded_uri(project_dir):
+        (project_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """Create the experiment if needed and a run in it; returns the run id (run stays open)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(
+            experiment, artifact_location=artifact_root(project_dir, mlflow.get_tracking_uri())
+        )
+    )
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+class MlflowLogger:
+    """The training loop's ``MetricLogger`` that writes to one MLflow run."""
+
+    def __init__(self, run_id: str):
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient()
+        self._run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(
+            self._run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+
+def log_params_and_metrics(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+    )
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_report(run_id: str, report: Mapping[str, Any], artifact_file: str) -> None:
+    """A JSON report as a run artifact, e.g. ``reports/validation.json``."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_text(run_id, json.dumps(report, indent=2, default=str), artifact_file)
+
+
+def log_dataset(run_id: str, frame: pd.DataFrame, name: str, source: str, digest: str, context: str) -> None:
+    """Record a dataset input whose digest is the DVC md5 of the versioned data."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():
+        # A local path matches two registered local source types; both mean the same.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets="label")
+    mlflow.MlflowClient().log_inputs(
+        run_id,
+        datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+    )
+
+
+def log_model(run_id: str, model_dir: Path, example_texts: list[str]) -> str:
+    """Log a saved transformers classifier (safetensors + tokenizer) to the run.
+
+    Returns:
+        The model URI to register (``models:/<model_id>``).
+    """
+    import mlflow
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import torch
+    import transformers
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Without a hub, mlflow.transformers warns that it cannot fetch a model card/license.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    with mlflow.start_run(run_id=run_id):
+        # Explicit requirements: mlflow's inference of them imports torchvision here and
+        # spawns a slow subprocess.
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-classification",
+            input_example=example_texts[:2],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"transformers=={transformers.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+    return info.model_uri
