@@ -50,13 +50,13 @@ def set_runtime_defaults(project_dir: Path) -> None:
 def ui_commands(project_dir: Path, tracking_uri: str) -> dict[str, str]:
     """Exact shell commands that open the UIs on what a run stored."""
     venv_bin = Path(sys.executable).parent
+    mlflow, prefect = venv_bin / "mlflow", venv_bin / "prefect"
     commands = {
-        "mlflow": f"{venv_bin / 'mlflow'} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+        "mlflow": f"{mlflow} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
     }
     if not os.environ.get("PREFECT_API_URL"):
-        commands["prefect"] = (
-            f"PREFECT_HOME={os.environ['PREFECT_HOME']} {venv_bin / 'prefect'} server start --host 127.0.0.1"
-        )
+        home = os.environ["PREFECT_HOME"]
+        commands["prefect"] = f"PREFECT_HOME={home} {prefect} server start --host 127.0.0.1"
     else:
         commands["prefect"] = f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}"
     return commands
@@ -88,18 +88,24 @@ def print_summary(summary: Any, project_dir: Path) -> None:
             f"{g['rest_positive_rate']:.3f} (diff {g['rate_difference']:+.3f})",
         )
     test, probe = summary.test, summary.probe
-    table.add_row("test (tuned)", f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
+    table.add_row(
+        "test (tuned)", f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
+    )
     table.add_row(
         "test (frozen probe)",
         f"accuracy {probe['accuracy']:.4f}, macro-F1 {probe['macro_f1']:.4f}  "
         f"(tuned - probe: {test['accuracy'] - probe['accuracy']:+.4f} accuracy)",
     )
     for c in test["per_class"]:
-        table.add_row(f"  class {c['label']}", f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}")
+        table.add_row(
+            f"  class {c['label']}",
+            f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}",
+        )
     f = summary.forgetting
     table.add_row(
         "forgetting (Lee)",
-        f"Spearman base {f['base_score']:.4f} -> tuned {f['tuned_score']:.4f} (drop {f['drop']:+.4f})",
+        f"Spearman base {f['base_score']:.4f} -> tuned {f['tuned_score']:.4f} "
+        f"(drop {f['drop']:+.4f})",
     )
     table.add_row("training", f"{summary.train_seconds:.0f} s")
     table.add_row(
@@ -114,7 +120,10 @@ def print_summary(summary: Any, project_dir: Path) -> None:
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
 
 
-@app.command(epilog="Config keys (set in the YAML file or with --set):\n\n" + describe_config().replace("\n", "\n\n"))
+@app.command(
+    epilog="Config keys (set in the YAML file or with --set):\n\n"
+    + describe_config().replace("\n", "\n\n")
+)
 def run(
     config: Annotated[
         Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
@@ -122,7 +131,9 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=3.")
     ] = None,
-    project_dir: Annotated[Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")] = Path("."),
+    project_dir: Annotated[
+        Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")
+    ] = Path("."),
 ) -> None:
     """Run the retraining flow: prepare, validate, version, bias, fine-tune, evaluate, register."""
     project_dir = project_dir.resolve()

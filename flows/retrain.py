@@ -19,7 +19,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipeline import bias, data, evaluate, finetune, forgetting, registry, tracking, validation, versioning
+from pipeline import (
+    bias,
+    data,
+    evaluate,
+    finetune,
+    forgetting,
+    registry,
+    tracking,
+    validation,
+    versioning,
+)
 from pipeline.config import EXAMPLE_SOURCE, RetuneConfig
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -53,17 +63,23 @@ def prepare_data(config: RetuneConfig, project_dir: Path) -> dict[str, pd.DataFr
 
 
 @task(**TASK_OPTIONS)
-def validate_data(config: RetuneConfig, frames: dict[str, pd.DataFrame]) -> validation.ValidationReport:
+def validate_data(
+    config: RetuneConfig, frames: dict[str, pd.DataFrame]
+) -> validation.ValidationReport:
     return validation.validate_dataset(frames, config.validation, config.data.labels)
 
 
 @task(**TASK_OPTIONS)
-def version_data(config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path) -> versioning.DataVersion:
+def version_data(
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path
+) -> versioning.DataVersion:
     dvc_file = project_dir / f"{config.data.data_dir}.dvc"
     # The example is pinned: regenerating it must reproduce the committed md5.
     expected = versioning.recorded_md5(dvc_file) if config.data.source == EXAMPLE_SOURCE else None
     data.write_splits(frames, project_dir / config.data.data_dir)
-    return versioning.version_data(project_dir, config.data.data_dir, expected, push=config.data.dvc_push)
+    return versioning.version_data(
+        project_dir, config.data.data_dir, expected, push=config.data.dvc_push
+    )
 
 
 @task(**TASK_OPTIONS)
@@ -86,9 +102,12 @@ def measure_base(
     from pipeline.embeddings import embed_texts
 
     encoder, tokenizer = finetune.load_encoder(config.train.base_model)
-    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
-    encoder.to(finetune.pick_device())
-    embed = lambda texts, n: embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, n, bf16)  # noqa: E731
+    device = finetune.pick_device()
+    bf16 = finetune.use_bf16(config.train.bf16, device)
+    encoder.to(device)
+
+    def embed(texts: list[str], max_length: int) -> np.ndarray:
+        return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
     probe = evaluate.probe_baseline(
         embed(train["text"].tolist(), config.train.max_length),
         _label_ids(train, config),
@@ -106,7 +125,9 @@ def train_model(
 ) -> tuple[Any, Any, finetune.FineTuneResult]:
     from tqdm.auto import tqdm
 
-    model, tokenizer = finetune.load_classifier(config.train.base_model, config.data.labels, config.train.seed)
+    model, tokenizer = finetune.load_classifier(
+        config.train.base_model, config.data.labels, config.train.seed
+    )
     result = finetune.fine_tune(
         model,
         tokenizer,
@@ -124,22 +145,40 @@ def train_model(
 
 @task(**TASK_OPTIONS)
 def evaluate_model(
-    config: RetuneConfig, model: Any, tokenizer: Any, test: pd.DataFrame, lee: forgetting.SimilarityTask
+    config: RetuneConfig,
+    model: Any,
+    tokenizer: Any,
+    test: pd.DataFrame,
+    lee: forgetting.SimilarityTask,
 ) -> tuple[evaluate.EvaluationReport, float]:
     from pipeline.embeddings import embed_texts
 
     bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
     probs = finetune.predict_proba(
-        model, tokenizer, test["text"].tolist(), config.evaluate.batch_size, config.train.max_length, bf16
+        model,
+        tokenizer,
+        test["text"].tolist(),
+        config.evaluate.batch_size,
+        config.train.max_length,
+        bf16,
     )
-    report = evaluate.classification_metrics(_label_ids(test, config), probs.argmax(1), config.data.labels)
-    lee_emb = embed_texts(model.base_model, tokenizer, lee.texts, config.evaluate.batch_size, 256, bf16)
+    report = evaluate.classification_metrics(
+        _label_ids(test, config), probs.argmax(1), config.data.labels
+    )
+    lee_emb = embed_texts(
+        model.base_model, tokenizer, lee.texts, config.evaluate.batch_size, 256, bf16
+    )
     return report, forgetting.similarity_spearman(lee_emb, lee)
 
 
 @task(**TASK_OPTIONS)
 def register(
-    config: RetuneConfig, run_id: str, model_dir: Path, example: list[str], tags: dict[str, str], metric: float
+    config: RetuneConfig,
+    run_id: str,
+    model_dir: Path,
+    example: list[str],
+    tags: dict[str, str],
+    metric: float,
 ) -> registry.RegisteredVersion:
     model_uri = tracking.log_model(run_id, model_dir, example)
     return registry.register_model(
@@ -160,7 +199,10 @@ def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
 def _git_commit(project_dir: Path) -> str:
     try:
         out = subprocess.run(
-            ["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(project_dir), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
@@ -178,7 +220,9 @@ def config_hash(config: RetuneConfig) -> str:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | None = None) -> RunSummary:
+def retrain(
+    config: RetuneConfig, project_dir: str = ".", tracking_uri: str | None = None
+) -> RunSummary:
     """Prepare, validate, version, check, fine-tune, evaluate and register one model.
 
     Args:
@@ -212,10 +256,21 @@ def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | No
     run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
     try:
         tracking.log_params_and_metrics(run_id, _flat_params(config), {})
-        tracking.log_dataset(run_id, frames["train"], "train", str(root / config.data.data_dir), version.md5, "training")
-        tracking.log_dataset(run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing")
+        tracking.log_dataset(
+            run_id,
+            frames["train"],
+            "train",
+            str(root / config.data.data_dir),
+            version.md5,
+            "training",
+        )
+        tracking.log_dataset(
+            run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
+        )
         probe, base_lee = measure_base(config, train, test, lee)
-        model, tokenizer, trained = train_model(config, train, frames["validation"], run_id, out_dir / "model")
+        model, tokenizer, trained = train_model(
+            config, train, frames["validation"], run_id, out_dir / "model"
+        )
         test_report, tuned_lee = evaluate_model(config, model, tokenizer, test, lee)
         lee_report = forgetting.ForgettingReport("lee", base_lee, tuned_lee)
 
@@ -229,11 +284,17 @@ def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | No
         }
         for name, body in reports.items():
             (out_dir / "reports").mkdir(parents=True, exist_ok=True)
-            (out_dir / "reports" / f"{name}.json").write_text(json.dumps(body, indent=2, default=str))
+            (out_dir / "reports" / f"{name}.json").write_text(
+                json.dumps(body, indent=2, default=str)
+            )
             tracking.log_report(run_id, body, f"reports/{name}.json")
         tracking.log_params_and_metrics(
             run_id,
-            {"trainable_parameters": trained.trainable_parameters, "device": trained.device, "bf16": trained.bf16},
+            {
+                "trainable_parameters": trained.trainable_parameters,
+                "device": trained.device,
+                "bf16": trained.bf16,
+            },
             {
                 "test_accuracy": test_report.accuracy,
                 "test_macro_f1": test_report.macro_f1,
@@ -247,8 +308,13 @@ def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | No
             },
         )
         metric = getattr(test_report, config.registry.primary_metric)
-        tags |= {f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}", "retune.validation": "passed"}
-        registered = register(config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric)
+        tags |= {
+            f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}",
+            "retune.validation": "passed",
+        }
+        registered = register(
+            config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
+        )
         tracking.set_tags(run_id, {"retune.registered_version": registered.version})
     except BaseException:
         tracking.end_run(run_id, "FAILED")
@@ -256,7 +322,8 @@ def retrain(config: RetuneConfig, project_dir: str = ".", tracking_uri: str | No
     tracking.end_run(run_id)
     return RunSummary(
         data_md5=version.md5,
-        rows={s: len(frames[s]) for s in data.SPLITS} | {"train_used": len(train), "test_used": len(test)},
+        rows={s: len(frames[s]) for s in data.SPLITS}
+        | {"train_used": len(train), "test_used": len(test)},
         validation=report.summary(),
         groups=[asdict(g) for g in data_bias.groups],
         test=test_report.to_dict(),

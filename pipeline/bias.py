@@ -33,7 +33,9 @@ class Lexicon:
         # Whole words, case-insensitive: "he" never matches inside "the".
         return {
             name: re.compile(
-                r"\b(?:" + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)) + r")\b",
+                r"\b(?:"
+                + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
+                + r")\b",
                 re.IGNORECASE,
             )
             for name, terms in self.groups.items()
@@ -63,9 +65,7 @@ def load_gender_lexicon(path: Path | None = None) -> Lexicon:
 def assign_groups(texts: Sequence[str], lexicon: Lexicon) -> pd.DataFrame:
     """Boolean membership, shape (len(texts), n_groups); a row may be in several groups."""
     patterns = lexicon.patterns()
-    return pd.DataFrame(
-        {name: [bool(p.search(t)) for t in texts] for name, p in patterns.items()}
-    )
+    return pd.DataFrame({name: [bool(p.search(t)) for t in texts] for name, p in patterns.items()})
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ to a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +93,9 @@ class TrainConfig(_Section):
     patience: int = Field(1, ge=1, description="Epochs without a better validation loss.")
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
-    bf16: Literal["auto", "on", "off"] = "auto"
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast: auto (if the device supports it), true, false."
+    )
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores).")
     max_train_samples: int | None = Field(
@@ -129,9 +132,18 @@ class ConfigError(ValueError):
     """The configuration file or an override is invalid."""
 
 
-def _parse_value(raw: str) -> Any:
-    # YAML scalars: "3" -> 3, "1e-4" -> 0.0001, "null" -> None, "[a, b]" -> list.
-    return yaml.safe_load(raw)
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    # YAML scalars: "3" -> 3, "null" -> None, "[a, b]" -> list. YAML 1.1 reads "1e-4"
+    # as a string (it wants "1.0e-4"), so scientific notation is converted here.
+    if _SCIENTIFIC.match(raw.strip()):
+        return float(raw)
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({err.problem})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -140,12 +152,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=3")
+            raise ConfigError(
+                f"override '{item}' must look like section.key=value, e.g. train.epochs=3"
+            )
         section, field = key.split(".", 1)
-        target = result.setdefault(section, {})
+        target = result.get(section)
+        if target is None:  # absent, or a section left empty in the YAML file
+            target = result[section] = {}
         if not isinstance(target, dict):
             raise ConfigError(f"override '{item}': '{section}' is not a config section")
-        target[field] = _parse_value(value)
+        target[field] = _parse_value(item, value)
     return result
 
 
@@ -161,7 +177,10 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         raw = loaded or {}

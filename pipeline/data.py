@@ -61,7 +61,9 @@ def read_table(path: Path) -> pd.DataFrame:
         DataError: the file is missing, empty, of an unknown type or unreadable.
     """
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; set data.source to a CSV/JSONL/Parquet file")
+        raise DataError(
+            f"data file {path} does not exist; set data.source to a CSV/JSONL/Parquet file"
+        )
     if path.is_dir():
         raise DataError(f"data source {path} is a folder; point data.source at a file")
     if path.stat().st_size == 0:
@@ -70,12 +72,16 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         if suffix.startswith(".csv"):
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix.startswith((".jsonl", ".json")):
+        elif suffix.startswith(".jsonl"):
             frame = pd.read_json(path, lines=True, dtype=False)
+        elif suffix.startswith(".json"):
+            frame = pd.read_json(path, dtype=False)  # an array of records
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            raise DataError(f"data file {path}: unknown type '{suffix}'; use .csv, .jsonl or .parquet")
+            raise DataError(
+                f"data file {path}: unknown type '{suffix}'; use .csv, .jsonl or .parquet"
+            )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as err:
         if isinstance(err, DataError):
             raise
@@ -103,17 +109,32 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
                 f"column '{column}' missing in {path}; found: {', '.join(found)}. "
                 f"Set data.{role}_column to the column holding the {role}."
             )
-    out = pd.DataFrame({role: frame[column] for role, column in wanted.items()})
-    out["label"] = out["label"].map(_label_to_str)
-    out["text"] = out["text"].map(lambda v: v if isinstance(v, str) else None)
-    if "group" not in out:
-        out["group"] = out["text"]
-    out["group"] = out["group"].astype(str)
-    return out.reset_index(drop=True)
+    out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}).reset_index(
+        drop=True
+    )
+    out["label"] = out["label"].map(_label_to_str).astype(object)
+    # A missing or non-text value stays None: validation reports it with its count.
+    out["text"] = out["text"].map(lambda v: v if isinstance(v, str) else None).astype(object)
+    if "group" in out:
+        missing = out["group"].map(_is_missing)
+        if missing.any():
+            first = int(missing.idxmax())
+            raise DataError(
+                f"{path}: column '{config.group_column}' is empty in {int(missing.sum())} rows "
+                f"(first at data row {first + 1}); every row needs a group to be split by"
+            )
+        out["group"] = out["group"].map(str)
+    else:
+        out["group"] = out["text"].map(lambda v: v if isinstance(v, str) else "")
+    return out
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
 
 
 def _label_to_str(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if _is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -127,6 +148,7 @@ def split_by_group(
 
     The hash makes the split independent of row order, platform and random state.
     """
+
     def assign(group: str) -> str:
         # First 8 hex digits of md5 -> uniform in [0, 1).
         u = int(hashlib.md5(group.encode("utf-8")).hexdigest()[:8], 16) / 2**32
@@ -175,12 +197,17 @@ def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFr
         bad = sorted(set(frame["split"].astype(str)) - set(SPLITS))
         if bad:
             raise DataError(
-                f"column '{config.split_column}' holds {bad}; allowed: {', '.join(SPLITS)}"
+                f"{config.source}: column '{config.split_column}' holds {bad}; "
+                f"allowed: {', '.join(SPLITS)}"
             )
     else:
         frame = split_by_group(frame, config.validation_fraction, config.test_fraction)
-    frame, _ = drop_cross_split_duplicates(frame)
-    return {split: frame.loc[frame["split"] == split, COLUMNS].reset_index(drop=True) for split in SPLITS}
+        # Our own split must not leak; a user's explicit split is checked by validation.
+        frame, _ = drop_cross_split_duplicates(frame)
+    return {
+        split: frame.loc[frame["split"] == split, COLUMNS].reset_index(drop=True)
+        for split in SPLITS
+    }
 
 
 def write_splits(frames: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:

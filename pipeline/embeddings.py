@@ -35,10 +35,16 @@ def embed_texts(
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         ).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
         pooled = nn.functional.normalize(pooled, dim=-1)

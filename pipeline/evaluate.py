@@ -29,7 +29,9 @@ class EvaluationReport:
         return asdict(self)
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> EvaluationReport:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]
+) -> EvaluationReport:
     """Accuracy, macro-F1 and per-class precision/recall/F1 for label indices.
 
     A class absent from both truth and prediction scores 0 (sklearn's zero_division=0).
@@ -44,7 +46,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Seque
         accuracy=float(accuracy_score(y_true, y_pred)),
         macro_f1=float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
         per_class=[
-            ClassMetrics(label, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, label in enumerate(labels)
+            ClassMetrics(label, float(p[i]), float(r[i]), float(f[i]), int(s[i]))
+            for i, label in enumerate(labels)
         ],
         n=len(y_true),
     )

@@ -84,10 +84,10 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """Whether bf16 autocast runs fast and correctly on this device."""
+def use_bf16(setting: str | bool, device: torch.device) -> bool:
+    """Whether to autocast to bf16: as set, or with "auto" where the device supports it."""
     if setting != "auto":
-        return setting == "on"
+        return bool(setting)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -175,7 +175,9 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
 
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int, device: torch.device) -> Any:
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -204,7 +206,12 @@ def predict_proba(
 
 @torch.no_grad()
 def _evaluate_loss(
-    model: nn.Module, tokenizer: Any, texts: list[str], labels: np.ndarray, config: TrainConfig, bf16: bool
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    labels: np.ndarray,
+    config: TrainConfig,
+    bf16: bool,
 ) -> tuple[float, float]:
     probs = predict_proba(model, tokenizer, texts, 128, config.max_length, bf16)
     p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
@@ -241,7 +248,9 @@ def fine_tune(
     trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
     total = sum(p.numel() for p in model.parameters())
 
-    head_names = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix)}
+    head_names = {
+        n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix)
+    }
     decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -264,7 +273,10 @@ def fine_tune(
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1e-9)))
+        optimizer,
+        lambda s: min(
+            (s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1e-9))
+        ),
     )
     generator = torch.Generator().manual_seed(config.seed)
     labels_t = torch.tensor(np.asarray(train_labels), dtype=torch.long)
@@ -284,7 +296,9 @@ def fine_tune(
                 logits = model(**batch).logits  # (B, num_labels)
             loss = nn.functional.cross_entropy(logits.float(), labels_t[idx].to(device))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -298,7 +312,11 @@ def fine_tune(
                 bar.update(1)
             if step % 20 == 0:
                 logger.log_metrics(
-                    {"train_loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0], "samples_per_second": rate},
+                    {
+                        "train_loss": loss.item(),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "samples_per_second": rate,
+                    },
                     step,
                 )
         seconds = time.perf_counter() - epoch_start
@@ -306,7 +324,8 @@ def fine_tune(
         record = EpochRecord(epoch, running / seen, val_loss, val_acc, seconds, seen / seconds)
         history.append(record)
         logger.log_metrics(
-            {"epoch_train_loss": record.train_loss, "val_loss": val_loss, "val_accuracy": val_acc}, step
+            {"epoch_train_loss": record.train_loss, "val_loss": val_loss, "val_accuracy": val_acc},
+            step,
         )
         if val_loss < best_loss:
             best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
@@ -338,4 +357,3 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-

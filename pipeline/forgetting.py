@@ -49,10 +49,14 @@ def load_lee(corpus: Path | None = None, ratings: Path | None = None) -> Similar
     corpus = corpus or package_file("gensim/test/test_data/lee.cor", LEE_REQUIREMENT)
     ratings = ratings or package_file("gensim/test/test_data/similarities0-1.txt", LEE_REQUIREMENT)
     # lee.cor is Latin-1 (it holds pound signs as byte 0xA3).
-    texts = [line.strip() for line in corpus.read_text(encoding="latin-1").splitlines() if line.strip()]
+    texts = [
+        line.strip() for line in corpus.read_text(encoding="latin-1").splitlines() if line.strip()
+    ]
     matrix = np.loadtxt(ratings, dtype=np.float64)  # (50, 50), upper triangle filled
     if matrix.shape != (len(texts), len(texts)):
-        raise ValueError(f"{ratings}: expected a {len(texts)}x{len(texts)} matrix, got {matrix.shape}")
+        raise ValueError(
+            f"{ratings}: expected a {len(texts)}x{len(texts)} matrix, got {matrix.shape}"
+        )
     rows, cols = np.triu_indices(len(texts), k=1)
     return SimilarityTask("lee", texts, np.stack([rows, cols], axis=1), matrix[rows, cols])
 

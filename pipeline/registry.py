@@ -15,7 +15,9 @@ class AliasDecision:
     reason: str
 
 
-def decide_aliases(candidate_metric: float, champion_metric: float | None, metric: str) -> AliasDecision:
+def decide_aliases(
+    candidate_metric: float, champion_metric: float | None, metric: str
+) -> AliasDecision:
     """The first version becomes champion; a later one only if strictly better.
 
     The full promotion policy (gates, margins, per-group checks) replaces this later.
@@ -42,8 +44,9 @@ class RegisteredVersion:
 
 def champion_metric(name: str, metric_key: str) -> tuple[str | None, float | None]:
     """The current champion's version and the value of ``metric_key`` in its run."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     client = MlflowClient()
     try:
@@ -69,8 +72,9 @@ def register_model(
     If anything fails after the version exists, the version is deleted again so that
     the registry holds no half-registered model, and the error is re-raised.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     client = MlflowClient()
     try:
@@ -81,7 +85,9 @@ def register_model(
     decision = decide_aliases(candidate_metric, previous_value, metric_key)
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
     try:
-        client.set_model_version_tag(name, version.version, "retune.alias_decision", decision.reason)
+        client.set_model_version_tag(
+            name, version.version, "retune.alias_decision", decision.reason
+        )
         if decision.alias == CHAMPION:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             # The challenger lost to the old champion; the new champion beat both.
@@ -99,7 +105,9 @@ def register_model(
         version=str(version.version),
         aliases=sorted(current.aliases),
         decision=decision,
-        champion_version=str(version.version) if decision.alias == CHAMPION else str(previous_champion),
+        champion_version=str(version.version)
+        if decision.alias == CHAMPION
+        else str(previous_champion),
     )
 
 

@@ -90,9 +90,12 @@ class MlflowLogger:
         )
 
 
-def log_params_and_metrics(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-    from mlflow import MlflowClient
+def log_params_and_metrics(
+    run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+) -> None:
     from mlflow.entities import Metric, Param
+
+    from mlflow import MlflowClient
 
     now = int(time.time() * 1000)
     MlflowClient().log_batch(
@@ -117,19 +120,28 @@ def log_report(run_id: str, report: Mapping[str, Any], artifact_file: str) -> No
     MlflowClient().log_text(run_id, json.dumps(report, indent=2, default=str), artifact_file)
 
 
-def log_dataset(run_id: str, frame: pd.DataFrame, name: str, source: str, digest: str, context: str) -> None:
+def log_dataset(
+    run_id: str, frame: pd.DataFrame, name: str, source: str, digest: str, context: str
+) -> None:
     """Record a dataset input whose digest is the DVC md5 of the versioned data."""
-    import mlflow
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    import mlflow
 
     with warnings.catch_warnings():
         # A local path matches two registered local source types; both mean the same.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets="label")
+        dataset = mlflow.data.from_pandas(
+            frame, source=source, name=name, digest=digest, targets="label"
+        )
     mlflow.MlflowClient().log_inputs(
         run_id,
-        datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+        datasets=[
+            DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]
+            )
+        ],
     )
 
 
@@ -139,11 +151,11 @@ def log_model(run_id: str, model_dir: Path, example_texts: list[str]) -> str:
     Returns:
         The model URI to register (``models:/<model_id>``).
     """
-    import mlflow
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     import torch
     import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import mlflow
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

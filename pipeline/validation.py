@@ -85,14 +85,28 @@ def _expectations(
     return suite
 
 
+def _raised_message(info: Any) -> str:
+    """GX 1.x keys exception info by metric id; older shapes hold it at the top level."""
+    if not isinstance(info, dict):
+        return ""
+    candidates = [info, *[v for v in info.values() if isinstance(v, dict)]]
+    for entry in candidates:
+        if entry.get("raised_exception"):
+            return str(entry.get("exception_message", ""))
+    return ""
+
+
 def _outcome(split: str, result: Any) -> ExpectationOutcome:
     cfg = result.expectation_config
     res = result.result or {}
     column = cfg.kwargs.get("column")
     detail = ""
     if not result.success:
-        if result.exception_info and result.exception_info.get("raised_exception"):
-            detail = str(result.exception_info.get("exception_message", ""))[:200]
+        raised = _raised_message(result.exception_info)
+        if raised:
+            detail = raised[:200]
+        elif res.get("partial_missing_list"):
+            detail = f"missing {res['partial_missing_list']}"
         elif "partial_unexpected_list" in res and res["partial_unexpected_list"]:
             sample = [str(v)[:40] for v in res["partial_unexpected_list"][:3]]
             detail = f"e.g. {sample}"

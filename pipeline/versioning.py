@@ -80,7 +80,8 @@ def version_data(
     previous = dvc_file.read_bytes() if dvc_file.is_file() else None
     try:
         repo = Repo(str(project_dir))
-        repo.add(data_dir)
+        # DVC resolves a relative target against the cwd, not the repo: pass it absolute.
+        repo.add(str((project_dir / data_dir).resolve()))
         md5 = recorded_md5(dvc_file)
         assert md5 is not None
         if expected_md5 is not None and md5 != expected_md5:
@@ -104,5 +105,9 @@ def version_data(
         raise DataVersionError(f"DVC failed to version {data_dir}/: {err}") from err
     out = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {})["outs"][0]
     return DataVersion(
-        md5=md5, dvc_file=dvc_file, n_files=int(out.get("nfiles", 0)), size=int(out.get("size", 0)), pushed=pushed
+        md5=md5,
+        dvc_file=dvc_file,
+        n_files=int(out.get("nfiles", 0)),
+        size=int(out.get("size", 0)),
+        pushed=pushed,
     )

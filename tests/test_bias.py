@@ -1,0 +1,220 @@
+"""Identity groups from the gender lexicon and hand-computed per-group figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.bias import Lexicon, assign_groups, check_data_bias, load_gender_lexicon
+
+LABELS = ["fresh", "rotten"]
+
+
+@pytest.fixture(scope="module")
+def lexicon() -> Lexicon:
+    return load_gender_lexicon()
+
+
+def groups_of(text: str, lexicon: Lexicon) -> set[str]:
+    row = assign_groups([text], lexicon).iloc[0]
+    return {name for name, hit in row.items() if hit}
+
+
+# --- matching -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The theme is tired", set()),  # "he" inside "the"/"theme"
+        ("Another shepherd in the wild", set()),  # "her", "she", "he" inside words
+        ("A study of humankind in Manhattan", set()),  # "man" inside words
+        ("Black Friday shoppers will shrug", set()),
+        ("She steals every scene", {"female"}),
+        ("SHE STEALS EVERY SCENE", {"female"}),
+        ("he's miscast", {"male"}),
+        ("The spokeswoman spoke", {"female"}),  # "man" inside "spokeswoman" does not count
+        ("A mother and her son", {"female", "male"}),
+        ("His ex girlfriend returns", {"female", "male"}),  # multi-word term, spaced
+        ("A Catholic priest and a nun", {"female", "male"}),
+        ("A priest walks in", set()),  # only the two-word term is listed
+    ],
+)
+def test_whole_word_case_insensitive_matching(text: str, expected: set[str], lexicon: Lexicon):
+    assert groups_of(text, lexicon) == expected
+
+
+def test_assign_groups_shape_and_order():
+    lexicon = Lexicon({"a": frozenset({"cat"}), "b": frozenset({"dog", "big dog"})})
+    membership = assign_groups(["cat", "Big Dog", "catalog", "a dog and a cat"], lexicon)
+    assert membership.shape == (4, 2)
+    assert list(membership.columns) == ["a", "b"]
+    assert membership["a"].tolist() == [True, False, False, True]
+    assert membership["b"].tolist() == [False, True, False, True]
+
+
+def test_terms_with_regex_characters_are_escaped():
+    lexicon = Lexicon({"g": frozenset({"c.t"})})
+    assert assign_groups(["c.t here", "cat here"], lexicon)["g"].tolist() == [True, False]
+
+
+# --- the lexicon file ---------------------------------------------------------------------------
+
+
+def test_gender_lexicon_sides(lexicon: Lexicon):
+    female, male = lexicon.groups["female"], lexicon.groups["male"]
+    assert set(lexicon.groups) == {"female", "male"}
+    assert {"she", "woman", "spokeswoman", "wives", "her", "mary", "ex girlfriend"} <= female
+    assert {"he", "man", "husbands", "spokesman", "his", "john", "catholic priest"} <= male
+    assert not female & male
+    assert len(female) == 49 and len(male) == 49
+    assert all(t == t.lower() and "_" not in t for t in female | male)
+
+
+def test_load_gender_lexicon_from_an_explicit_file(tmp_path: Path):
+    path = tmp_path / "b.json"
+    path.write_text(
+        json.dumps(
+            {
+                "gender": {
+                    "definitional_pairs": [["Queen", "King"]],
+                    # Male first, except the two pairs the file lists female first.
+                    "equalize_pairs": [
+                        ["Twin_brother", "twin_sister"],
+                        ["wives", "husbands"],
+                        ["ex_girlfriend", "ex_boyfriend"],
+                    ],
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    lexicon = load_gender_lexicon(path)
+    assert lexicon.groups["female"] == {"queen", "twin sister", "wives", "ex girlfriend"}
+    assert lexicon.groups["male"] == {"king", "twin brother", "husbands", "ex boyfriend"}
+
+
+# --- check_data_bias ----------------------------------------------------------------------------
+
+TEXTS = [
+    "She steals every scene",  # 0 female, fresh
+    "The woman at its heart is wonderful",  # 1 female, fresh
+    "Her performance is flat",  # 2 female, rotten
+    "He is miscast",  # 3 male, rotten
+    "The men are boring",  # 4 male, rotten
+    "His best film in years",  # 5 male, fresh
+    "A mother and daughter reunite",  # 6 female, fresh
+    "The theme is tired",  # 7 none, rotten
+    "Black Friday shoppers will shrug",  # 8 none, rotten
+    "Gorgeous and wise",  # 9 none, fresh
+]
+TEXT_LABELS = [
+    "fresh",
+    "fresh",
+    "rotten",
+    "rotten",
+    "rotten",
+    "fresh",
+    "fresh",
+    "rotten",
+    "rotten",
+    "fresh",
+]
+
+
+def test_check_data_bias_hand_computed(lexicon: Lexicon):
+    report = check_data_bias(TEXTS, TEXT_LABELS, lexicon, LABELS, min_group_rows=4)
+    assert report.positive_label == "fresh"
+    assert report.total_rows == 10
+    assert report.min_group_rows == 4
+    female, male = report.groups
+    assert female.group == "female" and male.group == "male"
+
+    # female: rows 0, 1, 2, 6 -> 3 fresh of 4; the rest (3, 4, 5, 7, 8, 9) -> 2 fresh of 6.
+    assert female.rows == 4
+    assert female.share == pytest.approx(0.4)
+    assert female.label_counts == {"fresh": 3, "rotten": 1}
+    assert female.positive_rate == pytest.approx(3 / 4)
+    assert female.rest_positive_rate == pytest.approx(2 / 6)
+    assert female.rate_difference == pytest.approx(3 / 4 - 1 / 3)  # 5/12
+    assert female.rate_ratio == pytest.approx(9 / 4)
+    assert female.too_small is False
+
+    # male: rows 3, 4, 5 -> 1 fresh of 3; the rest (0, 1, 2, 6, 7, 8, 9) -> 4 fresh of 7.
+    assert male.rows == 3
+    assert male.share == pytest.approx(0.3)
+    assert male.label_counts == {"fresh": 1, "rotten": 2}
+    assert male.positive_rate == pytest.approx(1 / 3)
+    assert male.rest_positive_rate == pytest.approx(4 / 7)
+    assert male.rate_difference == pytest.approx(-5 / 21)
+    assert male.rate_ratio == pytest.approx(7 / 12)
+    assert male.too_small is True  # 3 < 4
+
+
+def test_positive_label_is_the_first_of_the_label_set(lexicon: Lexicon):
+    report = check_data_bias(TEXTS, TEXT_LABELS, lexicon, ["rotten", "fresh"], min_group_rows=1)
+    female = report.groups[0]
+    assert report.positive_label == "rotten"
+    assert female.label_counts == {"rotten": 1, "fresh": 3}
+    assert female.positive_rate == pytest.approx(1 / 4)
+    assert female.rest_positive_rate == pytest.approx(4 / 6)
+
+
+def test_group_with_zero_rows(lexicon: Lexicon):
+    texts = ["She shines", "A dull plot", "Nothing works"]
+    report = check_data_bias(texts, ["fresh", "rotten", "fresh"], lexicon, LABELS, 1)
+    male = report.groups[1]
+    assert male.rows == 0
+    assert male.share == 0.0
+    assert male.label_counts == {"fresh": 0, "rotten": 0}
+    assert male.positive_rate is None
+    assert male.rest_positive_rate == pytest.approx(2 / 3)
+    assert male.rate_difference is None
+    assert male.rate_ratio is None
+    assert male.too_small is True
+
+
+def test_everyone_in_the_group_and_a_zero_rest_rate():
+    lexicon = Lexicon({"all": frozenset({"film"}), "some": frozenset({"great"})})
+    texts = ["great film", "great film again", "bad film"]
+    report = check_data_bias(texts, ["fresh", "fresh", "rotten"], lexicon, LABELS, 1)
+    everyone, some = report.groups
+    assert everyone.rows == 3 and everyone.share == 1.0
+    assert everyone.positive_rate == pytest.approx(2 / 3)
+    assert everyone.rest_positive_rate is None
+    assert everyone.rate_difference is None and everyone.rate_ratio is None
+    # Outside "some" only a rotten row: rest rate 0, difference 1, ratio undefined.
+    assert some.positive_rate == 1.0
+    assert some.rest_positive_rate == 0.0
+    assert some.rate_difference == 1.0
+    assert some.rate_ratio is None
+
+
+def test_labels_outside_the_set_are_not_counted_but_are_not_positive():
+    lexicon = Lexicon({"g": frozenset({"she"})})
+    report = check_data_bias(["she", "she", "x"], ["fresh", "meh", "fresh"], lexicon, LABELS, 1)
+    group = report.groups[0]
+    assert group.label_counts == {"fresh": 1, "rotten": 0}
+    assert group.positive_rate == 0.5
+
+
+def test_empty_input_gives_empty_groups(lexicon: Lexicon):
+    report = check_data_bias([], [], lexicon, LABELS, 1)
+    assert report.total_rows == 0
+    assert [g.rows for g in report.groups] == [0, 0]
+    assert all(g.share == 0.0 and g.positive_rate is None for g in report.groups)
+
+
+def test_length_mismatch_raises(lexicon: Lexicon):
+    with pytest.raises(ValueError, match="^3 texts but 2 labels$"):
+        check_data_bias(["a", "b", "c"], ["fresh", "rotten"], lexicon, LABELS, 1)
+
+
+def test_report_to_dict(lexicon: Lexicon):
+    data = check_data_bias(TEXTS, TEXT_LABELS, lexicon, LABELS, 4).to_dict()
+    assert data["total_rows"] == 10
+    assert data["groups"][0]["group"] == "female"
+    assert data["groups"][0]["label_counts"] == {"fresh": 3, "rotten": 1}
+    assert json.loads(json.dumps(data)) == data

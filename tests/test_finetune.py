@@ -1,0 +1,203 @@
+"""The training loop on a tiny BERT built from a config (milliseconds per step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from pipeline.config import TrainConfig
+from pipeline.finetune import (
+    NullLogger,
+    bucketed_batches,
+    fine_tune,
+    freeze_for_strategy,
+    predict_proba,
+    resolve_base_model,
+    save_model,
+)
+
+POSITIVE = ["great film", "wonderful acting", "a joy to watch", "brilliant and moving", "superb"]
+NEGATIVE = ["dull film", "awful acting", "a chore to watch", "boring and flat", "terrible"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_base_model("packaged:all-MiniLM-L6-v2"))
+
+
+def tiny_model(tokenizer, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def toy_data(repeat: int = 8) -> tuple[list[str], np.ndarray]:
+    texts = (POSITIVE + NEGATIVE) * repeat
+    labels = np.array(([0] * len(POSITIVE) + [1] * len(NEGATIVE)) * repeat)
+    return texts, labels
+
+
+def train_config(**overrides) -> TrainConfig:
+    base = dict(
+        strategy="full",
+        learning_rate=3e-3,
+        head_learning_rate=3e-3,
+        epochs=8,
+        patience=8,
+        batch_size=8,
+        bf16=False,
+        seed=0,
+        warmup_ratio=0.1,
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def test_freeze_strategies_count_trainable_parameters(tokenizer):
+    model = tiny_model(tokenizer)
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("bert."))
+    layer = sum(p.numel() for p in model.bert.encoder.layer[0].parameters())
+    pooler = sum(p.numel() for p in model.bert.pooler.parameters())
+
+    assert freeze_for_strategy(model, "full", 0) == total
+    assert freeze_for_strategy(model, "head", 0) == head
+    # partial, K=2: layer 2 (of 0..2), the pooler and the head train.
+    assert freeze_for_strategy(model, "partial", 2) == layer + pooler + head
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+    assert not any(p.requires_grad for p in model.bert.encoder.layer[1].parameters())
+    assert all(p.requires_grad for p in model.bert.encoder.layer[2].parameters())
+
+
+def test_partial_with_too_many_frozen_layers_says_how_many_exist(tokenizer):
+    with pytest.raises(ValueError, match="frozen_layers=7 but the model has only 3 layers"):
+        freeze_for_strategy(tiny_model(tokenizer), "partial", 7)
+
+
+def test_bucketed_batches_cover_every_row_once_and_repeat_with_the_seed():
+    lengths = [5, 80, 12, 40, 3, 66, 21, 9, 14, 70, 33]
+    first = bucketed_batches(lengths, 3, torch.Generator().manual_seed(1), bucket=2)
+    again = bucketed_batches(lengths, 3, torch.Generator().manual_seed(1), bucket=2)
+    other = bucketed_batches(lengths, 3, torch.Generator().manual_seed(2), bucket=2)
+    assert sorted(i for b in first for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 for b in first)
+    assert first == again
+    assert first != other
+    # Within a batch, rows come from one sorted chunk: lengths are non-decreasing.
+    assert all([lengths[i] for i in b] == sorted(lengths[i] for i in b) for b in first)
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.records.append((step, dict(metrics)))
+
+
+def test_fine_tune_learns_a_separable_task_and_logs_per_epoch(tokenizer):
+    texts, labels = toy_data()
+    model = tiny_model(tokenizer)
+    logger = RecordingLogger()
+    result = fine_tune(
+        model, tokenizer, texts, labels, texts[:10], labels[:10], train_config(), logger=logger
+    )
+
+    assert len(result.history) == 8
+    assert result.history[-1].train_loss < result.history[0].train_loss * 0.5
+    assert result.history[-1].val_accuracy == 1.0
+    assert np.mean(result.loss_curve[-3:]) < np.mean(result.loss_curve[:3])
+    epoch_logs = [m for _, m in logger.records if "val_loss" in m]
+    assert [round(m["val_loss"], 6) for m in epoch_logs] == [
+        round(h.val_loss, 6) for h in result.history
+    ]
+    probs = predict_proba(model, tokenizer, texts[:10])
+    assert probs.shape == (10, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs.argmax(1) == labels[:10]).all()
+
+
+def test_same_seed_gives_identical_weights_and_metrics(tokenizer):
+    texts, labels = toy_data(4)
+    runs = []
+    for _ in range(2):
+        model = tiny_model(tokenizer, seed=3)
+        result = fine_tune(model, tokenizer, texts, labels, texts, labels, train_config(epochs=2))
+        runs.append((model.state_dict(), result))
+    (w1, r1), (w2, r2) = runs
+    assert [h.val_loss for h in r1.history] == [h.val_loss for h in r2.history]
+    assert r1.loss_curve == r2.loss_curve
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_frozen_parameters_do_not_move(tokenizer):
+    texts, labels = toy_data(2)
+    model = tiny_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fine_tune(
+        model,
+        tokenizer,
+        texts,
+        labels,
+        texts,
+        labels,
+        train_config(strategy="partial", frozen_layers=2, epochs=1),
+    )
+    after = dict(model.named_parameters())
+    assert torch.equal(
+        before["bert.embeddings.word_embeddings.weight"],
+        after["bert.embeddings.word_embeddings.weight"],
+    )
+    assert torch.equal(
+        before["bert.encoder.layer.1.output.dense.weight"],
+        after["bert.encoder.layer.1.output.dense.weight"],
+    )
+    assert not torch.equal(
+        before["bert.encoder.layer.2.output.dense.weight"],
+        after["bert.encoder.layer.2.output.dense.weight"],
+    )
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_early_stopping_restores_the_best_epoch(tokenizer):
+    # A learning rate this high makes validation loss rise after the first epochs.
+    texts, labels = toy_data(2)
+    flipped = 1 - labels  # validation labels disagree with training: loss grows as it learns
+    model = tiny_model(tokenizer)
+    result = fine_tune(
+        model,
+        tokenizer,
+        texts,
+        labels,
+        texts,
+        flipped,
+        train_config(epochs=6, patience=2),
+        logger=NullLogger(),
+    )
+    losses = [h.val_loss for h in result.history]
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+    assert len(result.history) == result.best_epoch + 2  # stopped after `patience` worse epochs
+    probs = predict_proba(model, tokenizer, texts)
+    restored = float(-np.log(np.clip(probs[np.arange(len(flipped)), flipped], 1e-12, 1)).mean())
+    assert restored == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_saved_model_is_safetensors_with_tokenizer_and_label_map(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    model.config.id2label = {0: "fresh", 1: "rotten"}
+    model.config.label2id = {"fresh": 0, "rotten": 1}
+    out = save_model(model, tokenizer, tmp_path / "model")
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin"))
+    assert (out / "tokenizer.json").is_file()
+    reloaded = BertForSequenceClassification.from_pretrained(out)
+    assert reloaded.config.id2label == {0: "fresh", 1: "rotten"}

@@ -1,0 +1,143 @@
+"""The real retraining flow through Prefect, GX, DVC and MLflow, on a tiny base model.
+
+Bad input must stop the flow before training, name the file and the problem, and
+leave data.dvc, data/ and the registry untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_retune
+
+from mlflow import MlflowClient
+from pipeline import tracking
+
+pytestmark = pytest.mark.integration
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def reviews(n_groups: int = 40, labels: tuple[str, str] = ("pos", "neg")) -> list[dict[str, str]]:
+    words = {labels[0]: "a fine and lovely film", labels[1]: "a dull and tiresome film"}
+    return [
+        {"review": f"{words[label]} number {g} take {k}", "sentiment": label, "film": f"film-{g}"}
+        for g in range(n_groups)
+        for k, label in enumerate(labels)
+    ]
+
+
+def run_cli(api_url: str, project: Path, *overrides: str):
+    args = ["run", "--project-dir", str(project)]
+    for item in overrides:
+        args += ["--set", item]
+    return run_retune(project, api_url, *args)
+
+
+USER_DATA = (
+    "data.source=reviews.csv",
+    "data.text_column=review",
+    "data.label_column=sentiment",
+    "data.group_column=film",
+    "data.labels=[pos, neg]",
+    "validation.min_text_chars=1",
+)
+
+
+def assert_untouched(project: Path, dvc_before: bytes) -> None:
+    assert (project / "data.dvc").read_bytes() == dvc_before
+    assert not (project / "data").exists()
+    assert not (project / "mlflow" / "mlflow.db").exists()  # the registry was never opened
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("missing.csv", None, r"data file .*missing\.csv does not exist"),
+        ("empty.csv", "", r"data file .*empty\.csv is empty"),
+        (
+            "no_text.csv",
+            "sentiment,film\npos,a\n",
+            r"column 'review' missing in .*no_text\.csv; found: sentiment, film",
+        ),
+    ],
+)
+def test_bad_input_stops_before_training(prefect_harness, project, name, content, expected):
+    if content is not None:
+        (project / name).write_text(content, encoding="utf-8")
+    before = (project / "data.dvc").read_bytes()
+    overrides = [o for o in USER_DATA if not o.startswith("data.source")] + [f"data.source={name}"]
+    result = run_cli(prefect_harness, project, *overrides)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert re.search(expected, errors[0]), errors[0]
+    assert_untouched(project, before)
+
+
+def test_labels_outside_the_set_fail_validation_with_counts(prefect_harness, project):
+    rows = reviews()
+    for row in rows[:3]:
+        row["sentiment"] = "meh"
+    write_csv(project / "reviews.csv", rows)
+    before = (project / "data.dvc").read_bytes()
+    result = run_cli(prefect_harness, project, *USER_DATA)
+    assert result.returncode == 1
+    message = result.stderr[result.stderr.rindex("error: ") :]  # Prefect logs it before, too
+    assert "reviews.csv failed validation" in message
+    assert "expect_column_values_to_be_in_set on column 'label' failed on" in message
+    # The 3 bad rows are spread over splits; the failures add up to 3.
+    counts = [
+        int(part.split(" of ")[0].rsplit(" ", 1)[1]) for part in message.split("failed on")[1:]
+    ]
+    assert sum(counts) == 3
+    assert_untouched(project, before)
+
+
+def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, tiny_base_model):
+    write_csv(project / "reviews.csv", reviews())
+    result = run_cli(
+        prefect_harness,
+        project,
+        *USER_DATA,
+        f"train.base_model={tiny_base_model}",
+        "train.strategy=full",
+        "train.epochs=1",
+        "train.bf16=false",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert md5 in result.stdout
+    assert sorted(p.name for p in (project / "data").iterdir()) == [
+        "test.csv",
+        "train.csv",
+        "validation.csv",
+    ]
+
+    tracking.configure(project)
+    client = MlflowClient()
+    model = client.get_registered_model("retune-sentiment")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
+    version = client.get_model_version("retune-sentiment", "1")
+    assert version.tags["retune.data_md5"] == md5
+    run = client.get_run(version.run_id)
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests == {"train": md5, "test": md5}
+    assert 0.0 <= run.data.metrics["test_macro_f1"] <= 1.0
+    assert run.data.params["data.source"] == "reviews.csv"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {
+        "reports/validation.json",
+        "reports/data_bias.json",
+        "reports/forgetting.json",
+    } <= artifacts
