@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -281,6 +282,7 @@ def retrain(
             "probe_baseline": probe.to_dict(),
             "forgetting": lee_report.to_dict(),
             "training": asdict(trained) | {"loss_curve": trained.loss_curve[-50:]},
+            "config": config.model_dump(),
         }
         for name, body in reports.items():
             (out_dir / "reports").mkdir(parents=True, exist_ok=True)
@@ -316,6 +318,7 @@ def retrain(
             config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
         )
         tracking.set_tags(run_id, {"retune.registered_version": registered.version})
+        shutil.rmtree(out_dir / "model")  # the registered copy lives in MLflow's artifacts
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
