@@ -63,10 +63,9 @@ def ui_commands(project_dir: Path, tracking_uri: str) -> dict[str, str]:
 
 
 def print_summary(summary: Any, project_dir: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title="retune run", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -137,13 +136,7 @@ def run(
 ) -> None:
     """Run the retraining flow: prepare, validate, version, bias, fine-tune, evaluate, register."""
     project_dir = project_dir.resolve()
-    set_runtime_defaults(project_dir)
-    if config is None and (project_dir / DEFAULT_CONFIG).is_file():
-        config = project_dir / DEFAULT_CONFIG
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = _load(project_dir, config, set_ or [])
     from flows.retrain import retrain  # imports Prefect: after the env defaults are set
     from pipeline.data import DataError
     from pipeline.validation import DataValidationError
@@ -154,6 +147,259 @@ def run(
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
     print_summary(summary, project_dir)
+
+
+data_app = typer.Typer(
+    help="Import, list and trace the versioned datasets under data/.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+ProjectDir = Annotated[Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")]
+
+
+def _load(project_dir: Path, config: Path | None, overrides: list[str]) -> Any:
+    """Resolve the project, set runtime defaults and load the config (or exit 1)."""
+    set_runtime_defaults(project_dir)
+    if config is None and (project_dir / DEFAULT_CONFIG).is_file():
+        config = project_dir / DEFAULT_CONFIG
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@data_app.command("import")
+def data_import(
+    path: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file inside the project.")],
+    name: Annotated[str, typer.Option(help="Dataset name: the folder under data/.")],
+    text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_col: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
+    group_col: Annotated[
+        str | None, typer.Option(help="Rows sharing it stay in one split (e.g. author, movie).")
+    ] = None,
+    split_col: Annotated[
+        str | None, typer.Option(help="Column with train/validation/test, if already split.")
+    ] = None,
+    confidence_col: Annotated[str | None, typer.Option(help="Annotator confidence (0..1).")] = None,
+    encoding: Annotated[str, typer.Option(help="Text encoding of the file.")] = "utf-8",
+    max_text_bytes: Annotated[int, typer.Option(help="Refuse texts longer than this.")] = 20_000,
+    config: Annotated[Path | None, typer.Option(help="YAML config (validation settings).")] = None,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Import a CSV/JSONL/Parquet file as a new version of dataset NAME.
+
+    Checks the file's shape, writes it normalised and split under data/NAME/, versions it
+    with DVC (data.dvc), pushes it to the DVC remote and prints its md5. All or nothing.
+    """
+    project_dir = project_dir.resolve()
+    cfg = _load(project_dir, config, [])
+    data_cfg = cfg.data.model_copy(
+        update={
+            "source": str(path),
+            "name": name,
+            "text_column": text_col,
+            "label_column": label_col,
+            "group_column": group_col,
+            "split_column": split_col,
+            "confidence_column": confidence_col,
+            "encoding": encoding,
+            "max_text_bytes": max_text_bytes,
+        }
+    )
+    from pipeline.data import DataError, dataset_name, prepare_frames
+    from pipeline.datasets import import_dataset
+    from pipeline.validation import validate_dataset
+    from pipeline.versioning import DataVersionError
+
+    try:
+        dataset_name(data_cfg)
+        frames = prepare_frames(data_cfg, project_dir)
+        version = import_dataset(frames, data_cfg, project_dir)
+    except (DataError, DataVersionError) as err:
+        _fail(str(err))
+    rows = ", ".join(f"{k} {v}" for k, v in version.dataset.rows.items())
+    typer.echo(f"imported {path} as dataset '{version.dataset.name}' ({rows})")
+    typer.echo(f"labels: {', '.join(version.dataset.labels)}")
+    typer.echo(f"md5: {version.md5}   (data/ as a whole: {version.data_md5}, in data.dvc)")
+    if version.pushed:
+        typer.echo(f"pushed to the DVC remote {version.remote_url}")
+    report = validate_dataset(frames, cfg.validation, version.dataset.labels)
+    typer.echo(f"validation (labels as found): {report.summary()}")
+    typer.echo(
+        f"train on it: retune run --set data.source=dataset:{version.dataset.name} "
+        f'--set "data.labels=[{", ".join(version.dataset.labels)}]"; commit data.dvc to keep it'
+    )
+
+
+@data_app.command("list")
+def data_list(project_dir: ProjectDir = Path(".")) -> None:
+    """The datasets recorded in data.dvc, their md5s and whether data/ still matches."""
+    from rich.table import Table
+
+    from pipeline.datasets import list_datasets
+
+    project_dir = project_dir.resolve()
+    set_runtime_defaults(project_dir)
+    statuses = list_datasets(project_dir)
+    if not statuses:
+        typer.echo("no datasets recorded in data.dvc yet: run `retune run` or `retune data import`")
+        return
+    table = Table("dataset", "md5", "rows (train/validation/test)", "labels", "in data/", "source")
+    for s in statuses:
+        r = s.record
+        rows = "/".join(str(r.rows.get(k, "?")) for k in ("train", "validation", "test"))
+        table.add_row(r.name, r.md5, rows, ", ".join(r.labels), s.state, r.source)
+    _console().print(table)
+
+
+@data_app.command("history")
+def data_history(project_dir: ProjectDir = Path(".")) -> None:
+    """Earlier versions of data.dvc in git, newest first, with their md5s."""
+    from rich.table import Table
+
+    from pipeline.versioning import DataVersionError, history
+
+    project_dir = project_dir.resolve()
+    try:
+        entries = history(project_dir)
+    except DataVersionError as err:
+        _fail(str(err))
+    table = Table("commit", "date", "data/ md5", "datasets", "subject")
+    for e in entries:
+        datasets = "\n".join(f"{n}: {m}" for n, m in e.datasets.items()) or "-"
+        table.add_row(e.commit[:12], e.date, e.data_md5 or "-", datasets, e.subject)
+    _console().print(table)
+
+
+@app.command()
+def lineage(
+    ref: Annotated[
+        str | None, typer.Argument(help="NAME@alias or NAME/VERSION of a registered model.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="List the versions trained on this data md5.")
+    ] = None,
+    flag: Annotated[
+        str | None, typer.Option(help="With --data: tag those versions retune.flagged=REASON.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Trace a model version to its data, code, config and reports.
+
+    With --data MD5: list the versions trained on that data version (and --flag them).
+    """
+    import json
+    from dataclasses import asdict
+
+    project_dir = project_dir.resolve()
+    set_runtime_defaults(project_dir)
+    from pipeline import lineage as lin
+    from pipeline import tracking
+    from pipeline.registry import ModelRefError
+
+    tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
+    if (ref is None) == (data is None):
+        _fail("give either a model (NAME@alias or NAME/VERSION) or --data MD5")
+    if flag is not None and data is None:
+        _fail("--flag goes with --data MD5")
+    if data is not None:
+        try:
+            versions = (
+                lin.flag_versions(data, flag) if flag is not None else lin.versions_trained_on(data)
+            )
+        except ValueError as err:
+            _fail(str(err))
+        if as_json:
+            typer.echo(json.dumps([asdict(v) for v in versions], indent=2))
+            return
+        if not versions:
+            typer.echo(f"no registered version was trained on {data}")
+        for v in versions:
+            note = f"  flagged: {v.tags[lin.FLAGGED]}" if lin.FLAGGED in v.tags else ""
+            aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
+            typer.echo(f"{v.name}/{v.version}{aliases}  run {v.run_id}{note}")
+        return
+    try:
+        trace = lin.trace(ref)  # type: ignore[arg-type]
+    except ModelRefError as err:
+        _fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(asdict(trace), indent=2, default=str))
+        return
+    _print_lineage(trace)
+
+
+def _print_lineage(trace: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{trace.model}/{trace.version}", show_header=False, title_justify="left")
+    aliases = ", ".join(trace.aliases) or "-"
+    rows = [
+        ("aliases", aliases),
+        ("flagged", trace.flagged or "-"),
+        ("run", f"{trace.run_id} ({trace.run_status})"),
+        ("dataset", f"{trace.dataset}  md5 {trace.data_md5}"),
+        ("data/ version", f"{trace.data_dvc_md5}  (DVC remote {trace.dvc_remote})"),
+        (
+            "code",
+            f"git {trace.git_commit}" + ("  (dirty tree)" if trace.git_dirty == "true" else ""),
+        ),
+        ("config", f"hash {trace.config_hash}"),
+        ("base model", f"{trace.base_model}  sha256 {trace.base_model_sha256[:16]}..."),
+        ("validation", trace.validation),
+    ]
+    rows += [(f"report {name}", uri) for name, uri in trace.reports.items()]
+    rows += [
+        (k, f"{trace.metrics[k]:.4f}")
+        for k in ("test_accuracy", "test_macro_f1", "lee_spearman_drop")
+        if k in trace.metrics
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+@app.command()
+def reproduce(
+    ref: Annotated[str, typer.Argument(help="NAME/VERSION (or NAME@alias) to reproduce.")],
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Retrain a version from its exact data and config; check the metrics match.
+
+    The data comes back from the DVC cache or remote even after data/ has moved on.
+    """
+    project_dir = project_dir.resolve()
+    set_runtime_defaults(project_dir)
+    from flows.reproduce import COMPARED
+    from flows.reproduce import reproduce as reproduce_flow
+    from pipeline.registry import ModelRefError
+    from pipeline.versioning import DataVersionError
+
+    try:
+        result = reproduce_flow(ref, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
+    except (ModelRefError, DataVersionError) as err:
+        _fail(str(err))
+    typer.echo(
+        f"{result.model}/{result.version}: dataset {result.dataset}, data/ {result.data_dvc_md5}"
+    )
+    if result.code_commit_then != result.code_commit_now:
+        then, now = result.code_commit_then, result.code_commit_now
+        typer.echo(f"note: trained at commit {then}, reproducing at {now}")
+    for key in COMPARED:
+        recorded, reproduced = result.recorded.get(key), result.reproduced.get(key)
+        verdict = "same" if recorded == reproduced else "DIFFERENT"
+        typer.echo(f"  {key:20s} recorded {recorded!r:22s} reproduced {reproduced!r:22s} {verdict}")
+    if not result.matches:
+        _fail("the reproduced metrics differ from the recorded ones")
+    typer.echo("reproduced exactly")
+
+
+def _console() -> Any:
+    """A rich console; when piped or captured, wide enough that md5s never wrap."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str) -> None:

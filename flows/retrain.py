@@ -6,10 +6,8 @@ Models and frames pass between tasks in memory, so tasks neither cache nor persi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +21,17 @@ from prefect.runtime import flow_run
 from pipeline import (
     bias,
     data,
+    datasets,
     evaluate,
     finetune,
     forgetting,
+    lineage,
     registry,
     tracking,
     validation,
     versioning,
 )
-from pipeline.config import EXAMPLE_SOURCE, RetuneConfig
+from pipeline.config import RetuneConfig
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -74,13 +74,7 @@ def validate_data(
 def version_data(
     config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path
 ) -> versioning.DataVersion:
-    dvc_file = project_dir / f"{config.data.data_dir}.dvc"
-    # The example is pinned: regenerating it must reproduce the committed md5.
-    expected = versioning.recorded_md5(dvc_file) if config.data.source == EXAMPLE_SOURCE else None
-    data.write_splits(frames, project_dir / config.data.data_dir)
-    return versioning.version_data(
-        project_dir, config.data.data_dir, expected, push=config.data.dvc_push
-    )
+    return datasets.import_dataset(frames, config.data, project_dir)
 
 
 @task(**TASK_OPTIONS)
@@ -109,6 +103,7 @@ def measure_base(
 
     def embed(texts: list[str], max_length: int) -> np.ndarray:
         return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
+
     probe = evaluate.probe_baseline(
         embed(train["text"].tolist(), config.train.max_length),
         _label_ids(train, config),
@@ -122,7 +117,11 @@ def measure_base(
 
 @task(**TASK_OPTIONS)
 def train_model(
-    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, run_id: str, out_dir: Path
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    run_id: str | None,
+    out_dir: Path,
 ) -> tuple[Any, Any, finetune.FineTuneResult]:
     from tqdm.auto import tqdm
 
@@ -137,7 +136,7 @@ def train_model(
         val["text"].tolist(),
         _label_ids(val, config),
         config.train,
-        logger=tracking.MlflowLogger(run_id),
+        logger=tracking.MlflowLogger(run_id) if run_id else None,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
     )
     finetune.save_model(model, tokenizer, out_dir)
@@ -192,32 +191,14 @@ def register(
     )
 
 
+def validation_verdict(report: validation.ValidationReport) -> str:
+    warnings = getattr(report, "warnings", [])
+    return f"passed with {len(warnings)} warnings" if warnings else "passed"
+
+
 def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
     index = {label: i for i, label in enumerate(config.data.labels)}
     return frame["label"].map(index).to_numpy(dtype=np.int64)
-
-
-def _git_commit(project_dir: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(project_dir), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def config_hash(config: RetuneConfig) -> str:
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
 @flow(name="retrain", log_prints=True)
@@ -247,13 +228,7 @@ def retrain(
     uri = tracking.configure(root, tracking_uri)
     run_key = str(flow_run.id or "local")
     out_dir = root / "runs" / run_key
-    tags = {
-        "retune.data_md5": version.md5,
-        "retune.git_commit": _git_commit(root),
-        "retune.config_hash": config_hash(config),
-        "retune.base_model": config.train.base_model,
-        "retune.prefect_flow_run_id": run_key,
-    }
+    tags = lineage.lineage_tags(root, config, version) | {"retune.prefect_flow_run_id": run_key}
     run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
     try:
         tracking.log_params_and_metrics(run_id, _flat_params(config), {})
@@ -310,10 +285,13 @@ def retrain(
             },
         )
         metric = getattr(test_report, config.registry.primary_metric)
+        run_record = tracking.get_run(run_id)
         tags |= {
             f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}",
-            "retune.validation": "passed",
+            lineage.VALIDATION: validation_verdict(report),
+            lineage.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
         }
+        tracking.set_tags(run_id, tags)
         registered = register(
             config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
         )

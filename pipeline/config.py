@@ -26,7 +26,18 @@ class DataConfig(_Section):
 
     source: str = Field(
         EXAMPLE_SOURCE,
-        description="'example' (Rotten Tomatoes critics' snippets) or a CSV/JSONL/Parquet path.",
+        description="'example' (Rotten Tomatoes critics' snippets, rebuilt and checked against "
+        "data.dvc), a CSV/JSONL/Parquet path inside the project (imported, then used), or "
+        "'dataset:NAME' (a dataset already imported under data/).",
+    )
+    name: str | None = Field(
+        None,
+        description="Name of the dataset under data/ (default: rotten-tomatoes for the example, "
+        "the file's stem for a path).",
+    )
+    encoding: str = Field("utf-8", description="Text encoding of a CSV/JSONL source.")
+    max_text_bytes: int = Field(
+        20_000, ge=1, description="Refuse to import texts longer than this (UTF-8 bytes)."
     )
     text_column: str = Field("text", description="Column of the input file holding the text.")
     label_column: str = Field("label", description="Column of the input file holding the label.")
@@ -37,6 +48,9 @@ class DataConfig(_Section):
     group_column: str | None = Field(
         None,
         description="Rows sharing a value of this column land in the same split (e.g. movie).",
+    )
+    confidence_column: str | None = Field(
+        None, description="Optional column with the annotators' confidence (0..1), kept as-is."
     )
     labels: list[str] = Field(["fresh", "rotten"], description="The allowed labels, in order.")
     validation_fraction: float = Field(0.15, gt=0, lt=0.5)
@@ -53,17 +67,63 @@ class DataConfig(_Section):
         return self
 
 
+Severity = Literal["error", "warn", "off"]
+
+# Each check of the validation suite and what a failure does by default: "error" stops
+# the flow before training, "warn" is reported and logged, "off" skips the check.
+DEFAULT_SEVERITY: dict[str, Severity] = {
+    "schema": "error",  # required columns present, with the right types
+    "null_text": "error",
+    "empty_text": "error",  # empty or whitespace only
+    "text_length": "error",  # min_text_chars..max_text_chars
+    "label_set": "error",  # every label within the configured set
+    "labels_in_every_split": "error",
+    "min_rows_per_label": "error",  # per label and split
+    "duplicates": "warn",  # share of rows repeating an earlier text, over all splits
+    "conflicting_labels": "error",  # the same text with different labels
+    "leakage": "error",  # exact text of validation/test also in train
+    "leakage_normalized": "error",  # the same after lower-casing and folding whitespace
+    "mojibake": "error",  # encoding damage: U+FFFD, C1 controls, mis-decoded UTF-8
+    "class_imbalance": "warn",  # majority/minority rows per split
+    "confidence_range": "error",  # only if a confidence column exists
+    "confidence_missing": "warn",  # only if a confidence column exists
+}
+
+
 class ValidationConfig(_Section):
-    """Great Expectations gate on the prepared splits."""
+    """Great Expectations gate on the prepared splits; one severity per check."""
 
     min_text_chars: int = Field(3, ge=1)
     max_text_chars: int = Field(2000, ge=1)
+    min_rows_per_label: int = Field(5, ge=0, description="Per label in every split.")
+    max_duplicate_rate: float = Field(0.02, ge=0, le=1)
+    max_mojibake_rate: float = Field(0.01, ge=0, le=1)
+    max_imbalance_ratio: float = Field(10.0, ge=1, description="Majority/minority label rows.")
+    confidence_min: float = 0.0
+    confidence_max: float = 1.0
+    max_confidence_missing_rate: float = Field(0.05, ge=0, le=1)
+    severity: dict[str, Severity] = Field(
+        default_factory=dict,
+        description="Per-check overrides of the default severities, e.g. {duplicates: error}.",
+    )
+    data_docs: bool = Field(True, description="Also write GX Data Docs HTML.")
 
     @model_validator(mode="after")
     def _check(self) -> ValidationConfig:
         if self.min_text_chars > self.max_text_chars:
             raise ValueError("validation.min_text_chars must not exceed validation.max_text_chars")
+        if self.confidence_min > self.confidence_max:
+            raise ValueError("validation.confidence_min must not exceed validation.confidence_max")
+        unknown = sorted(set(self.severity) - set(DEFAULT_SEVERITY))
+        if unknown:
+            raise ValueError(
+                f"validation.severity has unknown checks {unknown}; "
+                f"known: {', '.join(DEFAULT_SEVERITY)}"
+            )
         return self
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, DEFAULT_SEVERITY[check])
 
 
 class BiasConfig(_Section):

@@ -7,10 +7,17 @@ Every dataset, the example or a user's file, ends up as three frames with the co
 
 from __future__ import annotations
 
+import csv
+import difflib
 import hashlib
 import importlib.util
+import io
+import json
+import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import EXAMPLE_SOURCE, DataConfig
@@ -54,11 +61,32 @@ def load_example() -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV, JSONL or Parquet file with every column as given.
+def resolve_source(source: str, project_dir: Path) -> Path:
+    """The absolute path of a source file, which must lie inside the project.
 
     Raises:
-        DataError: the file is missing, empty, of an unknown type or unreadable.
+        DataError: the path (after resolving links and ``..``) leaves the project.
+    """
+    path = Path(source)
+    path = (path if path.is_absolute() else project_dir / path).resolve()
+    root = project_dir.resolve()
+    if not path.is_relative_to(root):
+        raise DataError(
+            f"data file {source} resolves to {path}, outside the project {root}; "
+            f"copy it into the project first"
+        )
+    return path
+
+
+def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """Read a CSV, JSONL or Parquet file with every column as given.
+
+    The returned frame has a ``_line`` column: the line of each row in the file (CSV,
+    JSONL) or its 1-based row number (Parquet), for error messages.
+
+    Raises:
+        DataError: naming the file and, where it applies, the line: missing, unreadable,
+            empty, header only, not decodable, malformed CSV, unknown type.
     """
     if not path.exists():
         raise DataError(
@@ -66,55 +94,153 @@ def read_table(path: Path) -> pd.DataFrame:
         )
     if path.is_dir():
         raise DataError(f"data source {path} is a folder; point data.source at a file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"data file {path} is not readable (permission denied)")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
     suffix = "".join(path.suffixes[-2:]) if path.suffix in {".gz", ".bz2"} else path.suffix
-    try:
-        if suffix.startswith(".csv"):
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix.startswith(".jsonl"):
-            frame = pd.read_json(path, lines=True, dtype=False)
-        elif suffix.startswith(".json"):
-            frame = pd.read_json(path, dtype=False)  # an array of records
-        elif suffix == ".parquet":
+    if suffix.startswith(".csv"):
+        frame = _read_csv(path, _decode(path, encoding))
+    elif suffix.startswith(".jsonl"):
+        frame = _read_jsonl(path, _decode(path, encoding))
+    elif suffix == ".parquet":
+        try:
             frame = pd.read_parquet(path)
-        else:
-            raise DataError(
-                f"data file {path}: unknown type '{suffix}'; use .csv, .jsonl or .parquet"
-            )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"data file {path} could not be read: {err}") from err
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"data file {path} could not be read as Parquet: {err}") from err
+        frame["_line"] = range(1, len(frame) + 1)
+    else:
+        raise DataError(f"data file {path}: unknown type '{suffix}'; use .csv, .jsonl or .parquet")
     if frame.empty:
-        raise DataError(f"data file {path} has no data rows")
+        raise DataError(f"data file {path} has no data rows (header only?)")
     return frame
 
 
+def _decode(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    if path.suffix == ".bz2":
+        import bz2
+
+        raw = bz2.decompress(raw)
+    elif path.suffix == ".gz":
+        import gzip
+
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(f"unknown encoding '{encoding}' for {path}") from None
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"data file {path} is not valid {encoding}: byte 0x{raw[err.start]:02x} at line "
+            f"{line}; pass the file's encoding, e.g. --encoding latin-1 (data.encoding)"
+        ) from None
+
+
+def _read_csv(path: Path, text: str) -> pd.DataFrame:
+    """Strict CSV: every row must have as many fields as the header."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"data file {path} is empty") from None
+    except csv.Error as err:
+        raise DataError(f"data file {path}: malformed CSV at line 1: {err}") from None
+    rows, lines = [], []
+    start = reader.line_num + 1
+    try:
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(
+                    f"data file {path}: line {start} has {len(row)} fields, the header has "
+                    f"{len(header)} (ragged row or unquoted comma?)"
+                )
+            if row:
+                rows.append(row)
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise DataError(
+            f"data file {path}: malformed CSV from line {start}: {err} (unclosed quote?)"
+        ) from None
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    frame["_line"] = lines
+    return frame
+
+
+def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
+    records, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"data file {path}: line {number} is not valid JSON: {err.msg}"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"data file {path}: line {number} is not a JSON object")
+        records.append(record)
+        lines.append(number)
+    frame = pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame()
+    if records:
+        frame["_line"] = lines
+    return frame
+
+
+def _where(path: Path, line: int) -> str:
+    return f"row {line}" if path.suffix == ".parquet" else f"line {line}"
+
+
 def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.DataFrame:
-    """Select and rename the configured columns to text, label, group (and split if given).
+    """Select and rename the configured columns to text, label, group (split, confidence).
 
     Raises:
-        DataError: a configured column is missing (names the file and the columns found).
+        DataError: a configured column is missing (naming the file, the columns found and
+            the closest match), a label is neither a string nor an integer, or a text is
+            longer than ``config.max_text_bytes`` (naming the line).
     """
     wanted = {"text": config.text_column, "label": config.label_column}
-    if config.group_column:
-        wanted["group"] = config.group_column
-    if config.split_column:
-        wanted["split"] = config.split_column
-    found = [str(c) for c in frame.columns]
+    for role, column in (
+        ("group", config.group_column),
+        ("split", config.split_column),
+        ("confidence", config.confidence_column),
+    ):
+        if column:
+            wanted[role] = column
+    found = [str(c) for c in frame.columns if c != "_line"]
     for role, column in wanted.items():
         if column not in frame.columns:
+            close = difflib.get_close_matches(column, found, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
             raise DataError(
-                f"column '{column}' missing in {path}; found: {', '.join(found)}. "
+                f"column '{column}' missing in {path}; found: {', '.join(found)}.{hint} "
                 f"Set data.{role}_column to the column holding the {role}."
             )
+    lines = frame["_line"].tolist() if "_line" in frame else list(range(2, len(frame) + 2))
     out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}).reset_index(
         drop=True
     )
+    for value, line in zip(out["label"], lines, strict=True):
+        if not _is_missing(value) and not _is_label(value):
+            raise DataError(
+                f"{path}, {_where(path, line)}, field '{config.label_column}': label {value!r} "
+                f"is a {type(value).__name__}; labels must be strings or integers"
+            )
+    for value, line in zip(out["text"], lines, strict=True):
+        size = len(value.encode("utf-8")) if isinstance(value, str) else 0
+        if size > config.max_text_bytes:
+            raise DataError(
+                f"{path}, {_where(path, line)}, field '{config.text_column}': text of {size} "
+                f"bytes exceeds data.max_text_bytes={config.max_text_bytes}"
+            )
     out["label"] = out["label"].map(_label_to_str).astype(object)
     # A missing or non-text value stays None: validation reports it with its count.
     out["text"] = out["text"].map(lambda v: v if isinstance(v, str) else None).astype(object)
+    if "confidence" in out:
+        out["confidence"] = pd.to_numeric(out["confidence"].replace("", None), errors="coerce")
     if "group" in out:
         missing = out["group"].map(_is_missing)
         if missing.any():
@@ -129,6 +255,14 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
     return out
 
 
+def _is_label(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str | int | np.integer):
+        return True
+    return isinstance(value, float | np.floating) and float(value).is_integer()
+
+
 def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value))
 
@@ -136,7 +270,7 @@ def _is_missing(value: object) -> bool:
 def _label_to_str(value: object) -> str | None:
     if _is_missing(value):
         return None
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
 
@@ -161,8 +295,13 @@ def split_by_group(
     return out
 
 
+def normalise_text(text: str) -> str:
+    """Lower-cased, whitespace folded: how near-duplicates are compared."""
+    return " ".join(text.lower().split())
+
+
 def drop_cross_split_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Drop evaluation rows whose exact text already sits in an earlier split.
+    """Drop evaluation rows whose text (normalised) already sits in an earlier split.
 
     The same snippet can be quoted for two movies; keeping it in train and test would
     leak the answer. Train keeps its copy; validation and test lose theirs.
@@ -174,25 +313,64 @@ def drop_cross_split_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]
     keep = pd.Series(True, index=frame.index)
     for split in SPLITS:
         rows = frame["split"] == split
-        texts = frame.loc[rows, "text"]
+        texts = frame.loc[rows, "text"].map(
+            lambda t: normalise_text(t) if isinstance(t, str) else None
+        )
         if split != "train":
             keep.loc[rows] = ~texts.isin(seen)
-        seen.update(t for t in texts if isinstance(t, str))
+        seen.update(t for t in texts if t is not None)
     return frame[keep].reset_index(drop=True), int((~keep).sum())
+
+
+DATASET_PREFIX = "dataset:"
+EXAMPLE_NAME = "rotten-tomatoes"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def dataset_name(config: DataConfig) -> str:
+    """The folder name under data/ for the configured source.
+
+    Raises:
+        DataError: the name is not a plain lower-case slug (it could leave data/).
+    """
+    if config.name:
+        name = config.name
+    elif config.source == EXAMPLE_SOURCE:
+        name = EXAMPLE_NAME
+    elif config.source.startswith(DATASET_PREFIX):
+        name = config.source.removeprefix(DATASET_PREFIX)
+    else:
+        name = re.sub(r"[^a-z0-9._-]+", "-", Path(config.source).name.split(".")[0].lower()).strip(
+            "-."
+        )
+    if not _NAME.match(name):
+        raise DataError(
+            f"dataset name {name!r} is not allowed: use lower-case letters, digits, '.', '_' "
+            f"or '-' (at most 64, starting with a letter or digit)"
+        )
+    return name
+
+
+def describe_source(config: DataConfig) -> str:
+    """What the manifest records as a dataset's source."""
+    if config.source == EXAMPLE_SOURCE:
+        return f"example: {EXAMPLE_PACKAGE} {EXAMPLE_FILE}"
+    return config.source
 
 
 def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFrame]:
     """Load the configured source and return the train/validation/test frames.
 
     Raises:
-        DataError: the source cannot be read or lacks a configured column.
+        DataError: the source cannot be read, leaves the project or lacks a column.
     """
+    if config.source.startswith(DATASET_PREFIX):
+        return read_splits(project_dir / config.data_dir / dataset_name(config))
     if config.source == EXAMPLE_SOURCE:
         frame = load_example()
     else:
-        path = Path(config.source)
-        path = path if path.is_absolute() else project_dir / path
-        frame = normalise_table(read_table(path), config, path)
+        path = resolve_source(config.source, project_dir)
+        frame = normalise_table(read_table(path, config.encoding), config, path)
     if "split" in frame:
         bad = sorted(set(frame["split"].astype(str)) - set(SPLITS))
         if bad:
@@ -204,8 +382,9 @@ def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFr
         frame = split_by_group(frame, config.validation_fraction, config.test_fraction)
         # Our own split must not leak; a user's explicit split is checked by validation.
         frame, _ = drop_cross_split_duplicates(frame)
+    columns = COLUMNS + (["confidence"] if "confidence" in frame else [])
     return {
-        split: frame.loc[frame["split"] == split, COLUMNS].reset_index(drop=True)
+        split: frame.loc[frame["split"] == split, columns].reset_index(drop=True)
         for split in SPLITS
     }
 
@@ -228,7 +407,12 @@ def read_splits(data_dir: Path) -> dict[str, pd.DataFrame]:
         path = data_dir / f"{split}.csv"
         if not path.is_file():
             raise DataError(f"{path} is missing; run the prepare step first")
-        frames[split] = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "confidence" in frame:
+            frame["confidence"] = pd.to_numeric(
+                frame["confidence"].replace("", None), errors="coerce"
+            )
+        frames[split] = frame
     return frames
 
 

@@ -118,3 +118,70 @@ def _delete_alias_if_set(client: object, name: str, alias: str) -> None:
         client.delete_registered_model_alias(name, alias)  # type: ignore[attr-defined]
     except MlflowException:
         pass
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    tags: dict[str, str]
+    created_ms: int
+    source: str
+
+
+def _info(v: object) -> VersionInfo:
+    return VersionInfo(
+        name=v.name,  # type: ignore[attr-defined]
+        version=str(v.version),  # type: ignore[attr-defined]
+        aliases=sorted(v.aliases or []),  # type: ignore[attr-defined]
+        run_id=v.run_id,  # type: ignore[attr-defined]
+        tags=dict(v.tags or {}),  # type: ignore[attr-defined]
+        created_ms=int(v.creation_timestamp or 0),  # type: ignore[attr-defined]
+        source=str(v.source),  # type: ignore[attr-defined]
+    )
+
+
+class ModelRefError(LookupError):
+    """A NAME@alias or NAME/VERSION reference that the registry does not hold."""
+
+
+def resolve_version(ref: str) -> VersionInfo:
+    """``NAME@alias`` or ``NAME/VERSION`` -> that registered version.
+
+    Raises:
+        ModelRefError: malformed reference, or no such model, alias or version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.rsplit("@", 1)
+            return _info(client.get_model_version_by_alias(name, alias))
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return _info(client.get_model_version(name, version))
+    except MlflowException as err:
+        raise ModelRefError(f"{ref}: not in the registry ({err.message})") from None
+    raise ModelRefError(
+        f"{ref}: expected NAME@alias (e.g. retune-sentiment@champion) or NAME/VERSION"
+    )
+
+
+def versions_with_tag(key: str, value: str) -> list[VersionInfo]:
+    """Every registered version, of any model, whose tag ``key`` equals ``value``."""
+    from mlflow import MlflowClient
+
+    escaped = value.replace("'", "\\'")
+    found = MlflowClient().search_model_versions(f"tags.`{key}` = '{escaped}'")
+    return sorted((_info(v) for v in found), key=lambda v: (v.name, int(v.version)))
+
+
+def tag_version(name: str, version: str, key: str, value: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_model_version_tag(name, version, key, value)

@@ -12,6 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,34 @@ def log_model(run_id: str, model_dir: Path, example_texts: list[str]) -> str:
             ],
         )
     return info.model_uri
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    artifact_uri: str
+
+
+def get_run(run_id: str) -> RunRecord:
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    return RunRecord(
+        run_id=run_id,
+        status=run.info.status,
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+        artifact_uri=run.info.artifact_uri,
+    )
+
+
+def read_report(run_id: str, artifact_file: str) -> dict[str, Any]:
+    """A JSON report logged with :func:`log_report`."""
+    import mlflow
+
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))

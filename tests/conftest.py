@@ -75,10 +75,12 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_tracking_uri():
-    """MLflow writes the URI it is given into MLFLOW_TRACKING_URI; don't leak it across tests."""
+def _restore_environment():
+    """MLflow writes MLFLOW_TRACKING_URI and the CLI sets defaults: keep tests independent."""
+    saved = dict(os.environ)
     yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

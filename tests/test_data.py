@@ -193,7 +193,7 @@ def test_read_table_keeps_strings_as_given(tmp_path: Path):
 def test_read_table_compressed_csv_jsonl_and_parquet(tmp_path: Path):
     gz = tmp_path / "d.csv.gz"
     gz.write_bytes(gzip.compress(b"text,label\nhello,a\n"))
-    assert read_table(gz).to_dict("records") == [{"text": "hello", "label": "a"}]
+    assert read_table(gz).to_dict("records") == [{"text": "hello", "label": "a", "_line": 2}]
 
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "hi", "label": 1}\n{"text": "yo", "label": 0}\n', encoding="utf-8")
@@ -207,7 +207,7 @@ def test_read_table_compressed_csv_jsonl_and_parquet(tmp_path: Path):
 def test_read_table_unreadable_file(tmp_path: Path):
     path = tmp_path / "bad.jsonl"
     path.write_text("{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.jsonl could not be read"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 1 is not valid JSON"):
         read_table(path)
 
 
@@ -309,7 +309,7 @@ def test_prepare_frames_user_csv_without_group_column_groups_by_text(tmp_path: P
     path = tmp_path / "reviews.csv"
     write_user_csv(path)
     config = DataConfig(source=str(path), text_column="review", label_column="stars")
-    frames = prepare_frames(config, Path("/nonexistent"))  # absolute source ignores project_dir
+    frames = prepare_frames(config, tmp_path)  # an absolute source inside the project
     for frame in frames.values():
         assert frame["group"].tolist() == frame["text"].tolist()
     assert sum(len(f) for f in frames.values()) == 240

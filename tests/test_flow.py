@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import run_retune
 
 from mlflow import MlflowClient
 from pipeline import tracking
+from pipeline.versioning import recorded_datasets
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +116,9 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "train.bf16=false",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    md5 = recorded_datasets(project / "data.dvc")["reviews"].md5
     assert md5 in result.stdout
-    assert sorted(p.name for p in (project / "data").iterdir()) == [
+    assert sorted(p.name for p in (project / "data" / "reviews").iterdir()) == [
         "test.csv",
         "train.csv",
         "validation.csv",

@@ -1,0 +1,81 @@
+"""Reproduce a registered version: restore its exact data, retrain with its config, compare."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.retrain import evaluate_model, train_model
+from pipeline import data, forgetting, lineage, versioning
+from pipeline.config import RetuneConfig
+
+# Metrics that must match exactly on CPU for a run to count as reproduced.
+COMPARED = ("test_accuracy", "test_macro_f1", "lee_spearman_tuned", "best_epoch")
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    model: str
+    version: str
+    data_dvc_md5: str
+    dataset: str
+    recorded: dict[str, float]
+    reproduced: dict[str, float]
+    code_commit_then: str
+    code_commit_now: str
+
+    @property
+    def matches(self) -> bool:
+        return all(self.recorded.get(k) == self.reproduced.get(k) for k in COMPARED)
+
+
+@flow(name="reproduce")
+def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None) -> Reproduction:
+    """Restore the data a version was trained on, retrain with its recorded config, compare.
+
+    Nothing is registered; ``data/`` and ``data.dvc`` are not touched.
+    """
+    from pipeline import tracking
+
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    tracking.configure(root, tracking_uri)
+    trace = lineage.trace(ref)
+    if trace.data_dvc_md5 == "unknown" or not trace.run_id:
+        raise versioning.DataVersionError(f"{ref} records no data version: cannot reproduce it")
+    config = RetuneConfig.model_validate(trace.config)
+    work = root / "runs" / f"reproduce-{trace.model}-{trace.version}"
+    shutil.rmtree(work, ignore_errors=True)
+    folder = versioning.restore_dataset(root, trace.data_dvc_md5, trace.dataset, work / "data")
+    restored = versioning.folder_md5(folder)
+    if restored != trace.data_md5:
+        raise versioning.DataVersionError(
+            f"restored data hashes to {restored}, but {ref} records {trace.data_md5}"
+        )
+    logger.info("restored %s (%s) from DVC into %s", trace.dataset, restored, folder)
+    frames = data.read_splits(folder)
+    train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
+    test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
+    model, tokenizer, trained = train_model(
+        config, train, frames["validation"], None, work / "model"
+    )
+    report, tuned_lee = evaluate_model(config, model, tokenizer, test, forgetting.load_lee())
+    shutil.rmtree(work / "model", ignore_errors=True)
+    return Reproduction(
+        model=trace.model,
+        version=trace.version,
+        data_dvc_md5=trace.data_dvc_md5,
+        dataset=trace.dataset,
+        recorded={k: trace.metrics[k] for k in COMPARED if k in trace.metrics},
+        reproduced={
+            "test_accuracy": report.accuracy,
+            "test_macro_f1": report.macro_f1,
+            "lee_spearman_tuned": tuned_lee,
+            "best_epoch": float(trained.best_epoch),
+        },
+        code_commit_then=trace.git_commit,
+        code_commit_now=lineage.git_state(root).commit,
+    )

@@ -1,0 +1,179 @@
+"""Lineage: what every run and model version records, and the chain back to the data.
+
+Pure helpers plus git and file hashing; MLflow access goes through ``registry`` and
+``tracking``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import registry, tracking
+from pipeline.config import RetuneConfig
+from pipeline.finetune import resolve_base_model
+from pipeline.versioning import DataVersion
+
+# Tag keys, on the MLflow run and on the registered model version.
+DATA_MD5 = "retune.data_md5"  # DVC md5 of data/<dataset>/ (also the dataset input digest)
+DATASET = "retune.dataset"
+DATA_DVC_MD5 = "retune.data_dvc_md5"  # DVC md5 of the whole data/ (data.dvc outs)
+DVC_REMOTE = "retune.dvc_remote"
+GIT_COMMIT = "retune.git_commit"
+GIT_DIRTY = "retune.git_dirty"
+CONFIG_HASH = "retune.config_hash"
+BASE_MODEL = "retune.base_model"
+BASE_MODEL_SHA256 = "retune.base_model_sha256"
+VALIDATION = "retune.validation"  # passed | passed with warnings
+VALIDATION_REPORT = "retune.validation_report"  # artifact URI of the JSON summary
+FLAGGED = "retune.flagged"
+
+
+@dataclass(frozen=True)
+class GitState:
+    commit: str
+    dirty: bool
+
+
+def git_state(project_dir: Path) -> GitState:
+    """HEAD and whether tracked files differ from it ("unknown" outside a git repo)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(project_dir), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return GitState(
+            git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return GitState("unknown", False)
+
+
+def config_hash(config: RetuneConfig) -> str:
+    """sha256 of the resolved config (every default filled in), first 16 hex digits."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def weights_sha256(base_model: str) -> str:
+    """sha256 over the base model's weight files (safetensors, else .bin), in name order.
+
+    A hub id that is not a local folder gives "unresolved:<id>": the weights are not here.
+    """
+    folder = Path(resolve_base_model(base_model))
+    if not folder.is_dir():
+        return f"unresolved:{base_model}"
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lineage_tags(project_dir: Path, config: RetuneConfig, version: DataVersion) -> dict[str, str]:
+    """Everything needed to trace a model back to its data, code, config and base model."""
+    git = git_state(project_dir)
+    return {
+        DATA_MD5: version.md5,
+        DATASET: version.dataset.name,
+        DATA_DVC_MD5: version.data_md5,
+        DVC_REMOTE: version.remote_url or "none",
+        GIT_COMMIT: git.commit,
+        GIT_DIRTY: str(git.dirty).lower(),
+        CONFIG_HASH: config_hash(config),
+        BASE_MODEL: config.train.base_model,
+        BASE_MODEL_SHA256: weights_sha256(config.train.base_model),
+    }
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The chain from a registered version back to what made it."""
+
+    model: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    run_status: str
+    dataset: str
+    data_md5: str
+    data_dvc_md5: str
+    dvc_remote: str
+    git_commit: str
+    git_dirty: str
+    config_hash: str
+    config: dict[str, Any]
+    base_model: str
+    base_model_sha256: str
+    validation: str
+    reports: dict[str, str]  # name -> artifact URI
+    metrics: dict[str, float]
+    flagged: str | None
+
+
+REPORTS = ("validation", "data_bias", "test_metrics", "forgetting", "config")
+
+
+def trace(ref: str) -> Lineage:
+    """Follow ``NAME@alias`` or ``NAME/VERSION`` to its run, data, code, config and reports.
+
+    Raises:
+        ModelRefError: no such version.
+    """
+    version = registry.resolve_version(ref)
+    run = tracking.get_run(version.run_id) if version.run_id else None
+    tags = run.tags if run else {}
+    tags = tags | version.tags  # the version's own tags win (e.g. flagged)
+    config: dict[str, Any] = {}
+    if run:
+        try:
+            config = tracking.read_report(run.run_id, "reports/config.json")
+        except Exception:  # an older run without the artifact: the params still hold it
+            config = dict(run.params)
+    return Lineage(
+        model=version.name,
+        version=version.version,
+        aliases=version.aliases,
+        run_id=version.run_id,
+        run_status=run.status if run else "missing",
+        dataset=tags.get(DATASET, "unknown"),
+        data_md5=tags.get(DATA_MD5, "unknown"),
+        data_dvc_md5=tags.get(DATA_DVC_MD5, "unknown"),
+        dvc_remote=tags.get(DVC_REMOTE, "unknown"),
+        git_commit=tags.get(GIT_COMMIT, "unknown"),
+        git_dirty=tags.get(GIT_DIRTY, "unknown"),
+        config_hash=tags.get(CONFIG_HASH, "unknown"),
+        config=config,
+        base_model=tags.get(BASE_MODEL, "unknown"),
+        base_model_sha256=tags.get(BASE_MODEL_SHA256, "unknown"),
+        validation=tags.get(VALIDATION, "unknown"),
+        reports={name: f"{run.artifact_uri}/reports/{name}.json" for name in REPORTS}
+        if run
+        else {},
+        metrics=run.metrics if run else {},
+        flagged=tags.get(FLAGGED),
+    )
+
+
+def versions_trained_on(md5: str) -> list[registry.VersionInfo]:
+    """Every registered version whose dataset or whole data/ hashed to ``md5``."""
+    found = {(v.name, v.version): v for v in registry.versions_with_tag(DATA_MD5, md5)}
+    found |= {(v.name, v.version): v for v in registry.versions_with_tag(DATA_DVC_MD5, md5)}
+    return sorted(found.values(), key=lambda v: (v.name, int(v.version)))
+
+
+def flag_versions(md5: str, reason: str) -> list[registry.VersionInfo]:
+    """Tag every version trained on ``md5`` with ``retune.flagged = reason``; returns them."""
+    if not reason.strip():
+        raise ValueError("a flag needs a reason")
+    versions = versions_trained_on(md5)
+    for v in versions:
+        registry.tag_version(v.name, v.version, FLAGGED, reason)
+    return versions_trained_on(md5)
