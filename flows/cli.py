@@ -62,6 +62,19 @@ def ui_commands(project_dir: Path, tracking_uri: str) -> dict[str, str]:
     return commands
 
 
+def print_validation_table(rows: list[tuple[str, str, str, str]]) -> None:
+    """The validation suite as a short table: check, severity, status, flagged rows."""
+    from rich.table import Table
+
+    from pipeline.validation import TABLE_HEADER
+
+    table = Table(*TABLE_HEADER, title="data validation", title_justify="left")
+    for check, severity, status, flagged in rows:
+        style = {"failed": "red" if severity == "error" else "yellow"}.get(status, "")
+        table.add_row(check, severity, f"[{style}]{status}[/{style}]" if style else status, flagged)
+    _console().print(table)
+
+
 def print_summary(summary: Any, project_dir: Path) -> None:
     from rich.table import Table
 
@@ -115,6 +128,7 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     table.add_row("mlflow run", summary.mlflow_run_id)
     table.add_row("reports", summary.report_dir)
     console.print(table)
+    print_validation_table(summary.validation_table)
     for name, command in ui_commands(project_dir, summary.tracking_uri).items():
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
 
@@ -224,6 +238,7 @@ def data_import(
     if version.pushed:
         typer.echo(f"pushed to the DVC remote {version.remote_url}")
     report = validate_dataset(frames, cfg.validation, version.dataset.labels)
+    print_validation_table(report.table_rows())
     typer.echo(f"validation (labels as found): {report.summary()}")
     typer.echo(
         f"train on it: retune run --set data.source=dataset:{version.dataset.name} "

@@ -43,6 +43,7 @@ class RunSummary:
     data_md5: str
     rows: dict[str, int]
     validation: str
+    validation_table: list[tuple[str, str, str, str]]
     groups: list[dict[str, Any]]
     test: dict[str, Any]
     probe: dict[str, Any]
@@ -65,9 +66,9 @@ def prepare_data(config: RetuneConfig, project_dir: Path) -> dict[str, pd.DataFr
 
 @task(**TASK_OPTIONS)
 def validate_data(
-    config: RetuneConfig, frames: dict[str, pd.DataFrame]
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], docs_dir: Path | None = None
 ) -> validation.ValidationReport:
-    return validation.validate_dataset(frames, config.validation, config.data.labels)
+    return validation.validate_dataset(frames, config.validation, config.data.labels, docs_dir)
 
 
 @task(**TASK_OPTIONS)
@@ -213,10 +214,15 @@ def retrain(
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     frames = prepare_data(config, root)
-    report = validate_data(config, frames)
+    docs_dir = root / "runs" / str(flow_run.id or "local") / "data_docs"
+    report = validate_data(config, frames, docs_dir)
     if not report.success:
         raise validation.DataValidationError(report, config.data.source)
     logger.info("validation: %s", report.summary())
+    for warning in report.warnings:
+        logger.warning("validation warning: %s", warning.line())
+    if report.docs_index:
+        logger.info("validation Data Docs: %s", report.docs_index)
     version = version_data(config, frames, root)
     logger.info("data versioned: md5 %s", version.md5)
     data_bias = check_data_bias(config, frames)
@@ -232,6 +238,8 @@ def retrain(
     run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
     try:
         tracking.log_params_and_metrics(run_id, _flat_params(config), {})
+        if report.docs_index:
+            tracking.log_folder(run_id, docs_dir, "data_docs")
         tracking.log_dataset(
             run_id,
             frames["train"],
@@ -306,6 +314,7 @@ def retrain(
         rows={s: len(frames[s]) for s in data.SPLITS}
         | {"train_used": len(train), "test_used": len(test)},
         validation=report.summary(),
+        validation_table=report.table_rows(),
         groups=[asdict(g) for g in data_bias.groups],
         test=test_report.to_dict(),
         probe=probe.to_dict(),

@@ -208,3 +208,10 @@ def read_report(run_id: str, artifact_file: str) -> dict[str, Any]:
     import mlflow
 
     return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))
+
+
+def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:
+    """Every file under ``folder`` as run artifacts under ``artifact_path``."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)

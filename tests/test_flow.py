@@ -95,7 +95,7 @@ def test_labels_outside_the_set_fail_validation_with_counts(prefect_harness, pro
     assert result.returncode == 1
     message = result.stderr[result.stderr.rindex("error: ") :]  # Prefect logs it before, too
     assert "reviews.csv failed validation" in message
-    assert "expect_column_values_to_be_in_set on column 'label' failed on" in message
+    assert "label_set (expect_column_values_to_be_in_set on 'label') failed on" in message
     # The 3 bad rows are spread over splits; the failures add up to 3.
     counts = [
         int(part.split(" of ")[0].rsplit(" ", 1)[1]) for part in message.split("failed on")[1:]
