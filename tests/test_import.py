@@ -259,3 +259,12 @@ def test_failed_push_rolls_back_data_cache_and_dvc_file(project: Path):
     after = snapshot(project)
     before_local = {k: v for k, v in before.items() if "p-dvc-remote" not in k}
     assert after == before_local
+
+
+def test_unreadable_parquet_is_refused(project: Path):
+    (project / "broken.parquet").write_bytes(b"PAR1 this is not really parquet")
+    before = snapshot(project)
+    result = data_import(project, "broken.parquet")
+    assert result.exit_code == 1
+    assert "broken.parquet could not be read as Parquet" in result.output
+    assert snapshot(project) == before
