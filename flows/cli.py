@@ -42,6 +42,7 @@ def set_runtime_defaults(project_dir: Path) -> None:
         "PREFECT_HOME": str(project_dir / ".prefect"),
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -408,6 +409,38 @@ def reproduce(
     if not result.matches:
         _fail("the reproduced metrics differ from the recorded ones")
     typer.echo("reproduced exactly")
+
+
+@app.command()
+def predict(
+    ref: Annotated[str, typer.Argument(help="NAME@alias or NAME/VERSION of a registered model.")],
+    path: Annotated[Path, typer.Argument(help="CSV or JSONL file with a text column.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV or JSONL to write (default: FILE.predictions.<suffix> beside FILE)."
+        ),
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 64,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Label every row of FILE with a registered model: its rows plus label and prob_* columns."""
+    project_dir = project_dir.resolve()
+    set_runtime_defaults(project_dir)
+    from pipeline import registry, tracking
+    from pipeline.serving import ServingInputError, predict_file
+
+    tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
+    out = out or path.with_name(f"{path.stem}.predictions{path.suffix}")
+    try:
+        version = registry.resolve_version(ref)
+        rows = predict_file(
+            f"models:/{version.name}/{version.version}", path, out, text_column, batch_size
+        )
+    except (registry.ModelRefError, ServingInputError) as err:
+        _fail(str(err))
+    typer.echo(f"{version.name}/{version.version}: labelled {rows} rows of {path} -> {out}")
 
 
 def _console() -> Any:

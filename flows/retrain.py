@@ -26,10 +26,13 @@ from pipeline import (
     finetune,
     forgetting,
     lineage,
+    plots,
     registry,
+    serving,
     tracking,
     validation,
     versioning,
+    worker,
 )
 from pipeline.config import RetuneConfig
 
@@ -124,11 +127,42 @@ def train_model(
     run_id: str | None,
     out_dir: Path,
 ) -> tuple[Any, Any, finetune.FineTuneResult]:
+    """Fine-tune in this process, or data-parallel under torchrun; save to ``out_dir``.
+
+    Checkpoints go to ``out_dir``'s sibling ``checkpoints/``, so a retried task resumes.
+    With LoRA and ``lora_merge: false`` the adapter is also saved, to ``adapter/``.
+    """
     from tqdm.auto import tqdm
 
-    model, tokenizer = finetune.load_classifier(
-        config.train.base_model, config.data.labels, config.train.seed
-    )
+    cfg = config.train
+    logger = tracking.MlflowLogger(run_id) if run_id else None
+    if cfg.nproc_per_node > 1 or cfg.nnodes > 1:
+        work = out_dir.parent / "distributed"
+        work.mkdir(parents=True, exist_ok=True)
+        train.to_csv(work / "train.csv", index=False)
+        val.to_csv(work / "validation.csv", index=False)
+        spec = worker.write_spec(
+            work / "spec.json",
+            cfg,
+            config.data.labels,
+            work / "train.csv",
+            work / "validation.csv",
+            out_dir,
+            out_dir.parent / "checkpoints",
+        )
+        worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
+        result = worker.read_result(out_dir)
+        for record in result.history:
+            if logger is not None:
+                logger.log_metrics(
+                    {"val_loss": record.val_loss, "val_accuracy": record.val_accuracy}, record.epoch
+                )
+        model, tokenizer = finetune.load_saved_classifier(out_dir)
+        return model, tokenizer, result
+
+    model, tokenizer = finetune.load_classifier(cfg.base_model, config.data.labels, cfg.seed)
+    if cfg.strategy == "lora":
+        model = finetune.apply_lora(model, cfg)
     result = finetune.fine_tune(
         model,
         tokenizer,
@@ -136,10 +170,15 @@ def train_model(
         _label_ids(train, config),
         val["text"].tolist(),
         _label_ids(val, config),
-        config.train,
-        logger=tracking.MlflowLogger(run_id) if run_id else None,
+        cfg,
+        logger=logger,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
+        checkpoint_dir=out_dir.parent / "checkpoints",
     )
+    if cfg.strategy == "lora":
+        if not cfg.lora_merge:
+            model.save_pretrained(out_dir.parent / "adapter")
+        model = finetune.finish_lora(model, merge=True)  # the served model is always merged
     finetune.save_model(model, tokenizer, out_dir)
     return model, tokenizer, result
 
@@ -181,7 +220,7 @@ def register(
     tags: dict[str, str],
     metric: float,
 ) -> registry.RegisteredVersion:
-    model_uri = tracking.log_model(run_id, model_dir, example)
+    model_uri = serving.log_classifier(run_id, model_dir, example, config.train.max_length)
     return registry.register_model(
         model_uri,
         config.registry.model_name,
@@ -273,6 +312,10 @@ def retrain(
                 json.dumps(body, indent=2, default=str)
             )
             tracking.log_report(run_id, body, f"reports/{name}.json")
+        curve = plots.plot_learning_curve(trained, out_dir / "plots" / "learning_curve.png")
+        tracking.log_folder(run_id, curve.parent, "plots")
+        if (out_dir / "adapter").is_dir():
+            tracking.log_folder(run_id, out_dir / "adapter", "adapter")
         tracking.log_params_and_metrics(
             run_id,
             {

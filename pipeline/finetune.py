@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +44,7 @@ class EpochRecord:
     val_accuracy: float
     seconds: float
     samples_per_second: float
+    val_macro_f1: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,14 @@ def load_classifier(base_model: str, labels: Sequence[str], seed: int) -> tuple[
         label2id={label: i for i, label in enumerate(labels)},
     )
     return model, tokenizer
+
+
+def load_saved_classifier(folder: Path) -> tuple[Any, Any]:
+    """A classifier saved by :func:`save_model` (safetensors only), and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def load_encoder(base_model: str) -> tuple[Any, Any]:
@@ -204,18 +215,237 @@ def predict_proba(
     return probs
 
 
+# --- what a training step runs on -------------------------------------------------------
+#
+# Frozen layers (embeddings + the first K encoder layers) give the same output every epoch
+# when run in eval mode, so with `cache_frozen` they run once: every text's hidden states
+# after layer K are kept (bf16 if autocast is on), and each step runs only the trainable
+# top. For `head` the cache holds the pooled output: training is a logistic regression.
+
+
+class _Inputs:
+    """Pre-tokenised texts (no per-epoch tokenising) or cached frozen-layer outputs."""
+
+    def __init__(self, ids: list[list[int]] | None, states: list[torch.Tensor] | None, pad_id: int):
+        self.ids, self.states, self.pad_id = ids, states, pad_id
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in (self.ids if self.ids is not None else self.states)]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.ids if self.ids is not None else self.states)  # type: ignore[arg-type]
+
+
+def _tokenize_all(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def _pad_ids(ids: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _pad_states(
+    states: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(s.shape[0] for s in states)
+    hidden = torch.zeros((len(states), width, states[0].shape[-1]), dtype=states[0].dtype)
+    mask = torch.zeros((len(states), width), dtype=torch.long)
+    for row, state in enumerate(states):
+        hidden[row, : state.shape[0]] = state
+        mask[row, : state.shape[0]] = 1
+    return hidden.to(device), mask.to(device)
+
+
+def cache_point(model: nn.Module, strategy: str, frozen_layers: int) -> int | None:
+    """Layers whose output can be cached: K for partial, all of them for head, else None."""
+    if strategy == "head":
+        return len(model.base_model.encoder.layer)
+    if strategy == "partial" and frozen_layers > 0:
+        return frozen_layers
+    return None
+
+
 @torch.no_grad()
-def _evaluate_loss(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: list[str],
+def cache_frozen(
+    model: nn.Module, ids: list[list[int]], k: int, pad_id: int, bf16: bool, batch_size: int = 128
+) -> list[torch.Tensor]:
+    """Each text's output after the first ``k`` layers: (len_i, H), or (H,) pooled if k = L."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    encoder = model.base_model
+    device = next(model.parameters()).device
+    was_training = model.training
+    encoder.eval()
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    for start in range(0, len(ids), batch_size):
+        idx = order[start : start + batch_size]
+        batch = _pad_ids([ids[i] for i in idx], pad_id, device)
+        with _autocast(device, bf16):
+            if k == len(encoder.encoder.layer):
+                pooled = encoder(**batch).pooler_output  # (B, H)
+                for row, i in enumerate(idx):
+                    out[i] = pooled[row].to(torch.bfloat16 if bf16 else torch.float32).cpu()
+                continue
+            hidden = encoder.embeddings(input_ids=batch["input_ids"])  # (B, T, H)
+            mask = create_bidirectional_mask(
+                config=encoder.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
+            )
+            for layer in encoder.encoder.layer[:k]:
+                hidden = layer(hidden, mask)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for row, i in enumerate(idx):
+            out[i] = hidden[row, : lengths[row]].to(torch.bfloat16 if bf16 else torch.float32).cpu()
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+class _Logits(nn.Module):
+    """The trainable forward: from token ids, or from cached outputs of the first k layers.
+
+    A module of its own so that DistributedDataParallel can wrap exactly what trains.
+    """
+
+    def __init__(self, model: nn.Module, k: int | None):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.k is None:
+            return self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        from transformers.masking_utils import create_bidirectional_mask
+
+        model, encoder = self.model, self.model.base_model
+        if self.k == len(encoder.encoder.layer):
+            pooled = batch["pooled"]  # (B, H)
+        else:
+            hidden = batch["hidden"]  # (B, T, H)
+            mask = create_bidirectional_mask(
+                config=encoder.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
+            )
+            for layer in encoder.encoder.layer[self.k :]:
+                hidden = layer(hidden, mask)
+            pooled = encoder.pooler(hidden)
+        return model.classifier(model.dropout(pooled))  # (B, num_labels)
+
+
+def _make_batch(
+    inputs: _Inputs, idx: list[int], k: int | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    if k is None:
+        return _pad_ids([inputs.ids[i] for i in idx], inputs.pad_id, device)  # type: ignore[index]
+    states = [inputs.states[i] for i in idx]  # type: ignore[index]
+    if states[0].ndim == 1:
+        return {"pooled": torch.stack(states).to(device)}
+    hidden, mask = _pad_states(states, device)
+    return {"hidden": hidden, "attention_mask": mask}
+
+
+@torch.no_grad()
+def _validate(
+    net: nn.Module,
+    inputs: _Inputs,
     labels: np.ndarray,
-    config: TrainConfig,
+    k: int | None,
     bf16: bool,
-) -> tuple[float, float]:
-    probs = predict_proba(model, tokenizer, texts, 128, config.max_length, bf16)
-    p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return float(-np.log(p_true).mean()), float((probs.argmax(1) == labels).mean())
+    weight: torch.Tensor | None,
+) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    device = next(net.parameters()).device
+    net.eval()
+    order = np.argsort(inputs.lengths(), kind="stable")
+    logits = torch.zeros((len(inputs), net.model.config.num_labels))
+    for start in range(0, len(inputs), 128):
+        idx = order[start : start + 128].tolist()
+        with _autocast(device, bf16):
+            logits[idx] = net(_make_batch(inputs, idx, k, device)).float().cpu()
+    target = torch.as_tensor(labels, dtype=torch.long)
+    loss = nn.functional.cross_entropy(logits, target, weight=weight).item()
+    pred = logits.argmax(1).numpy()
+    return {
+        "val_loss": loss,
+        "val_accuracy": float((pred == labels).mean()),
+        "val_macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+    }
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases/LayerNorm, the head at its own LR, optional LLRD."""
+    if hasattr(model, "peft_config"):  # LoRA: adapters at the encoder LR, the head at its own
+        groups_by_lr: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                lr = config.head_learning_rate if "classifier" in name else config.learning_rate
+                wd = 0.0 if p.ndim < 2 else config.weight_decay
+                groups_by_lr.setdefault((lr, wd), []).append(p)
+        return [
+            {"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups_by_lr.items()
+        ]
+    layers = model.base_model.encoder.layer
+    n = len(layers)
+    layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = not name.startswith(model.base_model_prefix) or "classifier" in name
+        if is_head:
+            lr = config.head_learning_rate
+        elif config.layer_lr_decay is None:
+            lr = config.learning_rate
+        else:
+            # Top layer (and pooler) at the full LR; each layer below decays once more;
+            # embeddings sit below layer 0.
+            depth = (
+                n - 1 - layer_of[id(p)] if id(p) in layer_of else (n if "embeddings" in name else 0)
+            )
+            lr = config.learning_rate * config.layer_lr_decay**depth
+        decay = 0.0 if p.ndim < 2 else config.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def _better(metric: str, value: float, best: float) -> bool:
+    return value < best if metric == "val_loss" else value > best
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and training can resume from it."""
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves a torn checkpoint
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters; the classification head stays trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+    )
+    return get_peft_model(model, lora)
 
 
 def fine_tune(
@@ -228,48 +458,137 @@ def fine_tune(
     config: TrainConfig,
     logger: MetricLogger | None = None,
     progress: Callable[[int], Any] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FineTuneResult:
-    """Train ``model`` in place and leave it holding the best-validation-loss weights.
+    """Train ``model`` in place and leave it holding the best weights by the stopping metric.
 
     Args:
         train_labels / val_labels: label indices, shape (N,).
         progress: optional factory ``total_steps -> tqdm-like`` for a progress bar.
+        checkpoint_dir: if given, a resumable checkpoint is written there every
+            ``checkpoint_every_steps`` steps and on SIGTERM (then TrainingInterrupted is
+            raised); a later call with the same arguments resumes from it and ends with
+            the same weights as an uninterrupted run.
 
     Returns:
-        Per-epoch history, the best epoch and throughput.
+        Per-epoch history, the best epoch and throughput. For ``lora`` the returned
+        model is still wrapped by PEFT; :func:`finish_lora` merges or keeps the adapter.
     """
+    if config.strategy == "lp-ft":
+        probe = config.model_copy(
+            update={
+                "strategy": "head",
+                "epochs": config.lpft_probe_epochs,
+                "patience": config.lpft_probe_epochs,
+            }
+        )
+        first = _train(
+            model,
+            tokenizer,
+            train_texts,
+            train_labels,
+            val_texts,
+            val_labels,
+            probe,
+            logger,
+            progress,
+            checkpoint_dir and checkpoint_dir / "probe",
+            "probe",
+        )
+        full = config.model_copy(update={"strategy": "full"})
+        second = _train(
+            model,
+            tokenizer,
+            train_texts,
+            train_labels,
+            val_texts,
+            val_labels,
+            full,
+            logger,
+            progress,
+            checkpoint_dir and checkpoint_dir / "full",
+            "full",
+        )
+        return FineTuneResult(
+            history=first.history + second.history,
+            best_epoch=second.best_epoch,
+            train_seconds=first.train_seconds + second.train_seconds,
+            trainable_parameters=second.trainable_parameters,
+            total_parameters=second.total_parameters,
+            device=second.device,
+            bf16=second.bf16,
+            loss_curve=first.loss_curve + second.loss_curve,
+        )
+    return _train(
+        model,
+        tokenizer,
+        train_texts,
+        train_labels,
+        val_texts,
+        val_labels,
+        config,
+        logger,
+        progress,
+        checkpoint_dir,
+        "",
+    )
+
+
+def _train(
+    model: nn.Module,
+    tokenizer: Any,
+    train_texts: list[str],
+    train_labels: np.ndarray,
+    val_texts: list[str],
+    val_labels: np.ndarray,
+    config: TrainConfig,
+    logger: MetricLogger | None,
+    progress: Callable[[int], Any] | None,
+    checkpoint_dir: Path | None,
+    phase: str,
+) -> FineTuneResult:
     logger = logger or NullLogger()
+    rank, world = _dist()
     torch.manual_seed(config.seed)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device()
     bf16 = use_bf16(config.bf16, device)
     model.to(device)
-    trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
+    if config.strategy == "lora":
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        classifier = model
+    else:
+        trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
+        classifier = model
     total = sum(p.numel() for p in model.parameters())
-
-    head_names = {
-        n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix)
-    }
-    decay, no_decay, head = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in head_names:
-            head.append(p)
-        elif p.ndim < 2:  # biases and LayerNorm weights are not decayed
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay, "lr": config.learning_rate},
-            {"params": no_decay, "weight_decay": 0.0, "lr": config.learning_rate},
-            {"params": head, "weight_decay": config.weight_decay, "lr": config.head_learning_rate},
-        ]
+    k = (
+        cache_point(classifier, config.strategy, config.frozen_layers)
+        if config.cache_frozen
+        else None
     )
-    lengths = [len(t) for t in train_texts]
-    steps_per_epoch = math.ceil(len(train_texts) / config.batch_size)
+    pad_id = tokenizer.pad_token_id or 0
+    train_ids = _tokenize_all(tokenizer, train_texts, config.max_length)
+    val_ids = _tokenize_all(tokenizer, val_texts, config.max_length)
+    if k is None:
+        train_in, val_in = _Inputs(train_ids, None, pad_id), _Inputs(val_ids, None, pad_id)
+    else:
+        train_in = _Inputs(None, cache_frozen(classifier, train_ids, k, pad_id, bf16), pad_id)
+        val_in = _Inputs(None, cache_frozen(classifier, val_ids, k, pad_id, bf16), pad_id)
+
+    net: nn.Module = _Logits(classifier, k)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    core = net.module if world > 1 else net
+    counts = np.bincount(train_labels, minlength=classifier.config.num_labels)
+    weight = None
+    if config.class_weights == "balanced":
+        weight = torch.tensor(
+            len(train_labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32
+        )
+    optimizer = torch.optim.AdamW(_param_groups(classifier, config))
+    lengths = train_in.lengths()
+    steps_per_epoch = math.ceil(len(train_in) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -280,75 +599,185 @@ def fine_tune(
     )
     generator = torch.Generator().manual_seed(config.seed)
     labels_t = torch.tensor(np.asarray(train_labels), dtype=torch.long)
-    bar = progress(total_steps) if progress else None
+    trainables = [p for p in classifier.parameters() if p.requires_grad]
 
-    history: list[EpochRecord] = []
-    loss_curve: list[float] = []
-    best_loss, best_epoch, best_state, bad_epochs = math.inf, 0, None, 0
-    started = time.perf_counter()
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        epoch_start, seen, running = time.perf_counter(), 0, 0.0
-        for idx in bucketed_batches(lengths, config.batch_size, generator):
-            batch = _tokenize(tokenizer, [train_texts[i] for i in idx], config.max_length, device)
-            with _autocast(device, bf16):
-                logits = model(**batch).logits  # (B, num_labels)
-            loss = nn.functional.cross_entropy(logits.float(), labels_t[idx].to(device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(idx)
-            running += loss.item() * len(idx)
-            loss_curve.append(loss.item())
-            rate = seen / (time.perf_counter() - epoch_start)
-            if bar is not None:
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", seq_s=f"{rate:.0f}")
-                bar.update(1)
-            if step % 20 == 0:
-                logger.log_metrics(
-                    {
-                        "train_loss": loss.item(),
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "samples_per_second": rate,
-                    },
-                    step,
-                )
-        seconds = time.perf_counter() - epoch_start
-        val_loss, val_acc = _evaluate_loss(model, tokenizer, val_texts, val_labels, config, bf16)
-        record = EpochRecord(epoch, running / seen, val_loss, val_acc, seconds, seen / seconds)
-        history.append(record)
-        logger.log_metrics(
-            {"epoch_train_loss": record.train_loss, "val_loss": val_loss, "val_accuracy": val_acc},
-            step,
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 1,
+        "batch": 0,
+        "order": None,
+        "history": [],
+        "loss_curve": [],
+        "best_value": math.inf if config.early_stopping_metric == "val_loss" else -math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "seconds": 0.0,
+        "finished": False,
+    }
+    ckpt = best_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt, best_path = checkpoint_dir / "checkpoint.pt", checkpoint_dir / "best.pt"
+        if ckpt.is_file():
+            saved = torch.load(ckpt, weights_only=True)
+            classifier.load_state_dict(saved.pop("model"))
+            optimizer.load_state_dict(saved.pop("optimizer"))
+            scheduler.load_state_dict(saved.pop("scheduler"))
+            generator.set_state(saved.pop("generator"))
+            torch.set_rng_state(saved.pop("torch_rng"))
+            state.update(saved)
+    stop = {"requested": False}
+    previous_handler = None
+    if ckpt is not None and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+    def checkpoint() -> None:
+        if ckpt is None or rank != 0:
+            return
+        _save_checkpoint(
+            ckpt,
+            {
+                **state,
+                "model": classifier.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
         )
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= config.patience:
-                break
+
+    bar = progress(total_steps) if progress and rank == 0 else None
     if bar is not None:
-        bar.close()
-    if best_state is not None and best_epoch != history[-1].epoch:
-        model.load_state_dict(best_state)
-    model.eval()
+        bar.update(state["step"])
+    best_state = None
+    if best_path is not None and best_path.is_file():
+        best_state = torch.load(best_path, weights_only=True)
+    try:
+        while not state["finished"] and state["epoch"] <= config.epochs:
+            net.train()
+            if state["order"] is None:  # a new epoch: draw its batches
+                state["order"] = bucketed_batches(lengths, config.batch_size, generator)
+                state["batch"], state["epoch_seen"], state["epoch_loss"], state["epoch_seconds"] = (
+                    0,
+                    0,
+                    0.0,
+                    0.0,
+                )
+            order = state["order"]
+            tick = time.perf_counter()
+            while state["batch"] < len(order):
+                idx = order[state["batch"]]
+                shard = idx[rank::world]  # this rank's share of the global batch
+                with _autocast(device, bf16):
+                    logits = net(_make_batch(train_in, shard, k, device))
+                # Sum over the shard / global batch size, times world: DDP's gradient mean
+                # then equals the gradient of the mean loss over the whole global batch.
+                loss = (
+                    nn.functional.cross_entropy(
+                        logits.float(),
+                        labels_t[shard].to(device),
+                        weight=None if weight is None else weight.to(device),
+                        reduction="sum",
+                    )
+                    * world
+                    / len(idx)
+                )
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainables, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["batch"] += 1
+                value = loss.item() / world
+                state["epoch_seen"] += len(idx)
+                state["epoch_loss"] += value * len(idx)
+                state["loss_curve"].append(value)
+                now = time.perf_counter()
+                state["epoch_seconds"] += now - tick
+                tick = now
+                rate = state["epoch_seen"] / max(state["epoch_seconds"], 1e-9)
+                if bar is not None:
+                    bar.set_postfix(epoch=state["epoch"], loss=f"{value:.4f}", seq_s=f"{rate:.0f}")
+                    bar.update(1)
+                if state["step"] % 20 == 0 and rank == 0:
+                    logger.log_metrics(
+                        {
+                            f"{phase + '_' if phase else ''}train_loss": value,
+                            "learning_rate": scheduler.get_last_lr()[0],
+                            "samples_per_second": rate,
+                        },
+                        state["step"],
+                    )
+                if stop["requested"]:
+                    checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped at step {state['step']}; checkpoint in {ckpt}"
+                    )
+                if state["step"] % config.checkpoint_every_steps == 0:
+                    checkpoint()
+            metrics = _validate(core, val_in, np.asarray(val_labels), k, bf16, weight)
+            seconds = state["epoch_seconds"]
+            record = EpochRecord(
+                state["epoch"],
+                state["epoch_loss"] / state["epoch_seen"],
+                metrics["val_loss"],
+                metrics["val_accuracy"],
+                seconds,
+                state["epoch_seen"] / max(seconds, 1e-9),
+                metrics["val_macro_f1"],
+            )
+            state["history"].append(asdict(record))
+            state["seconds"] += seconds
+            if rank == 0:
+                logger.log_metrics(
+                    {f"{phase + '_' if phase else ''}{k_}": v for k_, v in metrics.items()}
+                    | {"epoch_train_loss": record.train_loss},
+                    state["step"],
+                )
+            value = metrics[config.early_stopping_metric]
+            if _better(config.early_stopping_metric, value, state["best_value"]):
+                state["best_value"], state["best_epoch"], state["bad_epochs"] = (
+                    value,
+                    state["epoch"],
+                    0,
+                )
+                best_state = {n: t.detach().clone() for n, t in classifier.state_dict().items()}
+                if best_path is not None and rank == 0:
+                    _save_checkpoint(best_path, best_state)
+            else:
+                state["bad_epochs"] += 1
+                if state["bad_epochs"] >= config.patience:
+                    state["finished"] = True
+            state["epoch"] += 1
+            state["order"] = None
+            if state["epoch"] > config.epochs:
+                state["finished"] = True
+            checkpoint()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if bar is not None:
+            bar.close()
+    history = [EpochRecord(**h) for h in state["history"]]
+    if best_state is not None and state["best_epoch"] != history[-1].epoch:
+        classifier.load_state_dict(best_state)
+    classifier.eval()
     return FineTuneResult(
         history=history,
-        best_epoch=best_epoch,
-        train_seconds=time.perf_counter() - started,
+        best_epoch=state["best_epoch"],
+        train_seconds=state["seconds"],
         trainable_parameters=trainable,
         total_parameters=total,
         device=str(device),
         bf16=bf16,
-        loss_curve=loss_curve,
+        loss_curve=list(state["loss_curve"]),
     )
+
+
+def finish_lora(model: nn.Module, merge: bool) -> nn.Module:
+    """Merge LoRA weights into the base model, or keep the PEFT wrapper (adapter)."""
+    return model.merge_and_unload() if merge else model
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:

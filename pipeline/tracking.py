@@ -8,7 +8,6 @@ logging works from whichever thread an orchestrator runs a step in.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import warnings
 from collections.abc import Mapping
@@ -144,39 +143,6 @@ def log_dataset(
             )
         ],
     )
-
-
-def log_model(run_id: str, model_dir: Path, example_texts: list[str]) -> str:
-    """Log a saved transformers classifier (safetensors + tokenizer) to the run.
-
-    Returns:
-        The model URI to register (``models:/<model_id>``).
-    """
-    import torch
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import mlflow
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # Without a hub, mlflow.transformers warns that it cannot fetch a model card/license.
-    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run_id):
-        # Explicit requirements: mlflow's inference of them imports torchvision here and
-        # spawns a slow subprocess.
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="text-classification",
-            input_example=example_texts[:2],
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"transformers=={transformers.__version__}",
-                f"mlflow=={mlflow.__version__}",
-            ],
-        )
-    return info.model_uri
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_empty_config_file_gives_defaults(tmp_path: Path):
         ("train.epochs=0", "train.epochs", "greater than or equal to 1"),
         ("train.learning_rate=0", "train.learning_rate", "greater than 0"),
         ("train.learning_rate=abc", "train.learning_rate", "valid number"),
-        ("train.strategy=none", "train.strategy", "'head', 'partial' or 'full'"),
+        ("train.strategy=none", "train.strategy", "'head', 'partial', 'full', 'lora' or 'lp-ft'"),
         ("data.validation_fraction=0.5", "data.validation_fraction", "less than 0.5"),
         ("registry.primary_metric=loss", "registry.primary_metric", "'macro_f1' or 'accuracy'"),
     ],

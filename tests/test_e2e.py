@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT, run_retune
-from mlflow import MlflowClient
 
+import mlflow
+from mlflow import MlflowClient
 from pipeline import tracking
 from pipeline.versioning import recorded_datasets
 
@@ -38,7 +38,7 @@ def retune_run(api_url: str, project: Path, *overrides: str):
 def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefect_harness, project):
     committed = recorded_datasets(REPO_ROOT / "data.dvc")["rotten-tomatoes"].md5
     first = retune_run(prefect_harness, project, *SUBSET)
-    second = retune_run(prefect_harness, project, *SUBSET)
+    retune_run(prefect_harness, project, *SUBSET)
     # The regenerated example matches the committed data.dvc, byte for byte.
     assert (project / "data.dvc").read_bytes() == (REPO_ROOT / "data.dvc").read_bytes()
     assert "mlflow UI:" in first.stdout and "prefect UI:" in first.stdout
@@ -51,7 +51,13 @@ def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefec
         "challenger": "2",
     }
     runs = [client.get_run(client.get_model_version(name, v).run_id) for v in ("1", "2")]
-    keys = ["test_accuracy", "test_macro_f1", "lee_spearman_base", "lee_spearman_tuned", "best_epoch"]
+    keys = [
+        "test_accuracy",
+        "test_macro_f1",
+        "lee_spearman_base",
+        "lee_spearman_tuned",
+        "best_epoch",
+    ]
     assert [runs[0].data.metrics[k] for k in keys] == [runs[1].data.metrics[k] for k in keys]
     for run in runs:
         assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {committed}

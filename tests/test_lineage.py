@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_retune
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from pipeline import tracking
 from pipeline.lineage import FLAGGED, weights_sha256
 from pipeline.versioning import recorded_datasets
@@ -32,9 +32,16 @@ def run(api: str, project: Path, *args: str):
 
 def train(api: str, project: Path, tiny: Path):
     overrides = [
-        "data.source=reviews.csv", "data.name=reviews", "data.text_column=review",
-        "data.label_column=sentiment", "data.group_column=film", "data.labels=[pos, neg]",
-        f"train.base_model={tiny}", "train.strategy=full", "train.epochs=2", "train.bf16=false",
+        "data.source=reviews.csv",
+        "data.name=reviews",
+        "data.text_column=review",
+        "data.label_column=sentiment",
+        "data.group_column=film",
+        "data.labels=[pos, neg]",
+        f"train.base_model={tiny}",
+        "train.strategy=full",
+        "train.epochs=2",
+        "train.bf16=false",
     ]
     args = ["run"]
     for item in overrides:
