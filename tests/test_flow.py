@@ -10,6 +10,7 @@ import csv
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import run_retune
 
@@ -141,3 +142,27 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "reports/data_bias.json",
         "reports/forgetting.json",
     } <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+        "plots/learning_curve.png"
+    ]
+    assert any(a.path == "data_docs" for a in client.list_artifacts(run.info.run_id))
+    val_losses = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len(val_losses) == 1  # one epoch, logged through the injected MetricLogger
+
+    # Batch prediction with the registered champion, through the CLI.
+    (project / "to_label.csv").write_text("id,text\n1,a fine and lovely film\n2,a dull film\n")
+    predicted = run_retune(
+        project,
+        prefect_harness,
+        "predict",
+        "retune-sentiment@champion",
+        "to_label.csv",
+        "--project-dir",
+        str(project),
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert "labelled 2 rows" in predicted.stdout
+    out = pd.read_csv(project / "to_label.predictions.csv")
+    assert list(out.columns) == ["id", "text", "label", "prob_pos", "prob_neg"]
+    assert set(out["label"]) <= {"pos", "neg"}
+    assert ((out["prob_pos"] + out["prob_neg"]) - 1).abs().max() < 1e-5
