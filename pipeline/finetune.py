@@ -368,7 +368,7 @@ def _validate(
         idx = order[start : start + 128].tolist()
         with _autocast(device, bf16):
             logits[idx] = net(_make_batch(inputs, idx, k, device)).float().cpu()
-    target = torch.as_tensor(labels, dtype=torch.long)
+    target = torch.tensor(np.asarray(labels), dtype=torch.long)
     loss = nn.functional.cross_entropy(logits, target, weight=weight).item()
     pred = logits.argmax(1).numpy()
     return {
