@@ -25,26 +25,28 @@ def _root() -> None:
     """retune: fine-tune pretrained transformers through an audited pipeline."""
 
 
+# Offline, quiet, reproducible runs; read by Prefect, MLflow and transformers at import.
+RUNTIME_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",  # a hub id otherwise retries for ~46 s before failing
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LOG_PRINTS": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def set_runtime_defaults(project_dir: Path) -> None:
-    """Offline, quiet, reproducible defaults; a value the user already set wins.
+    """Set RUNTIME_DEFAULTS and the project's PREFECT_HOME; a value the user set wins.
 
     Called before Prefect, MLflow or transformers are imported, so they read it.
     """
-    defaults = {
-        "HF_HUB_OFFLINE": "1",  # a hub id otherwise retries for ~46 s before failing
-        "TRANSFORMERS_OFFLINE": "1",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        # Ephemeral Prefect keeps its flow-run history with the project, for the UI.
-        "PREFECT_HOME": str(project_dir / ".prefect"),
-        "PREFECT_LOGGING_LOG_PRINTS": "true",
-        "TOKENIZERS_PARALLELISM": "false",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
-    for key, value in defaults.items():
+    # Ephemeral Prefect keeps its flow-run history with the project, for the UI.
+    for key, value in (RUNTIME_DEFAULTS | {"PREFECT_HOME": str(project_dir / ".prefect")}).items():
         os.environ.setdefault(key, value)
 
 

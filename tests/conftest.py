@@ -9,19 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import RUNTIME_DEFAULTS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Offline, quiet runs, as the CLI sets them (before Prefect/MLflow/transformers import).
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+for _key, _value in RUNTIME_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
