@@ -93,7 +93,9 @@ def run(spec_path: Path) -> int:
     if rank == 0:
         out = Path(spec["out_dir"])
         if config.strategy == "lora":
-            model = finish_lora(model, config.lora_merge)
+            if not config.lora_merge:
+                model.save_pretrained(out.parent / "adapter")
+            model = finish_lora(model, merge=True)  # the served model is always merged
         save_model(model, tokenizer, out)
         (out / "result.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return 0
