@@ -232,7 +232,7 @@ def register(
 
 
 def validation_verdict(report: validation.ValidationReport) -> str:
-    warnings = getattr(report, "warnings", [])
+    warnings = report.warnings
     return f"passed with {len(warnings)} warnings" if warnings else "passed"
 
 
