@@ -88,23 +88,10 @@ def load_data(train_rows: int | None) -> dict[str, tuple[list[str], np.ndarray]]
 def argmax_accuracy(
     model: Any, tokenizer: Any, texts: list[str], labels: np.ndarray, bf16: bool
 ) -> float:
-    """Share of argmax(logits) equal to the label, in batches of 128 sorted by length."""
-    import torch
+    """Share of argmax(logits) equal to the label (retune's batched, length-sorted predict)."""
+    from pipeline.finetune import predict_proba
 
-    model.eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    pred = np.zeros(len(texts), dtype=np.int64)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(texts), 128):
-            idx = order[start : start + 128]
-            batch = tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=MAX_LENGTH,
-                return_tensors="pt",
-            )
-            pred[idx] = model(**batch).logits.argmax(-1).numpy()
+    pred = predict_proba(model, tokenizer, texts, 128, MAX_LENGTH, bf16).argmax(1)
     return float((pred == labels).mean())
 
 

@@ -555,12 +555,11 @@ def _train(
     device = pick_device()
     bf16 = use_bf16(config.bf16, device)
     model.to(device)
-    if config.strategy == "lora":
+    if config.strategy == "lora":  # PEFT already set which parameters train
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        classifier = model
     else:
         trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
-        classifier = model
+    classifier = model
     total = sum(p.numel() for p in model.parameters())
     k = (
         cache_point(classifier, config.strategy, config.frozen_layers)
