@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 
 DEFAULT_CONFIG = "retune.yaml"
+REFUSED_EXIT = 3  # a gate refused the model: recorded in MLflow, not registered
 
 
 @app.callback()
@@ -78,6 +79,25 @@ def print_validation_table(rows: list[tuple[str, str, str, str]]) -> None:
     _console().print(table)
 
 
+def print_forgetting_table(rows: list[tuple[str, ...]], report: dict[str, Any]) -> None:
+    """Retention per task against the base model (and the champion), and the gate."""
+    from rich.table import Table
+
+    from pipeline.forgetting import TABLE_HEADER
+
+    table = Table(*TABLE_HEADER, title="forgetting (retention suite)", title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]retention suite: {warning}[/yellow]", soft_wrap=True)
+    if report.get("cka"):
+        cka = ", ".join(f"{v:.3f}" for v in report["cka"])
+        console.print(f"CKA base vs tuned per layer (embeddings first): {cka}", soft_wrap=True)
+    console.print(f"forgetting gate: {report['gate']['summary']}", soft_wrap=True)
+
+
 def print_summary(summary: Any, project_dir: Path) -> None:
     from rich.table import Table
 
@@ -117,10 +137,11 @@ def print_summary(summary: Any, project_dir: Path) -> None:
             f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}",
         )
     f = summary.forgetting
+    base = f["base"]
     table.add_row(
-        "forgetting (Lee)",
-        f"Spearman base {f['base_score']:.4f} -> tuned {f['tuned_score']:.4f} "
-        f"(drop {f['drop']:+.4f})",
+        "forgetting",
+        f"mean drop {base['mean_drop']:+.3f} (95% CI up to {base['mean_ci_high']:+.3f}), "
+        f"worst {base['worst_task']} {base['worst_drop']:+.3f}; gate {f['gate']['summary']}",
     )
     table.add_row("training", f"{summary.train_seconds:.0f} s")
     table.add_row(
@@ -132,6 +153,7 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     table.add_row("reports", summary.report_dir)
     console.print(table)
     print_validation_table(summary.validation_table)
+    print_forgetting_table(summary.forgetting_table, summary.forgetting)
     for name, command in ui_commands(project_dir, summary.tracking_uri).items():
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
 
@@ -156,6 +178,7 @@ def run(
     cfg = _load(project_dir, config, set_ or [])
     from flows.retrain import retrain  # imports Prefect: after the env defaults are set
     from pipeline.data import DataError
+    from pipeline.forgetting import ForgettingRefused
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
@@ -163,6 +186,11 @@ def run(
         summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
+    except ForgettingRefused as refused:
+        report = refused.report
+        print_forgetting_table(report.table_rows(), report.to_dict())
+        typer.echo(f"refused: {refused}", err=True)
+        raise typer.Exit(code=REFUSED_EXIT) from None
     print_summary(summary, project_dir)
 
 
@@ -370,7 +398,7 @@ def _print_lineage(trace: Any) -> None:
     rows += [(f"report {name}", uri) for name, uri in trace.reports.items()]
     rows += [
         (k, f"{trace.metrics[k]:.4f}")
-        for k in ("test_accuracy", "test_macro_f1", "lee_spearman_drop")
+        for k in ("test_accuracy", "test_macro_f1", "forgetting_mean_drop", "forgetting_worst_drop")
         if k in trace.metrics
     ]
     for key, value in rows:
@@ -389,7 +417,6 @@ def reproduce(
     """
     project_dir = project_dir.resolve()
     set_runtime_defaults(project_dir)
-    from flows.reproduce import COMPARED
     from flows.reproduce import reproduce as reproduce_flow
     from pipeline.registry import ModelRefError
     from pipeline.versioning import DataVersionError
@@ -404,10 +431,10 @@ def reproduce(
     if result.code_commit_then != result.code_commit_now:
         then, now = result.code_commit_then, result.code_commit_now
         typer.echo(f"note: trained at commit {then}, reproducing at {now}")
-    for key in COMPARED:
+    for key in result.reproduced:
         recorded, reproduced = result.recorded.get(key), result.reproduced.get(key)
         verdict = "same" if recorded == reproduced else "DIFFERENT"
-        typer.echo(f"  {key:20s} recorded {recorded!r:22s} reproduced {reproduced!r:22s} {verdict}")
+        typer.echo(f"  {key:24s} recorded {recorded!r:22s} reproduced {reproduced!r:22s} {verdict}")
     if not result.matches:
         _fail("the reproduced metrics differ from the recorded ones")
     typer.echo("reproduced exactly")

@@ -9,11 +9,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.retrain import evaluate_model, train_model
-from pipeline import data, forgetting, lineage, versioning
+from pipeline import data, lineage, retention, versioning
 from pipeline.config import RetuneConfig
 
-# Metrics that must match exactly on CPU for a run to count as reproduced.
-COMPARED = ("test_accuracy", "test_macro_f1", "lee_spearman_tuned", "best_epoch")
+# Metrics that must match exactly on CPU for a run to count as reproduced, plus the
+# tuned model's score on every retention task (``retention_<task>``) recorded by the run.
+COMPARED = ("test_accuracy", "test_macro_f1", "best_epoch")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Reproduction:
 
     @property
     def matches(self) -> bool:
-        return all(self.recorded.get(k) == self.reproduced.get(k) for k in COMPARED)
+        return all(self.recorded.get(k) == self.reproduced.get(k) for k in self.recorded)
 
 
 @flow(name="reproduce")
@@ -62,20 +63,26 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     model, tokenizer, trained = train_model(
         config, train, frames["validation"], None, work / "model"
     )
-    report, tuned_lee = evaluate_model(config, model, tokenizer, test, forgetting.load_lee())
+    suite_folder = versioning.restore_dataset(
+        root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
+    )
+    suite = retention.Suite(
+        retention.load_suite(suite_folder), versioning.folder_md5(suite_folder), [], suite_folder
+    )
+    report, tuned = evaluate_model(config, model, tokenizer, test, suite, root)
     shutil.rmtree(work / "model", ignore_errors=True)
+    reproduced = {
+        "test_accuracy": report.accuracy,
+        "test_macro_f1": report.macro_f1,
+        "best_epoch": float(trained.best_epoch),
+    } | {f"retention_{name}": out.score for name, out in tuned.outputs.items()}
     return Reproduction(
         model=trace.model,
         version=trace.version,
         data_dvc_md5=trace.data_dvc_md5,
         dataset=trace.dataset,
-        recorded={k: trace.metrics[k] for k in COMPARED if k in trace.metrics},
-        reproduced={
-            "test_accuracy": report.accuracy,
-            "test_macro_f1": report.macro_f1,
-            "lee_spearman_tuned": tuned_lee,
-            "best_epoch": float(trained.best_epoch),
-        },
+        recorded={k: trace.metrics[k] for k in reproduced if k in trace.metrics},
+        reproduced=reproduced,
         code_commit_then=trace.git_commit,
         code_commit_now=lineage.git_state(root).commit,
     )

@@ -26,8 +26,10 @@ from pipeline import (
     finetune,
     forgetting,
     lineage,
+    mitigation,
     plots,
     registry,
+    retention,
     serving,
     tracking,
     validation,
@@ -37,6 +39,8 @@ from pipeline import (
 from pipeline.config import RetuneConfig
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+FORGETTING_GATE = "retune.forgetting_gate"
+VERDICT = "retune.verdict"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class RunSummary:
     test: dict[str, Any]
     probe: dict[str, Any]
     forgetting: dict[str, Any]
+    forgetting_table: list[tuple[str, ...]]
     model_name: str
     version: str
     aliases: list[str]
@@ -94,10 +99,60 @@ def check_data_bias(config: RetuneConfig, frames: dict[str, pd.DataFrame]) -> bi
 
 
 @task(**TASK_OPTIONS)
+def retention_suite(config: RetuneConfig, project_dir: Path) -> retention.Suite:
+    """The versioned retention suite (built, and committed to DVC when it changed)."""
+    return retention.ensure_suite(
+        project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
+    )
+
+
+@dataclass(frozen=True)
+class Retention:
+    """One encoder's outputs on the retention suite, and its per-layer CKA features."""
+
+    outputs: dict[str, forgetting.TaskOutputs]
+    layers: Any  # np.ndarray (L + 1, N, H)
+    cached: bool
+
+
+def score_retention(
+    config: RetuneConfig,
+    encoder: Any,
+    tokenizer: Any,
+    suite: retention.Suite,
+    project_dir: Path,
+    weights_sha: str | None = None,
+) -> Retention:
+    """Score an encoder on the suite; with ``weights_sha``, read and fill the score cache."""
+    from pipeline.embeddings import embed_layers
+
+    cfg = config.forgetting
+    path = None
+    if weights_sha is not None:
+        path = forgetting.cache_file(project_dir / cfg.cache_dir, weights_sha, suite.md5)
+        cached = forgetting.load_cached(path, suite.tasks)
+        if cached is not None:
+            return Retention(cached[0], cached[1], cached=True)
+    outputs = forgetting.score_encoder(
+        encoder, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+    )
+    layers = embed_layers(
+        encoder, tokenizer, forgetting.cka_texts(suite.tasks, cfg.cka_texts), 64, cfg.max_length
+    )
+    if path is not None:
+        forgetting.save_cached(path, outputs, layers)
+    return Retention(outputs, layers, cached=False)
+
+
+@task(**TASK_OPTIONS)
 def measure_base(
-    config: RetuneConfig, train: pd.DataFrame, test: pd.DataFrame, lee: forgetting.SimilarityTask
-) -> tuple[evaluate.EvaluationReport, float]:
-    """The frozen base encoder: logistic probe on the task, and its Lee similarity score."""
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    suite: retention.Suite,
+    project_dir: Path,
+) -> tuple[evaluate.EvaluationReport, Retention]:
+    """The frozen base encoder: logistic probe on the task, and its retention scores (cached)."""
     from pipeline.embeddings import embed_texts
 
     encoder, tokenizer = finetune.load_encoder(config.train.base_model)
@@ -116,7 +171,28 @@ def measure_base(
         config.data.labels,
         config.evaluate.probe_c,
     )
-    return probe, forgetting.similarity_spearman(embed(lee.texts, 256), lee)
+    sha = lineage.weights_sha256(config.train.base_model)
+    cache_key = None if sha.startswith("unresolved:") else sha
+    return probe, score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
+
+
+@task(**TASK_OPTIONS)
+def measure_champion(
+    config: RetuneConfig, suite: retention.Suite, project_dir: Path, work_dir: Path
+) -> tuple[str | None, Retention | None]:
+    """The current champion's retention scores (cached by its weights), or None."""
+    try:
+        champion = registry.resolve_version(f"{config.registry.model_name}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return None, None
+    folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
+    try:
+        model, tokenizer = finetune.load_saved_classifier(folder)
+        sha = lineage.folder_sha256(folder)
+        scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, sha)
+    finally:
+        shutil.rmtree(work_dir / "champion", ignore_errors=True)
+    return champion.version, scores
 
 
 @task(**TASK_OPTIONS)
@@ -161,6 +237,10 @@ def train_model(
         return model, tokenizer, result
 
     model, tokenizer = finetune.load_classifier(cfg.base_model, config.data.labels, cfg.seed)
+    keep = config.forgetting
+    regularizer = mitigation.build_regularizer(
+        model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, cfg.seed
+    )  # built from the pretrained weights, before any step
     if cfg.strategy == "lora":
         model = finetune.apply_lora(model, cfg)
     result = finetune.fine_tune(
@@ -174,6 +254,7 @@ def train_model(
         logger=logger,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
         checkpoint_dir=out_dir.parent / "checkpoints",
+        regularizer=regularizer,
     )
     if cfg.strategy == "lora":
         if not cfg.lora_merge:
@@ -184,15 +265,73 @@ def train_model(
 
 
 @task(**TASK_OPTIONS)
+def blend_with_base(
+    config: RetuneConfig,
+    model: Any,
+    tokenizer: Any,
+    val: pd.DataFrame,
+    suite: retention.Suite,
+    base: Retention,
+    out_dir: Path,
+) -> mitigation.AlphaChoice:
+    """WiSE-FT: sweep alpha, keep the best-validating blend within the forgetting budget.
+
+    The chosen blend replaces the model in place and in ``out_dir``.
+    """
+    cfg = config.forgetting
+    base_encoder, _ = finetune.load_encoder(config.train.base_model)
+    base_state = {n: t.detach().clone() for n, t in base_encoder.state_dict().items()}
+    del base_encoder
+    tuned = mitigation.encoder_state(model)
+    labels = _label_ids(val, config)
+    curve = []
+    for alpha in sorted(set(cfg.wise_ft_alphas)):
+        mitigation.interpolate_encoder(model, base_state, tuned, alpha)
+        probs = finetune.predict_proba(
+            model,
+            tokenizer,
+            val["text"].tolist(),
+            config.evaluate.batch_size,
+            config.train.max_length,
+            finetune.use_bf16(config.train.bf16, finetune.pick_device()),
+        )
+        metric = getattr(
+            evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels),
+            config.registry.primary_metric,
+        )
+        outputs = forgetting.score_encoder(
+            model.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+        )
+        vs_base = forgetting.compare(
+            base.outputs, outputs, suite.tasks, "base", cfg.bootstrap, cfg.seed
+        )
+        gate = forgetting.forgetting_gate(vs_base, cfg.model_copy(update={"gate": "error"}))
+        curve.append(
+            mitigation.AlphaPoint(
+                alpha,
+                metric,
+                vs_base.mean_drop,
+                vs_base.mean_ci_high,
+                vs_base.worst_drop,
+                gate.passed,
+            )
+        )
+    choice = mitigation.pick_alpha(curve)
+    mitigation.interpolate_encoder(model, base_state, tuned, choice.alpha)
+    finetune.save_model(model, tokenizer, out_dir)
+    return choice
+
+
+@task(**TASK_OPTIONS)
 def evaluate_model(
     config: RetuneConfig,
     model: Any,
     tokenizer: Any,
     test: pd.DataFrame,
-    lee: forgetting.SimilarityTask,
-) -> tuple[evaluate.EvaluationReport, float]:
-    from pipeline.embeddings import embed_texts
-
+    suite: retention.Suite,
+    project_dir: Path,
+) -> tuple[evaluate.EvaluationReport, Retention]:
+    """Test metrics of the tuned classifier and its encoder's retention scores."""
     bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
     probs = finetune.predict_proba(
         model,
@@ -205,10 +344,7 @@ def evaluate_model(
     report = evaluate.classification_metrics(
         _label_ids(test, config), probs.argmax(1), config.data.labels
     )
-    lee_emb = embed_texts(
-        model.base_model, tokenizer, lee.texts, config.evaluate.batch_size, 256, bf16
-    )
-    return report, forgetting.similarity_spearman(lee_emb, lee)
+    return report, score_retention(config, model.base_model, tokenizer, suite, project_dir)
 
 
 @task(**TASK_OPTIONS)
@@ -268,12 +404,17 @@ def retrain(
 
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
-    lee = forgetting.load_lee()
+    suite = retention_suite(config, root)
+    for warning in suite.warnings:
+        logger.warning("retention suite: %s", warning)
 
     uri = tracking.configure(root, tracking_uri)
     run_key = str(flow_run.id or "local")
     out_dir = root / "runs" / run_key
-    tags = lineage.lineage_tags(root, config, version) | {"retune.prefect_flow_run_id": run_key}
+    tags = lineage.lineage_tags(root, config, version) | {
+        "retune.prefect_flow_run_id": run_key,
+        lineage.RETENTION_SUITE_MD5: suite.md5,
+    }
     run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
     try:
         tracking.log_params_and_metrics(run_id, _flat_params(config), {})
@@ -290,19 +431,41 @@ def retrain(
         tracking.log_dataset(
             run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
         )
-        probe, base_lee = measure_base(config, train, test, lee)
+        probe, base = measure_base(config, train, test, suite, root)
+        champion_version, champion = measure_champion(config, suite, root, out_dir)
         model, tokenizer, trained = train_model(
             config, train, frames["validation"], run_id, out_dir / "model"
         )
-        test_report, tuned_lee = evaluate_model(config, model, tokenizer, test, lee)
-        lee_report = forgetting.ForgettingReport("lee", base_lee, tuned_lee)
+        keep = config.forgetting
+        mitigations: dict[str, Any] = {"l2sp": keep.l2sp, "distill": keep.distill}
+        if keep.wise_ft:
+            choice = blend_with_base(
+                config, model, tokenizer, frames["validation"], suite, base, out_dir / "model"
+            )
+            mitigations["wise_ft"] = asdict(choice)
+            plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
+        test_report, tuned = evaluate_model(config, model, tokenizer, test, suite, root)
+        kept = forgetting.evaluate_forgetting(
+            base.outputs,
+            tuned.outputs,
+            suite.tasks,
+            keep,
+            suite.md5,
+            base.layers,
+            tuned.layers,
+            champion.outputs if champion else None,
+            champion_version,
+            suite.warnings,
+            mitigations,
+        )
+        logger.info("forgetting gate: %s", kept.gate.summary())
 
         reports = {
             "validation": report.to_dict(),
             "data_bias": data_bias.to_dict(),
             "test_metrics": test_report.to_dict(),
             "probe_baseline": probe.to_dict(),
-            "forgetting": lee_report.to_dict(),
+            "forgetting": kept.to_dict(),
             "training": asdict(trained) | {"loss_curve": trained.loss_curve[-50:]},
             "config": config.model_dump(),
         }
@@ -313,6 +476,7 @@ def retrain(
             )
             tracking.log_report(run_id, body, f"reports/{name}.json")
         curve = plots.plot_learning_curve(trained, out_dir / "plots" / "learning_curve.png")
+        plots.plot_forgetting(kept, out_dir / "plots" / "forgetting.png")
         tracking.log_folder(run_id, curve.parent, "plots")
         if (out_dir / "adapter").is_dir():
             tracking.log_folder(run_id, out_dir / "adapter", "adapter")
@@ -328,9 +492,7 @@ def retrain(
                 "test_macro_f1": test_report.macro_f1,
                 "probe_test_accuracy": probe.accuracy,
                 "probe_test_macro_f1": probe.macro_f1,
-                "lee_spearman_base": base_lee,
-                "lee_spearman_tuned": tuned_lee,
-                "lee_spearman_drop": lee_report.drop,
+                **kept.metrics(),
                 "best_epoch": trained.best_epoch,
                 "train_seconds": trained.train_seconds,
             },
@@ -341,17 +503,24 @@ def retrain(
             f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}",
             lineage.VALIDATION: validation_verdict(report),
             lineage.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
+            FORGETTING_GATE: kept.gate.summary()[:4000],
+            VERDICT: "refused" if kept.gate.refused else "accepted",
         }
         tracking.set_tags(run_id, tags)
-        registered = register(
-            config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
-        )
-        tracking.set_tags(run_id, {"retune.registered_version": registered.version})
-        shutil.rmtree(out_dir / "model")  # the registered copy lives in MLflow's artifacts
+        if kept.gate.refused:  # recorded, marked refused, never registered
+            shutil.rmtree(out_dir / "model")
+        else:
+            registered = register(
+                config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
+            )
+            tracking.set_tags(run_id, {"retune.registered_version": registered.version})
+            shutil.rmtree(out_dir / "model")  # the registered copy lives in MLflow's artifacts
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id)
+    if kept.gate.refused:
+        raise forgetting.ForgettingRefused(kept, run_id)
     return RunSummary(
         data_md5=version.md5,
         rows={s: len(frames[s]) for s in data.SPLITS}
@@ -361,7 +530,8 @@ def retrain(
         groups=[asdict(g) for g in data_bias.groups],
         test=test_report.to_dict(),
         probe=probe.to_dict(),
-        forgetting=lee_report.to_dict(),
+        forgetting=kept.to_dict(),
+        forgetting_table=kept.table_rows(),
         model_name=registered.name,
         version=registered.version,
         aliases=registered.aliases,

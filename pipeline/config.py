@@ -200,6 +200,70 @@ class EvaluateConfig(_Section):
     probe_c: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic probe.")
 
 
+class RetentionTaskConfig(_Section):
+    """A user retention task: a file inside the project, copied into the versioned suite."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["similarity", "probe"] = Field(
+        description="similarity: CSV text_a,text_b,score (Spearman of cosine vs score); "
+        "probe: CSV text,label,split with split train|test (logistic probe accuracy)."
+    )
+    path: str = Field(description="CSV file, relative to the project folder.")
+
+
+class ForgettingConfig(_Section):
+    """The retention suite, the forgetting gate and the mitigations that keep what was known."""
+
+    tasks: list[Literal["lee", "men", "wordsim353", "simlex999", "brown"]] = Field(
+        ["lee", "men", "wordsim353", "simlex999", "brown"],
+        description="Built-in retention tasks (brown needs npm; skipped with a warning without).",
+    )
+    extra_tasks: list[RetentionTaskConfig] = Field(
+        [], description="Your own retention tasks (e.g. the previous task the model learned)."
+    )
+    brown_sentences: int = Field(3000, ge=100, description="Brown probe: sampled sentences.")
+    max_length: int = Field(256, ge=8, description="Tokens per retention text.")
+    bootstrap: int = Field(1000, ge=100, description="Paired bootstrap resamples for the CIs.")
+    seed: int = 0
+    gate: Literal["error", "warn", "off"] = Field(
+        "error", description="error: a failing model is refused; warn: only reported."
+    )
+    max_mean_drop: float = Field(
+        0.02, ge=0, description="Refuse if the upper 95% bound of the mean drop exceeds this."
+    )
+    max_task_drop: float = Field(0.05, ge=0, description="Refuse if any task drops more.")
+    cka_texts: int = Field(200, ge=10, description="Probe texts for the per-layer CKA.")
+    cache_dir: str = Field(
+        ".retune/cache", description="Base-model scores, keyed by weights hash and suite md5."
+    )
+    l2sp: float = Field(
+        0.0, ge=0, description="L2-SP: loss += l2sp/2 * ||theta - theta_pretrained||^2 (encoder)."
+    )
+    distill: float = Field(
+        0.0,
+        ge=0,
+        description="Embedding distillation: loss += distill * (1 - cosine) between the tuned "
+        "and base mean-pooled embeddings of general text (gensim's Lee background corpus).",
+    )
+    distill_batch_size: int = Field(16, ge=1)
+    wise_ft: bool = Field(
+        False,
+        description="WiSE-FT: blend tuned and base encoder weights, pick alpha on validation.",
+    )
+    wise_ft_alphas: list[float] = Field(
+        [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0], description="Alphas swept (1.0 = tuned as is)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ForgettingConfig:
+        names = [*self.tasks, *(t.name for t in self.extra_tasks)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"retention task names must be unique, got {names}")
+        if any(not 0 <= a <= 1 for a in self.wise_ft_alphas) or not self.wise_ft_alphas:
+            raise ValueError("wise_ft_alphas must be a non-empty list of values in [0, 1]")
+        return self
+
+
 class RegistryConfig(_Section):
     """MLflow tracking and Model Registry."""
 
@@ -214,7 +278,23 @@ class RetuneConfig(_Section):
     bias: BiasConfig = BiasConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    forgetting: ForgettingConfig = ForgettingConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _check_mitigation(self) -> RetuneConfig:
+        keep, train = self.forgetting, self.train
+        if keep.l2sp > 0 and train.strategy == "lora":
+            raise ValueError(
+                "forgetting.l2sp does not apply to train.strategy=lora: LoRA leaves the "
+                "pretrained weights untouched; use forgetting.distill or set l2sp to 0"
+            )
+        if (keep.l2sp > 0 or keep.distill > 0) and train.nproc_per_node * train.nnodes > 1:
+            raise ValueError(
+                "forgetting.l2sp / forgetting.distill need single-process training; set "
+                "train.nproc_per_node=1 and train.nnodes=1, or turn them off"
+            )
+        return self
 
 
 class ConfigError(ValueError):

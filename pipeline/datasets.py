@@ -60,9 +60,14 @@ def import_dataset(
 
 
 def rebuild_example(name: str, folder: Path) -> bool:
-    """Write the example dataset into ``folder`` if ``name`` is the example's (no DVC needed)."""
+    """Write the example dataset or the default retention suite into ``folder`` (no DVC).
+
+    Returns False for any other dataset (it must be pulled from the DVC remote).
+    """
     if name != EXAMPLE_NAME:
-        return False
+        from pipeline.retention import rebuild_suite
+
+        return rebuild_suite(name, folder)
     write_splits(prepare_frames(DataConfig(), folder), folder)
     return True
 

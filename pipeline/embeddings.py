@@ -54,3 +54,40 @@ def embed_texts(
     if out is None:
         raise ValueError("embed_texts needs at least one text")
     return out
+
+
+@torch.no_grad()
+def embed_layers(
+    encoder: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> np.ndarray:
+    """Mean-pooled (not normalised) hidden states of every layer, shape (L + 1, N, H).
+
+    Index 0 is the embedding layer's output, index i the i-th encoder layer's. fp32 only:
+    it feeds CKA, which compares small differences.
+    """
+    device = next(encoder.parameters()).device
+    encoder.eval()
+    per_batch = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        states = encoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states  # L + 1 tensors of (B, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = [(h.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0) for h in states]
+        per_batch.append(torch.stack(pooled).cpu().numpy())  # (L + 1, B, H)
+    if not per_batch:
+        raise ValueError("embed_layers needs at least one text")
+    return np.concatenate(per_batch, axis=1)

@@ -31,6 +31,10 @@ class MetricLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+class Regularizer(Protocol):
+    def __call__(self, model: nn.Module, step: int) -> torch.Tensor: ...
+
+
 class NullLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         return None
@@ -459,6 +463,7 @@ def fine_tune(
     logger: MetricLogger | None = None,
     progress: Callable[[int], Any] | None = None,
     checkpoint_dir: Path | None = None,
+    regularizer: Regularizer | None = None,
 ) -> FineTuneResult:
     """Train ``model`` in place and leave it holding the best weights by the stopping metric.
 
@@ -469,6 +474,9 @@ def fine_tune(
             ``checkpoint_every_steps`` steps and on SIGTERM (then TrainingInterrupted is
             raised); a later call with the same arguments resumes from it and ends with
             the same weights as an uninterrupted run.
+        regularizer: ``(model, step) -> loss`` added to the task loss at every step (a
+            pull toward the pretrained model, see :mod:`pipeline.mitigation`); for lp-ft
+            only in the full phase. Single-process only.
 
     Returns:
         Per-epoch history, the best epoch and throughput. For ``lora`` the returned
@@ -508,6 +516,7 @@ def fine_tune(
             progress,
             checkpoint_dir and checkpoint_dir / "full",
             "full",
+            regularizer,
         )
         return FineTuneResult(
             history=first.history + second.history,
@@ -531,6 +540,7 @@ def fine_tune(
         progress,
         checkpoint_dir,
         "",
+        regularizer,
     )
 
 
@@ -546,9 +556,12 @@ def _train(
     progress: Callable[[int], Any] | None,
     checkpoint_dir: Path | None,
     phase: str,
+    regularizer: Regularizer | None = None,
 ) -> FineTuneResult:
     logger = logger or NullLogger()
     rank, world = _dist()
+    if regularizer is not None and world > 1:
+        raise ValueError("regularisers toward the pretrained model need single-process training")
     torch.manual_seed(config.seed)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -684,6 +697,12 @@ def _train(
                     * world
                     / len(idx)
                 )
+                reg_value = 0.0
+                if regularizer is not None:
+                    with _autocast(device, bf16):
+                        reg = regularizer(classifier, state["step"])
+                    reg_value = reg.item()
+                    loss = loss + reg
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainables, config.max_grad_norm)
                 optimizer.step()
@@ -691,7 +710,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 state["batch"] += 1
-                value = loss.item() / world
+                value = loss.item() / world - reg_value
                 state["epoch_seen"] += len(idx)
                 state["epoch_loss"] += value * len(idx)
                 state["loss_curve"].append(value)
@@ -708,7 +727,8 @@ def _train(
                             f"{phase + '_' if phase else ''}train_loss": value,
                             "learning_rate": scheduler.get_last_lr()[0],
                             "samples_per_second": rate,
-                        },
+                        }
+                        | ({"regularizer_loss": reg_value} if regularizer is not None else {}),
                         state["step"],
                     )
                 if stop["requested"]:

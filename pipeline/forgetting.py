@@ -1,19 +1,30 @@
-"""Forgetting: how much general knowledge the tuned encoder kept, against its base.
+"""Forgetting: what fine-tuning destroyed of the base encoder's general knowledge.
 
-First measure: the Lee document-similarity benchmark (50 news documents, 1,225 pairs
-rated by humans). Score = Spearman correlation between the cosine similarity of the
-encoder's embeddings and the mean human rating.
+Every retention task (see :mod:`pipeline.retention`) scores an encoder the same way:
+mean-pooled, L2-normalised embeddings (:func:`pipeline.embeddings.embed_texts`), for the
+base model, the candidate and the champion alike. Similarity tasks score the Spearman
+correlation of cosine similarity with human ratings; probe tasks the test accuracy of a
+logistic regression on the frozen embeddings. The drop is reference - candidate, with a
+paired bootstrap 95% interval over the task's items; the gate reads the upper bound of the
+mean drop and the worst task's drop.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.data import package_file
+
+if TYPE_CHECKING:
+    from pipeline.config import ForgettingConfig
+    from pipeline.retention import RetentionTask
 
 LEE_REQUIREMENT = "gensim==4.4.0"
 
@@ -24,21 +35,6 @@ class SimilarityTask:
     texts: list[str]
     pairs: np.ndarray  # (P, 2) indices into texts
     scores: np.ndarray  # (P,) human similarity
-
-
-@dataclass(frozen=True)
-class ForgettingReport:
-    task: str
-    base_score: float
-    tuned_score: float
-
-    @property
-    def drop(self) -> float:
-        """base - tuned: positive means the tuned model forgot."""
-        return self.base_score - self.tuned_score
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "drop": self.drop}
 
 
 def load_lee(corpus: Path | None = None, ratings: Path | None = None) -> SimilarityTask:
@@ -72,3 +68,421 @@ def similarity_spearman(embeddings: np.ndarray, task: SimilarityTask) -> float:
     a, b = embeddings[task.pairs[:, 0]], embeddings[task.pairs[:, 1]]
     cosine = (a * b).sum(axis=1)
     return float(spearmanr(cosine, task.scores).statistic)
+
+
+# --- scoring an encoder -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskOutputs:
+    """One encoder's per-item outputs on one task: what the paired bootstrap resamples."""
+
+    task: str
+    items: np.ndarray  # similarity: (P,) cosine per pair; probe: (N_test,) 1.0 where correct
+    score: float  # Spearman (similarity) or accuracy (probe)
+
+
+def score_task(embeddings: np.ndarray, task: RetentionTask, probe_c: float = 1.0) -> TaskOutputs:
+    """Score one task from the embeddings of ``task.texts`` (N, H), L2-normalised."""
+    if task.kind == "similarity":
+        assert task.pairs is not None and task.scores is not None
+        a, b = embeddings[task.pairs[:, 0]], embeddings[task.pairs[:, 1]]
+        cosine = (a * b).sum(axis=1).astype(np.float64)  # (P,)
+        return TaskOutputs(task.name, cosine, _spearman(cosine[None], task.scores[None])[0])
+    from sklearn.linear_model import LogisticRegression
+
+    assert task.labels is not None and task.is_test is not None
+    train, test = ~task.is_test, task.is_test
+    probe = LogisticRegression(C=probe_c, max_iter=2000)
+    probe.fit(embeddings[train], task.labels[train])
+    correct = (probe.predict(embeddings[test]) == task.labels[test]).astype(np.float64)
+    return TaskOutputs(task.name, correct, float(correct.mean()))
+
+
+def score_encoder(
+    encoder: Any,
+    tokenizer: Any,
+    tasks: list[RetentionTask],
+    batch_size: int = 128,
+    max_length: int = 256,
+) -> dict[str, TaskOutputs]:
+    """Every task's outputs for one encoder (fp32: drops of 0.01 matter here)."""
+    from pipeline.embeddings import embed_texts
+
+    outputs = {}
+    for task in tasks:
+        emb = embed_texts(encoder, tokenizer, task.texts, batch_size, max_length, bf16=False)
+        outputs[task.name] = score_task(emb, task)
+    return outputs
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman correlation of (B, P) arrays -> (B,); NaN where a row is constant."""
+    from scipy.stats import rankdata
+
+    rx = rankdata(x, axis=1)
+    ry = rankdata(y, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (rx * ry).sum(axis=1) / denom, np.nan)
+
+
+def bootstrap_drops(
+    task: RetentionTask,
+    reference: TaskOutputs,
+    candidate: TaskOutputs,
+    resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Drops (reference - candidate) on ``resamples`` paired resamples of the items, (B,)."""
+    n = len(reference.items)
+    drops = np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(n, 1))  # bound the (chunk, n) index matrices' memory
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        if task.kind == "similarity":
+            assert task.scores is not None
+            human = task.scores[idx]
+            drops[start : start + len(idx)] = _spearman(reference.items[idx], human) - _spearman(
+                candidate.items[idx], human
+            )
+        else:
+            drops[start : start + len(idx)] = reference.items[idx].mean(1) - candidate.items[
+                idx
+            ].mean(1)
+    return drops
+
+
+@dataclass(frozen=True)
+class TaskDrop:
+    task: str
+    kind: str
+    metric: str  # "spearman" or "accuracy"
+    items: int
+    reference: float
+    candidate: float
+    drop: float  # reference - candidate; positive = forgot
+    retention: float  # candidate / reference
+    ci_low: float  # paired bootstrap 95% interval of the drop
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate against one reference (the base model or the champion), task by task."""
+
+    reference: str
+    tasks: list[TaskDrop]
+    mean_drop: float
+    mean_ci_low: float
+    mean_ci_high: float
+    worst_task: str
+    worst_drop: float
+
+
+def compare(
+    reference: dict[str, TaskOutputs],
+    candidate: dict[str, TaskOutputs],
+    tasks: list[RetentionTask],
+    reference_name: str = "base",
+    resamples: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """Per-task drops with paired bootstrap intervals, and the mean and worst drop.
+
+    The mean's interval comes from the per-resample means over tasks (each task resampled
+    independently, the same number of times).
+    """
+    if not tasks:
+        raise ValueError("compare needs at least one retention task")
+    rows, per_resample = [], []
+    for i, task in enumerate(tasks):
+        ref, cand = reference[task.name], candidate[task.name]
+        if len(ref.items) != len(cand.items):
+            raise ValueError(
+                f"retention task '{task.name}': the reference has {len(ref.items)} items, the "
+                f"candidate {len(cand.items)}; they were scored on different suite versions"
+            )
+        drops = bootstrap_drops(task, ref, cand, resamples, np.random.default_rng([seed, i]))
+        per_resample.append(drops)
+        low, high = _interval(drops)
+        rows.append(
+            TaskDrop(
+                task=task.name,
+                kind=task.kind,
+                metric="spearman" if task.kind == "similarity" else "accuracy",
+                items=len(ref.items),
+                reference=ref.score,
+                candidate=cand.score,
+                drop=ref.score - cand.score,
+                retention=cand.score / ref.score if ref.score else math.nan,
+                ci_low=low,
+                ci_high=high,
+            )
+        )
+    mean_low, mean_high = _interval(np.mean(np.stack(per_resample), axis=0))
+    worst = max(rows, key=lambda r: r.drop)
+    return Comparison(
+        reference=reference_name,
+        tasks=rows,
+        mean_drop=float(np.mean([r.drop for r in rows])),
+        mean_ci_low=mean_low,
+        mean_ci_high=mean_high,
+        worst_task=worst.task,
+        worst_drop=worst.drop,
+    )
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if len(finite) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)
+
+
+# --- the gate ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    mode: str  # "error" refuses a failing model; "warn" reports; "off" skips the check
+    failures: list[str]
+
+    @property
+    def refused(self) -> bool:
+        return not self.passed and self.mode == "error"
+
+    def summary(self) -> str:
+        if self.mode == "off":
+            return "off"
+        if self.passed:
+            return "passed"
+        return ("refused: " if self.mode == "error" else "warning: ") + "; ".join(self.failures)
+
+
+def forgetting_gate(base: Comparison, config: ForgettingConfig) -> GateVerdict:
+    """Pass if the mean drop's upper 95% bound and every task's drop are within limits."""
+    failures = []
+    if config.gate != "off":
+        if not base.mean_ci_high <= config.max_mean_drop:  # NaN fails too
+            failures.append(
+                f"mean drop {base.mean_drop:.3f} (95% CI {base.mean_ci_low:.3f} to "
+                f"{base.mean_ci_high:.3f}): upper bound above {config.max_mean_drop:.3f}"
+            )
+        for row in base.tasks:
+            if not row.drop <= config.max_task_drop:
+                failures.append(
+                    f"{row.task}: {row.metric} {row.reference:.3f} -> {row.candidate:.3f}, drop "
+                    f"{row.drop:.3f} (95% CI {row.ci_low:.3f} to {row.ci_high:.3f}) above "
+                    f"{config.max_task_drop:.3f}"
+                )
+    return GateVerdict(passed=not failures, mode=config.gate, failures=failures)
+
+
+# --- CKA --------------------------------------------------------------------------------
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two representations of the same N inputs, (N, D1) and (N, D2).
+
+    1.0 for identical representations (up to rotation and isotropic scaling).
+    """
+    x = x.astype(np.float64) - x.mean(axis=0, keepdims=True)
+    y = y.astype(np.float64) - y.mean(axis=0, keepdims=True)
+    cross = np.linalg.norm(y.T @ x) ** 2
+    denom = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(cross / denom) if denom > 0 else math.nan
+
+
+def layer_cka(base_layers: np.ndarray, candidate_layers: np.ndarray) -> list[float]:
+    """CKA per layer of (L + 1, N, H) stacks from :func:`pipeline.embeddings.embed_layers`."""
+    if base_layers.shape[:2] != candidate_layers.shape[:2]:
+        raise ValueError(
+            f"CKA needs the same layers and texts, got {base_layers.shape} and "
+            f"{candidate_layers.shape}"
+        )
+    return [linear_cka(b, c) for b, c in zip(base_layers, candidate_layers, strict=True)]
+
+
+def cka_texts(tasks: list[RetentionTask], count: int) -> list[str]:
+    """A fixed probe set: ``count`` texts evenly spaced over every task's texts."""
+    texts = [t for task in tasks for t in task.texts]
+    if len(texts) <= count:
+        return texts
+    return [texts[i] for i in np.linspace(0, len(texts) - 1, count).round().astype(int)]
+
+
+# --- the base model's scores, cached -----------------------------------------------------
+
+
+def cache_file(cache_dir: Path, weights_sha: str, suite_md5: str) -> Path:
+    """Where one encoder's outputs on one suite version are cached."""
+    return cache_dir / f"retention-{weights_sha[:20]}-{suite_md5.replace('.', '_')}.npz"
+
+
+def load_cached(
+    path: Path, tasks: list[RetentionTask]
+) -> tuple[dict[str, TaskOutputs], np.ndarray] | None:
+    """Cached outputs and CKA layers, or None if absent or not for these tasks."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        if any(f"{t.name}.items" not in saved for t in tasks) or "layers" not in saved:
+            return None
+        outputs = {
+            t.name: TaskOutputs(t.name, saved[f"{t.name}.items"], float(saved[f"{t.name}.score"]))
+            for t in tasks
+        }
+        return outputs, saved["layers"]
+
+
+def save_cached(path: Path, outputs: dict[str, TaskOutputs], layers: np.ndarray) -> None:
+    arrays: dict[str, np.ndarray] = {"layers": layers}
+    for name, out in outputs.items():
+        arrays[f"{name}.items"] = out.items
+        arrays[f"{name}.score"] = np.asarray(out.score)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # atomic: concurrent runs never read a torn cache file
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForgettingReport:
+    suite_md5: str
+    base: Comparison
+    gate: GateVerdict
+    champion: Comparison | None = None
+    champion_version: str | None = None
+    cka: list[float] = field(default_factory=list)  # base vs candidate; index 0 = embeddings
+    warnings: list[str] = field(default_factory=list)
+    mitigation: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["gate"]["refused"] = self.gate.refused
+        body["gate"]["summary"] = self.gate.summary()
+        return json.loads(json.dumps(body, default=_jsonable))
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the MLflow run."""
+        out = {
+            "forgetting_mean_drop": self.base.mean_drop,
+            "forgetting_mean_drop_ci_high": self.base.mean_ci_high,
+            "forgetting_worst_drop": self.base.worst_drop,
+        }
+        for row in self.base.tasks:
+            out[f"retention_{row.task}_base"] = row.reference
+            out[f"retention_{row.task}"] = row.candidate
+            out[f"retention_{row.task}_drop"] = row.drop
+        if self.champion is not None:
+            out["forgetting_vs_champion_mean_drop"] = self.champion.mean_drop
+        for i, value in enumerate(self.cka):
+            out[f"cka_layer_{i}"] = value
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def table_rows(self) -> list[tuple[str, ...]]:
+        """(task, metric, base, tuned, drop, 95% CI, retention, vs champion) per task + mean."""
+        champ = {r.task: r for r in self.champion.tasks} if self.champion else {}
+        rows = []
+        for r in self.base.tasks:
+            vs = champ.get(r.task)
+            rows.append(
+                (
+                    r.task,
+                    r.metric,
+                    f"{r.reference:.3f}",
+                    f"{r.candidate:.3f}",
+                    f"{r.drop:+.3f}",
+                    f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+                    f"{r.retention:.0%}",
+                    f"{vs.drop:+.3f}" if vs else "-",
+                )
+            )
+        b = self.base
+        rows.append(
+            (
+                "mean",
+                "",
+                "",
+                "",
+                f"{b.mean_drop:+.3f}",
+                f"[{b.mean_ci_low:+.3f}, {b.mean_ci_high:+.3f}]",
+                "",
+                f"{self.champion.mean_drop:+.3f}" if self.champion else "-",
+            )
+        )
+        return rows
+
+
+TABLE_HEADER = ("task", "metric", "base", "tuned", "drop", "95% CI", "kept", "vs champion")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class ForgettingRefused(RuntimeError):
+    """The candidate forgot more than the gate allows; carries the report."""
+
+    def __init__(self, report: ForgettingReport, run_id: str | None = None):
+        self.report, self.run_id = report, run_id
+        where = f" (recorded as MLflow run {run_id}, not registered)" if run_id else ""
+        super().__init__(
+            "forgetting gate refused the model" + where + ": " + "; ".join(report.gate.failures)
+        )
+
+
+def evaluate_forgetting(
+    base: dict[str, TaskOutputs],
+    candidate: dict[str, TaskOutputs],
+    tasks: list[RetentionTask],
+    config: ForgettingConfig,
+    suite_md5: str,
+    base_layers: np.ndarray | None = None,
+    candidate_layers: np.ndarray | None = None,
+    champion: dict[str, TaskOutputs] | None = None,
+    champion_version: str | None = None,
+    warnings: list[str] | None = None,
+    mitigation: dict[str, Any] | None = None,
+) -> ForgettingReport:
+    """Compare the candidate with the base (gated) and the champion (reported)."""
+    vs_base = compare(base, candidate, tasks, "base", config.bootstrap, config.seed)
+    vs_champion = (
+        compare(
+            champion,
+            candidate,
+            tasks,
+            f"champion v{champion_version}",
+            config.bootstrap,
+            config.seed,
+        )
+        if champion is not None
+        else None
+    )
+    cka = (
+        layer_cka(base_layers, candidate_layers)
+        if base_layers is not None and candidate_layers is not None
+        else []
+    )
+    return ForgettingReport(
+        suite_md5=suite_md5,
+        base=vs_base,
+        gate=forgetting_gate(vs_base, config),
+        champion=vs_champion,
+        champion_version=champion_version,
+        cka=cka,
+        warnings=list(warnings or []),
+        mitigation=dict(mitigation or {}),
+    )

@@ -30,6 +30,7 @@ BASE_MODEL_SHA256 = "retune.base_model_sha256"
 VALIDATION = "retune.validation"  # passed | passed with warnings
 VALIDATION_REPORT = "retune.validation_report"  # artifact URI of the JSON summary
 FLAGGED = "retune.flagged"
+RETENTION_SUITE_MD5 = "retune.retention_suite_md5"  # DVC md5 of data/retention-suite
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ def weights_sha256(base_model: str) -> str:
     folder = Path(resolve_base_model(base_model))
     if not folder.is_dir():
         return f"unresolved:{base_model}"
+    return folder_sha256(folder)
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over a model folder's weight files (safetensors, else .bin), in name order."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     digest = hashlib.sha256()
     for path in files:

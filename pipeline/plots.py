@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.finetune import FineTuneResult
+
+if TYPE_CHECKING:
+    from pipeline.forgetting import ForgettingReport
+    from pipeline.mitigation import AlphaChoice
 
 
 def plot_learning_curve(result: FineTuneResult, path: Path) -> Path:
@@ -28,6 +33,63 @@ def plot_learning_curve(result: FineTuneResult, path: Path) -> Path:
     right.axvline(result.best_epoch, ls="--", c="grey", label=f"best epoch {result.best_epoch}")
     right.set(xlabel="epoch", title="validation")
     right.legend()
+    return _save(fig, path)
+
+
+def plot_forgetting(report: ForgettingReport, path: Path) -> Path:
+    """Base vs tuned score per retention task; the tuned bar's whisker is the drop's 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = report.base.tasks
+    x = np.arange(len(rows))
+    base = np.array([r.reference for r in rows])
+    tuned = np.array([r.candidate for r in rows])
+    # tuned = base - drop, so the drop's interval [lo, hi] maps to [base - hi, base - lo].
+    lower = tuned - (base - np.array([r.ci_high for r in rows]))
+    upper = (base - np.array([r.ci_low for r in rows])) - tuned
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 4))
+    ax.bar(x - 0.2, base, 0.4, label="base")
+    ax.bar(
+        x + 0.2,
+        tuned,
+        0.4,
+        yerr=np.stack([np.clip(lower, 0, None), np.clip(upper, 0, None)]),
+        capsize=4,
+        label="tuned (95% CI)",
+    )
+    ax.set_xticks(x, [f"{r.task}\n({r.metric})" for r in rows])
+    ax.set(ylabel="score", title=f"retention: gate {report.gate.summary()[:60]}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_alpha_curve(choice: AlphaChoice, path: Path) -> Path:
+    """WiSE-FT: validation metric and mean retention drop against alpha."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [p.alpha for p in choice.curve]
+    fig, left = plt.subplots(figsize=(6, 4))
+    left.plot(alphas, [p.val_metric for p in choice.curve], "o-", c="C0")
+    left.set(xlabel="alpha (0 = base encoder, 1 = tuned)", ylabel="validation metric")
+    right = left.twinx()
+    right.plot(alphas, [p.mean_drop for p in choice.curve], "s--", c="C1")
+    right.plot(alphas, [p.mean_drop_ci_high for p in choice.curve], ":", c="C1")
+    right.set_ylabel("mean retention drop (and upper 95% bound)")
+    left.axvline(choice.alpha, ls="--", c="grey")
+    left.set_title(f"WiSE-FT: chose alpha {choice.alpha}")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

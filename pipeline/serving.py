@@ -311,3 +311,21 @@ def _predict_by_length(
             parts.append(model.predict(chunk, params={"batch_size": batch_size}).set_axis(idx))
             bar.update(len(idx))
     return pd.concat(parts).sort_index() if parts else pd.DataFrame()
+
+
+def download_classifier(name: str, version: str, dest: Path) -> Path:
+    """The saved classifier folder of a registered version, downloaded under ``dest``.
+
+    Returns the folder that :func:`pipeline.finetune.load_saved_classifier` reads.
+    """
+    root = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
+        )
+    )
+    found = [
+        p.parent for p in root.rglob("config.json") if (p.parent / "model.safetensors").is_file()
+    ]
+    if not found:
+        raise ServingInputError(f"models:/{name}/{version} holds no saved classifier folder")
+    return found[0]

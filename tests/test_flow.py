@@ -115,8 +115,14 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "train.strategy=full",
         "train.epochs=1",
         "train.bf16=false",
+        "forgetting.gate=warn",
+        "forgetting.distill=0.5",
+        "forgetting.l2sp=0.01",
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "forgetting (retention suite)" in result.stdout
+    # A low LR and both regularisers keep the tiny encoder close to its base.
+    assert "forgetting gate: passed" in result.stdout
     md5 = recorded_datasets(project / "data.dvc")["reviews"].md5
     assert md5 in result.stdout
     assert sorted(p.name for p in (project / "data" / "reviews").iterdir()) == [
@@ -143,8 +149,25 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "reports/forgetting.json",
     } <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
-        "plots/learning_curve.png"
+        "plots/forgetting.png",
+        "plots/learning_curve.png",
     ]
+    suite = recorded_datasets(project / "data.dvc")["retention-suite"]
+    assert run.data.tags["retune.retention_suite_md5"] == suite.md5
+    assert run.data.tags["retune.verdict"] == "accepted"
+    assert run.data.tags["retune.forgetting_gate"] == "passed"
+    assert {"lee", "men", "wordsim353", "simlex999", "brown"} <= set(suite.rows)
+    report = tracking.read_report(run.info.run_id, "reports/forgetting.json")
+    assert [t["task"] for t in report["base"]["tasks"]] == [
+        "lee",
+        "men",
+        "wordsim353",
+        "simlex999",
+        "brown",
+    ]
+    assert report["mitigation"] == {"l2sp": 0.01, "distill": 0.5}
+    assert len(report["cka"]) == 3  # embeddings + 2 layers of the tiny model
+    assert run.data.metrics["forgetting_mean_drop"] == pytest.approx(report["base"]["mean_drop"])
     assert any(a.path == "data_docs" for a in client.list_artifacts(run.info.run_id))
     val_losses = client.get_metric_history(run.info.run_id, "val_loss")
     assert len(val_losses) == 1  # one epoch, logged through the injected MetricLogger
@@ -166,3 +189,48 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
     assert list(out.columns) == ["id", "text", "label", "prob_pos", "prob_neg"]
     assert set(out["label"]) <= {"pos", "neg"}
     assert ((out["prob_pos"] + out["prob_neg"]) - 1).abs().max() < 1e-5
+
+
+def test_forgetting_gate_refuses_records_and_registers_nothing(
+    prefect_harness, project, tiny_base_model
+):
+    write_csv(project / "reviews.csv", reviews())
+    tiny = (*USER_DATA, f"train.base_model={tiny_base_model}", "train.epochs=1", "train.bf16=false")
+    first = run_cli(prefect_harness, project, *tiny, "train.strategy=head")
+    # head: the encoder is untouched, so nothing is forgotten and the gate passes.
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "forgetting gate: passed" in first.stdout
+
+    second = run_cli(
+        prefect_harness,
+        project,
+        *tiny,
+        "train.strategy=full",
+        "train.learning_rate=0.01",
+        "forgetting.max_mean_drop=0",
+        "forgetting.max_task_drop=0",
+    )
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert "refused: forgetting gate refused the model (recorded as MLflow run" in second.stderr
+    assert "upper bound above 0.000" in second.stderr
+    assert "vs champion" in second.stdout  # the table compares with version 1 too
+
+    tracking.configure(project)
+    client = MlflowClient()
+    versions = client.search_model_versions("name = 'retune-sentiment'")
+    assert [str(v.version) for v in versions] == ["1"]  # nothing registered
+    assert str(client.get_model_version_by_alias("retune-sentiment", "champion").version) == "1"
+    runs = client.search_runs(
+        [client.get_experiment_by_name("retune").experiment_id],
+        order_by=["attributes.start_time DESC"],
+    )
+    refused = runs[0]
+    assert refused.info.status == "FINISHED"
+    assert refused.data.tags["retune.verdict"] == "refused"
+    assert refused.data.tags["retune.forgetting_gate"].startswith("refused: mean drop")
+    report = tracking.read_report(refused.info.run_id, "reports/forgetting.json")
+    assert report["gate"]["refused"] is True
+    assert report["champion_version"] == "1"
+    assert report["champion"]["reference"] == "champion v1"
+    first_report = tracking.read_report(runs[1].info.run_id, "reports/forgetting.json")
+    assert first_report["base"]["mean_drop"] == 0.0  # head-only: the encoder is the base

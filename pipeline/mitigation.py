@@ -1,0 +1,210 @@
+"""Keeping what the base model knew: regularisers toward it and weight-space interpolation.
+
+- :class:`L2SP` penalises the distance of the encoder's weights from the pretrained ones.
+- :class:`EmbeddingDistillation` keeps the mean-pooled embeddings of general text (gensim's
+  Lee background news corpus, disjoint from the Lee evaluation documents) close to the
+  base model's.
+- :func:`interpolate_encoder` blends tuned and base encoder weights (WiSE-FT);
+  :func:`pick_alpha` chooses the blend from a sweep.
+
+Both regularisers are callables ``(model, step) -> loss`` that ``fine_tune`` adds to the
+task loss; they hold their own reference copies, so they work on any strategy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data import package_file
+
+GENERAL_TEXT_REQUIREMENT = "gensim==4.4.0"
+
+
+def load_general_text(path: Path | None = None, min_words: int = 6) -> list[str]:
+    """Sentences of gensim's Lee background corpus (300 news documents, Latin-1).
+
+    None of them is a Lee evaluation document (``lee.cor``), so distilling on them does
+    not train on the retention suite.
+    """
+    path = path or package_file(
+        "gensim/test/test_data/lee_background.cor", GENERAL_TEXT_REQUIREMENT
+    )
+    sentences = []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):
+            if len(sentence.split()) >= min_words:
+                sentences.append(sentence)
+    return sentences
+
+
+class L2SP:
+    """L2-SP (Li et al. 2018): ``weight / 2 * sum ||theta - theta_0||^2`` over the encoder.
+
+    ``theta_0`` is copied when the regulariser is built, so build it from the freshly
+    loaded (pretrained) model before training.
+    """
+
+    def __init__(self, model: nn.Module, weight: float):
+        self.weight = weight
+        self.anchor = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
+
+    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for name, p in model.base_model.named_parameters():
+            if p.requires_grad:
+                anchor = self.anchor[name].to(p.device)
+                total = total + (p - anchor).pow(2).sum()
+        return 0.5 * self.weight * total
+
+
+class EmbeddingDistillation:
+    """``weight * mean(1 - cos(student, teacher))`` on a batch of general text per step.
+
+    The teacher embeddings (mean-pooled, normalised, fp32) are computed once from the
+    model as it is when this is built: the base model. Step ``s`` uses the texts at a
+    seeded permutation's positions ``s * batch .. (s + 1) * batch`` (mod N), so a resumed
+    run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        texts: list[str],
+        weight: float,
+        batch_size: int = 16,
+        max_length: int = 128,
+        seed: int = 0,
+    ):
+        from pipeline.embeddings import embed_texts
+
+        if not texts:
+            raise ValueError("embedding distillation needs general text")
+        self.weight, self.batch_size = weight, batch_size
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.texts = texts
+        was_training = model.training
+        self.teacher = torch.from_numpy(
+            embed_texts(model.base_model, tokenizer, texts, 64, max_length)
+        )  # (N, H)
+        model.train(was_training)
+        self.order = np.random.default_rng(seed).permutation(len(texts))
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        positions = (step * self.batch_size + np.arange(self.batch_size)) % len(self.texts)
+        return self.order[positions]
+
+    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
+        idx = self.batch_indices(step)
+        device = next(model.parameters()).device
+        batch = self.tokenizer(
+            [self.texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(device)
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # (B, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        cosine = nn.functional.cosine_similarity(pooled, self.teacher[idx].to(device), dim=-1)
+        return self.weight * (1.0 - cosine).mean()
+
+
+def build_regularizer(
+    model: nn.Module, tokenizer: Any, l2sp: float, distill: float, batch_size: int, seed: int
+) -> Callable[[nn.Module, int], torch.Tensor] | None:
+    """The configured regulariser(s) for ``model`` (call before training), or None."""
+    parts: list[Callable[[nn.Module, int], torch.Tensor]] = []
+    if l2sp > 0:
+        parts.append(L2SP(model, l2sp))
+    if distill > 0:
+        parts.append(
+            EmbeddingDistillation(
+                model, tokenizer, load_general_text(), distill, batch_size, 128, seed
+            )
+        )
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return lambda m, step: sum((part(m, step) for part in parts), torch.zeros(()))
+
+
+def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the encoder's weights (the WiSE-FT anchor)."""
+    return {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
+
+
+@torch.no_grad()
+def interpolate_encoder(
+    model: nn.Module,
+    base: dict[str, torch.Tensor],
+    tuned: dict[str, torch.Tensor],
+    alpha: float,
+) -> None:
+    """Set the encoder to ``(1 - alpha) * base + alpha * tuned`` in place; the head stays.
+
+    Non-float buffers (position ids) are taken from ``tuned`` as they are.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    mixed = {}
+    for name, t in tuned.items():
+        if t.is_floating_point():
+            mixed[name] = torch.lerp(base[name].to(t.dtype), t, alpha)
+        else:
+            mixed[name] = t
+    model.base_model.load_state_dict(mixed)
+
+
+@dataclass(frozen=True)
+class AlphaPoint:
+    alpha: float
+    val_metric: float
+    mean_drop: float
+    mean_drop_ci_high: float
+    worst_drop: float
+    passed: bool  # within the forgetting budget (the gate's criteria)
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    alpha: float
+    reason: str
+    curve: list[AlphaPoint]
+
+
+def pick_alpha(curve: list[AlphaPoint]) -> AlphaChoice:
+    """The alpha with the best validation metric among those within the budget.
+
+    If none is within it, the alpha that forgets least (smallest mean-drop upper bound):
+    the gate then decides, and refuses it.
+    """
+    if not curve:
+        raise ValueError("pick_alpha needs at least one point")
+    within = [p for p in curve if p.passed]
+    if within:
+        best = max(within, key=lambda p: (p.val_metric, -p.alpha))
+        return AlphaChoice(
+            best.alpha,
+            f"best validation metric {best.val_metric:.4f} within the forgetting budget",
+            curve,
+        )
+    least = min(curve, key=lambda p: (p.mean_drop_ci_high, p.alpha))
+    return AlphaChoice(
+        least.alpha,
+        f"no alpha within the forgetting budget; the one that forgets least "
+        f"(mean drop upper bound {least.mean_drop_ci_high:.3f})",
+        curve,
+    )
