@@ -280,44 +280,40 @@ def blend_with_base(
     """
     cfg = config.forgetting
     base_encoder, _ = finetune.load_encoder(config.train.base_model)
-    base_state = {n: t.detach().clone() for n, t in base_encoder.state_dict().items()}
+    base_state = mitigation.encoder_state(base_encoder)
     del base_encoder
-    tuned = mitigation.encoder_state(model)
     labels = _label_ids(val, config)
-    curve = []
-    for alpha in sorted(set(cfg.wise_ft_alphas)):
-        mitigation.interpolate_encoder(model, base_state, tuned, alpha)
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+    budget = cfg.model_copy(update={"gate": "error"})
+
+    def validate(blend: Any) -> float:
         probs = finetune.predict_proba(
-            model,
+            blend,
             tokenizer,
             val["text"].tolist(),
             config.evaluate.batch_size,
             config.train.max_length,
-            finetune.use_bf16(config.train.bf16, finetune.pick_device()),
+            bf16,
         )
-        metric = getattr(
-            evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels),
-            config.registry.primary_metric,
-        )
+        report = evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels)
+        return float(getattr(report, config.registry.primary_metric))
+
+    def retain(blend: Any) -> forgetting.Comparison:
         outputs = forgetting.score_encoder(
-            model.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+            blend.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
         )
-        vs_base = forgetting.compare(
+        return forgetting.compare(
             base.outputs, outputs, suite.tasks, "base", cfg.bootstrap, cfg.seed
         )
-        gate = forgetting.forgetting_gate(vs_base, cfg.model_copy(update={"gate": "error"}))
-        curve.append(
-            mitigation.AlphaPoint(
-                alpha,
-                metric,
-                vs_base.mean_drop,
-                vs_base.mean_ci_high,
-                vs_base.worst_drop,
-                gate.passed,
-            )
-        )
-    choice = mitigation.pick_alpha(curve)
-    mitigation.interpolate_encoder(model, base_state, tuned, choice.alpha)
+
+    choice = mitigation.wise_ft(
+        model,
+        base_state,
+        cfg.wise_ft_alphas,
+        validate,
+        retain,
+        lambda kept: forgetting.forgetting_gate(kept, budget).passed,
+    )
     finetune.save_model(model, tokenizer, out_dir)
     return choice
 

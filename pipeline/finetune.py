@@ -32,7 +32,11 @@ class MetricLogger(Protocol):
 
 
 class Regularizer(Protocol):
-    def __call__(self, model: nn.Module, step: int) -> torch.Tensor: ...
+    """A pull toward the pretrained model (see :mod:`pipeline.mitigation`)."""
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None: ...
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
 class NullLogger:
@@ -474,9 +478,9 @@ def fine_tune(
             ``checkpoint_every_steps`` steps and on SIGTERM (then TrainingInterrupted is
             raised); a later call with the same arguments resumes from it and ends with
             the same weights as an uninterrupted run.
-        regularizer: ``(model, step) -> loss`` added to the task loss at every step (a
-            pull toward the pretrained model, see :mod:`pipeline.mitigation`); for lp-ft
-            only in the full phase. Single-process only.
+        regularizer: a pull toward the pretrained model: its ``loss`` is added to the task
+            loss at every step and its ``after_step`` runs after each optimizer step (see
+            :mod:`pipeline.mitigation`); for lp-ft only in the full phase. Single-process.
 
     Returns:
         Per-epoch history, the best epoch and throughput. For ``lora`` the returned
@@ -700,12 +704,15 @@ def _train(
                 reg_value = 0.0
                 if regularizer is not None:
                     with _autocast(device, bf16):
-                        reg = regularizer(classifier, state["step"])
-                    reg_value = reg.item()
-                    loss = loss + reg
+                        reg = regularizer.loss(classifier, state["step"])
+                    if reg is not None:
+                        reg_value = reg.item()
+                        loss = loss + reg
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainables, config.max_grad_norm)
                 optimizer.step()
+                if regularizer is not None:
+                    regularizer.after_step(optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1

@@ -7,8 +7,9 @@
 - :func:`interpolate_encoder` blends tuned and base encoder weights (WiSE-FT);
   :func:`pick_alpha` chooses the blend from a sweep.
 
-Both regularisers are callables ``(model, step) -> loss`` that ``fine_tune`` adds to the
-task loss; they hold their own reference copies, so they work on any strategy.
+Both regularisers follow :class:`pipeline.finetune.Regularizer`: ``loss(model, step)`` is
+added to the task loss, ``after_step(optimizer)`` runs after each optimizer step. They hold
+their own reference copies, so they work on any strategy.
 """
 
 from __future__ import annotations
@@ -46,23 +47,37 @@ def load_general_text(path: Path | None = None, min_words: int = 6) -> list[str]
 
 
 class L2SP:
-    """L2-SP (Li et al. 2018): ``weight / 2 * sum ||theta - theta_0||^2`` over the encoder.
+    """L2-SP (Li et al. 2018), decoupled: each step ``theta -= lr * weight * (theta - theta_0)``.
 
-    ``theta_0`` is copied when the regulariser is built, so build it from the freshly
-    loaded (pretrained) model before training.
+    The penalty ``weight / 2 * ||theta - theta_0||^2`` on the encoder, applied like AdamW's
+    weight decay (but toward the pretrained weights, not zero) rather than through the
+    loss: Adam would rescale a penalty gradient to full-size steps and make every weight
+    oscillate around ``theta_0``. ``theta_0`` is copied when this is built, so build it from
+    the freshly loaded (pretrained) model.
     """
 
     def __init__(self, model: nn.Module, weight: float):
         self.weight = weight
-        self.anchor = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
+        self.anchor = {id(p): p.detach().clone() for p in model.base_model.parameters()}
 
-    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
-        total = torch.zeros((), device=next(model.parameters()).device)
-        for name, p in model.base_model.named_parameters():
-            if p.requires_grad:
-                anchor = self.anchor[name].to(p.device)
-                total = total + (p - anchor).pow(2).sum()
-        return 0.5 * self.weight * total
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            shrink = group["lr"] * self.weight
+            for p in group["params"]:
+                anchor = self.anchor.get(id(p))
+                if anchor is not None:
+                    p.sub_(shrink * (p - anchor.to(p.device)))
+
+    def distance(self, model: nn.Module) -> float:
+        """``||theta - theta_0||^2`` over the encoder (for logging and tests)."""
+        return sum(
+            float((p.detach() - self.anchor[id(p)].to(p.device)).pow(2).sum())
+            for p in model.base_model.parameters()
+        )
 
 
 class EmbeddingDistillation:
@@ -102,7 +117,10 @@ class EmbeddingDistillation:
         positions = (step * self.batch_size + np.arange(self.batch_size)) % len(self.texts)
         return self.order[positions]
 
-    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         idx = self.batch_indices(step)
         device = next(model.parameters()).device
         batch = self.tokenizer(
@@ -121,24 +139,32 @@ class EmbeddingDistillation:
         return self.weight * (1.0 - cosine).mean()
 
 
+class Regularizers:
+    """Several regularisers as one: their losses add up, each one's step hook runs."""
+
+    def __init__(self, parts: list[Any]):
+        self.parts = parts
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        losses = [x for x in (p.loss(model, step) for p in self.parts) if x is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for part in self.parts:
+            part.after_step(optimizer)
+
+
 def build_regularizer(
     model: nn.Module, tokenizer: Any, l2sp: float, distill: float, batch_size: int, seed: int
-) -> Callable[[nn.Module, int], torch.Tensor] | None:
+) -> Regularizers | None:
     """The configured regulariser(s) for ``model`` (call before training), or None."""
-    parts: list[Callable[[nn.Module, int], torch.Tensor]] = []
+    parts: list[Any] = []
     if l2sp > 0:
         parts.append(L2SP(model, l2sp))
     if distill > 0:
-        parts.append(
-            EmbeddingDistillation(
-                model, tokenizer, load_general_text(), distill, batch_size, 128, seed
-            )
-        )
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    return lambda m, step: sum((part(m, step) for part in parts), torch.zeros(()))
+        texts = load_general_text()
+        parts.append(EmbeddingDistillation(model, tokenizer, texts, distill, batch_size, 128, seed))
+    return Regularizers(parts) if parts else None
 
 
 def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -208,3 +234,39 @@ def pick_alpha(curve: list[AlphaPoint]) -> AlphaChoice:
         f"(mean drop upper bound {least.mean_drop_ci_high:.3f})",
         curve,
     )
+
+
+def wise_ft(
+    model: nn.Module,
+    base: dict[str, torch.Tensor],
+    alphas: list[float],
+    validate: Callable[[nn.Module], float],
+    retain: Callable[[nn.Module], Any],
+    within_budget: Callable[[Any], bool],
+) -> AlphaChoice:
+    """Sweep WiSE-FT blends, keep the chosen one in ``model`` (in place).
+
+    Args:
+        base: the pretrained encoder's state (:func:`encoder_state` of the base model).
+        validate: model -> the task metric on the validation split (higher is better).
+        retain: model -> a :class:`pipeline.forgetting.Comparison` against the base.
+        within_budget: comparison -> whether the forgetting gate would pass it.
+    """
+    tuned = encoder_state(model)
+    curve = []
+    for alpha in sorted(set(alphas)):
+        interpolate_encoder(model, base, tuned, alpha)
+        kept = retain(model)
+        curve.append(
+            AlphaPoint(
+                alpha,
+                validate(model),
+                kept.mean_drop,
+                kept.mean_ci_high,
+                kept.worst_drop,
+                within_budget(kept),
+            )
+        )
+    choice = pick_alpha(curve)
+    interpolate_encoder(model, base, tuned, choice.alpha)
+    return choice
