@@ -126,10 +126,69 @@ class ValidationConfig(_Section):
         return self.severity.get(check, DEFAULT_SEVERITY[check])
 
 
-class BiasConfig(_Section):
-    """Identity-group figures on the data (report only for now)."""
+BIAS_CHECKS = (
+    "under_represented",
+    "label_rate_gap",
+    "equalized_odds",
+    "counterfactual_flips",
+    "champion_regression",
+    "crows_pairs",
+)
+DEFAULT_BIAS_SEVERITY: dict[str, Severity] = {
+    "under_represented": "warn",  # data: a group's share of rows below min_group_share
+    "label_rate_gap": "warn",  # data: positive-label rate differs from the rest's
+    "equalized_odds": "error",  # model: upper 95% bound of the equalized odds difference
+    "counterfactual_flips": "error",  # model: predictions flip when identity terms swap
+    "champion_regression": "error",  # model: worse than the champion on either of the two
+    "crows_pairs": "warn",  # model: outputs differ between CrowS-Pairs sentences (reported)
+}
 
+
+class BiasConfig(_Section):
+    """Identity groups, bias figures on the data and the model, and the bias gate.
+
+    Default limits: an equalized odds difference (the largest gap in false positive or false
+    negative rate between groups) of 0.10 is the usual "four-fifths"-style tolerance used in
+    fairness audits; we read its upper 95% bound so small groups cannot pass by chance.
+    Swapping an identity term should almost never change a sentiment prediction: 5% flips
+    is already a strong signal. 0.02 against the champion matches the promotion margin.
+    """
+
+    group_column: str | None = Field(
+        None, description="Column of the input file with each row's identity group, if any."
+    )
+    lexicons: list[Literal["gender", "race", "age", "religion"]] = Field(
+        ["gender", "race", "age", "religion"],
+        description="Identity-term lexicons used when there is no group column.",
+    )
+    lexicon_dir: str | None = Field(
+        None, description="Folder (in the project) with your own edited lexicon JSON files."
+    )
     min_group_rows: int = Field(30, ge=1, description="Smaller groups are reported as too small.")
+    min_group_share: float = Field(
+        0.01, ge=0, le=1, description="Flag groups with a smaller share of the rows."
+    )
+    max_label_rate_gap: float = Field(
+        0.10, ge=0, le=1, description="Flag groups whose positive-label rate differs more."
+    )
+    max_equalized_odds: float = Field(0.10, ge=0, le=1)
+    max_flip_rate: float = Field(0.05, ge=0, le=1)
+    max_champion_regression: float = Field(0.02, ge=0, le=1)
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the CIs.")
+    seed: int = 0
+    severity: dict[str, Severity] = Field(
+        {}, description=f"Per-check severity override: error or warn; checks: {BIAS_CHECKS}"
+    )
+
+    @model_validator(mode="after")
+    def _check_severity(self) -> BiasConfig:
+        unknown = sorted(set(self.severity) - set(BIAS_CHECKS))
+        if unknown:
+            raise ValueError(f"unknown bias checks in severity: {unknown}; known: {BIAS_CHECKS}")
+        return self
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, DEFAULT_BIAS_SEVERITY[check])
 
 
 class TrainConfig(_Section):
