@@ -29,19 +29,17 @@ from pipeline.config import DataConfig, ForgettingConfig, TrainConfig  # noqa: E
 
 DEFAULT_CASES = [
     "head",
-    "partial",
-    "full",
+    "partial+wise",  # also the plain "partial" row
+    "full+wise",
     "lora",
     "lp-ft",
-    "partial+wise",
-    "full+wise",
-    "partial+l2sp=1",
-    "full+l2sp=1",
+    "partial+l2sp=100",
+    "full+l2sp=100",
+    "partial+distill=1",
     "partial+distill=5",
     "full+distill=5",
     "lora+distill=5",
     "lp-ft+distill=5",
-    "partial+distill=5+wise",
 ]
 RESULTS = ROOT / "bench" / "results" / "forgetting.jsonl"
 
@@ -71,7 +69,8 @@ def label_ids(frame: Any, labels: list[str]) -> np.ndarray:
 
 def run_case(
     spec: str, frames: dict[str, Any], suite: Any, base: dict[str, Any], keep_cfg: ForgettingConfig
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """Train one case; with +wise, rows for the tuned model and for its chosen blend."""
     from pipeline import evaluate, finetune, forgetting, mitigation
 
     train_over, keep_over, wise = parse_case(spec)
@@ -116,33 +115,37 @@ def run_case(
         report = evaluate.classification_metrics(label_ids(val, labels), probs.argmax(1), labels)
         return report.macro_f1
 
-    choice = None
-    if wise:
-        assert base_state is not None
-        choice = mitigation.wise_ft(
-            model,
-            base_state,
-            keep.wise_ft_alphas,
-            macro_f1,
-            retain,
-            lambda c: forgetting.forgetting_gate(c, keep).passed,
-        )
-    kept = retain(model)
-    gate = forgetting.forgetting_gate(kept, keep)
-    return {
-        "case": spec,
-        "test_accuracy": accuracy(model, test),
-        "mean_drop": kept.mean_drop,
-        "mean_ci": [kept.mean_ci_low, kept.mean_ci_high],
-        "worst_task": kept.worst_task,
-        "worst_drop": kept.worst_drop,
-        "drops": {r.task: r.drop for r in kept.tasks},
-        "gate": "pass" if gate.passed else "refuse",
-        "alpha": choice.alpha if choice else None,
-        "alpha_curve": [vars(p) for p in choice.curve] if choice else None,
-        "train_seconds": train_seconds,
-        "best_epoch": result.best_epoch,
-    }
+    def row(case: str, choice: Any = None) -> dict[str, Any]:
+        kept = retain(model)
+        return {
+            "case": case,
+            "test_accuracy": accuracy(model, test),
+            "mean_drop": kept.mean_drop,
+            "mean_ci": [kept.mean_ci_low, kept.mean_ci_high],
+            "worst_task": kept.worst_task,
+            "worst_drop": kept.worst_drop,
+            "drops": {r.task: r.drop for r in kept.tasks},
+            "gate": "pass" if forgetting.forgetting_gate(kept, keep).passed else "refuse",
+            "alpha": choice.alpha if choice else None,
+            "alpha_curve": [vars(p) for p in choice.curve] if choice else None,
+            "train_seconds": train_seconds,
+            "best_epoch": result.best_epoch,
+        }
+
+    if not wise:
+        return [row(spec)]
+    # The tuned model as it is, then the WiSE-FT blend: one training for both rows.
+    rows = [row(spec.removesuffix("+wise"))]
+    assert base_state is not None
+    choice = mitigation.wise_ft(
+        model,
+        base_state,
+        keep.wise_ft_alphas,
+        macro_f1,
+        retain,
+        lambda c: forgetting.forgetting_gate(c, keep).passed,
+    )
+    return [*rows, row(spec, choice)]
 
 
 def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
@@ -221,13 +224,14 @@ def main() -> int:
         if spec in done:
             continue
         print(f"--- {spec}", flush=True)
-        row = run_case(spec, frames, suite, base, keep_cfg)
-        done[spec] = row
-        with args.results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print_table([row], [t.name for t in tasks])
+        for row in run_case(spec, frames, suite, base, keep_cfg):
+            done[row["case"]] = row
+            with args.results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print_table([row], [t.name for t in tasks])
     print()
-    print_table([done[c] for c in cases], [t.name for t in tasks])
+    names = [n for c in cases for n in ([c.removesuffix("+wise"), c] if "+wise" in c else [c])]
+    print_table([done[n] for n in dict.fromkeys(names) if n in done], [t.name for t in tasks])
     return 0
 
 

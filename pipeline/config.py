@@ -171,6 +171,12 @@ class BiasConfig(_Section):
     max_label_rate_gap: float = Field(
         0.10, ge=0, le=1, description="Flag groups whose positive-label rate differs more."
     )
+    min_gate_rows: int = Field(
+        1000,
+        ge=1,
+        description="Groups gated on equalized odds need this many test rows: with a few "
+        "hundred, a model with equal error rates still shows an upper bound above 0.10.",
+    )
     max_equalized_odds: float = Field(0.10, ge=0, le=1)
     max_flip_rate: float = Field(0.05, ge=0, le=1)
     max_champion_regression: float = Field(0.02, ge=0, le=1)
@@ -299,7 +305,7 @@ class ForgettingConfig(_Section):
         0.0, ge=0, description="L2-SP: loss += l2sp/2 * ||theta - theta_pretrained||^2 (encoder)."
     )
     distill: float = Field(
-        0.0,
+        5.0,
         ge=0,
         description="Embedding distillation: loss += distill * (1 - cosine) between the tuned "
         "and base mean-pooled embeddings of general text (gensim's Lee background corpus).",

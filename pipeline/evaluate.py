@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,3 +67,12 @@ def probe_baseline(
 
     probe = LogisticRegression(C=c, max_iter=2000).fit(train_features, train_labels)
     return classification_metrics(test_labels, probe.predict(test_features), labels)
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap samples, ignoring NaN (NaN if none is finite)."""
+    finite = samples[np.isfinite(samples)]
+    if len(finite) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)

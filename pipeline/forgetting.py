@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.data import package_file
+from pipeline.evaluate import percentile_interval
 
 if TYPE_CHECKING:
     from pipeline.config import ForgettingConfig
@@ -207,7 +208,7 @@ def compare(
             )
         drops = bootstrap_drops(task, ref, cand, resamples, np.random.default_rng([seed, i]))
         per_resample.append(drops)
-        low, high = _interval(drops)
+        low, high = percentile_interval(drops)
         rows.append(
             TaskDrop(
                 task=task.name,
@@ -222,7 +223,7 @@ def compare(
                 ci_high=high,
             )
         )
-    mean_low, mean_high = _interval(np.mean(np.stack(per_resample), axis=0))
+    mean_low, mean_high = percentile_interval(np.mean(np.stack(per_resample), axis=0))
     worst = max(rows, key=lambda r: r.drop)
     return Comparison(
         reference=reference_name,
@@ -233,14 +234,6 @@ def compare(
         worst_task=worst.task,
         worst_drop=worst.drop,
     )
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if len(finite) == 0:
-        return math.nan, math.nan
-    low, high = np.percentile(finite, [2.5, 97.5])
-    return float(low), float(high)
 
 
 # --- the gate ---------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""Identity groups from the gender lexicon and hand-computed per-group figures."""
+"""Identity groups from the gender lexicon and hand-computed per-group figures and flags."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.bias import Lexicon, assign_groups, check_data_bias, load_gender_lexicon
+from pipeline.identity import groups_from_column
 
 LABELS = ["fresh", "rotten"]
 
@@ -94,6 +96,12 @@ def test_load_gender_lexicon_from_an_explicit_file(tmp_path: Path):
     lexicon = load_gender_lexicon(path)
     assert lexicon.groups["female"] == {"queen", "twin sister", "wives", "ex girlfriend"}
     assert lexicon.groups["male"] == {"king", "twin brother", "husbands", "ex boyfriend"}
+    assert lexicon.swaps == (
+        ("queen", "king"),
+        ("twin sister", "twin brother"),
+        ("wives", "husbands"),
+        ("ex girlfriend", "ex boyfriend"),
+    )
 
 
 # --- check_data_bias ----------------------------------------------------------------------------
@@ -151,6 +159,9 @@ def test_check_data_bias_hand_computed(lexicon: Lexicon):
     assert male.rate_difference == pytest.approx(-5 / 21)
     assert male.rate_ratio == pytest.approx(7 / 12)
     assert male.too_small is True  # 3 < 4
+    # Default limits: no share minimum, any gap allowed; only the small group is listed.
+    assert not any(g.under_represented or g.label_gap_flagged for g in report.groups)
+    assert report.flags() == ["male: 3 rows, fewer than 4; too small to judge"]
 
 
 def test_positive_label_is_the_first_of_the_label_set(lexicon: Lexicon):
@@ -213,8 +224,137 @@ def test_length_mismatch_raises(lexicon: Lexicon):
 
 
 def test_report_to_dict(lexicon: Lexicon):
-    data = check_data_bias(TEXTS, TEXT_LABELS, lexicon, LABELS, 4).to_dict()
+    data = check_data_bias(
+        TEXTS, TEXT_LABELS, lexicon, LABELS, 4, min_group_share=0.35, max_label_rate_gap=0.2
+    ).to_dict()
     assert data["total_rows"] == 10
+    assert data["min_group_share"] == 0.35 and data["max_label_rate_gap"] == 0.2
+    assert data["groups"][0]["label_gap_flagged"] is True
+    assert data["groups"][1]["under_represented"] is True
     assert data["groups"][0]["group"] == "female"
     assert data["groups"][0]["label_counts"] == {"fresh": 3, "rotten": 1}
     assert json.loads(json.dumps(data)) == data
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+
+def test_flags_hand_computed(lexicon: Lexicon):
+    report = check_data_bias(
+        TEXTS, TEXT_LABELS, lexicon, LABELS, 4, min_group_share=0.35, max_label_rate_gap=0.2
+    )
+    female, male = report.groups
+    # female: 4 rows (share 0.4), rate 3/4 vs 2/6: difference 5/12 > 0.2.
+    assert (female.too_small, female.under_represented, female.label_gap_flagged) == (
+        False,
+        False,
+        True,
+    )
+    # male: 3 rows < 4, share 0.3 < 0.35; its gap -5/21 is beyond 0.2 but too small to judge.
+    assert (male.too_small, male.under_represented, male.label_gap_flagged) == (True, True, False)
+    assert report.flags() == [
+        "female: 'fresh' rate 0.750 vs 0.333 for the rest (difference +0.417, ratio 2.25), "
+        "beyond the limit 0.200",
+        "male: 3 rows, fewer than 4; too small to judge",
+        "male: under-represented, 3 rows of 10 (30.0%), below 35.0%",
+    ]
+
+
+def test_membership_with_an_empty_group_and_a_group_of_one():
+    membership = pd.DataFrame(
+        {
+            "one": [i == 0 for i in range(10)],
+            "empty": [False] * 10,
+            "big": [i in (0, 1, 5, 6, 9) for i in range(10)],  # the five fresh rows
+        }
+    )
+    report = check_data_bias(
+        TEXTS,
+        TEXT_LABELS,
+        None,
+        LABELS,
+        2,
+        min_group_share=0.2,
+        max_label_rate_gap=0.5,
+        membership=membership,
+    )
+    one, empty, big = report.groups
+    assert [g.group for g in report.groups] == ["one", "empty", "big"]
+
+    # one: row 0 (fresh); the rest 4 fresh of 9.
+    assert one.rows == 1 and one.share == pytest.approx(0.1)
+    assert one.label_counts == {"fresh": 1, "rotten": 0}
+    assert one.positive_rate == 1.0
+    assert one.rest_positive_rate == pytest.approx(4 / 9)
+    assert one.rate_difference == pytest.approx(5 / 9)
+    assert one.rate_ratio == pytest.approx(9 / 4)
+    assert (one.too_small, one.under_represented, one.label_gap_flagged) == (True, True, False)
+
+    assert empty.rows == 0 and empty.share == 0.0
+    assert empty.positive_rate is None and empty.rest_positive_rate == pytest.approx(0.5)
+    assert empty.rate_difference is None and empty.rate_ratio is None
+    assert (empty.too_small, empty.under_represented, empty.label_gap_flagged) == (
+        True,
+        True,
+        False,
+    )
+
+    # big: all five fresh rows; the rest are all rotten: difference 1, ratio undefined.
+    assert big.rows == 5 and big.share == 0.5
+    assert big.label_counts == {"fresh": 5, "rotten": 0}
+    assert (big.positive_rate, big.rest_positive_rate, big.rate_difference) == (1.0, 0.0, 1.0)
+    assert big.rate_ratio is None
+    assert (big.too_small, big.under_represented, big.label_gap_flagged) == (False, False, True)
+
+    assert report.flags() == [
+        "one: 1 row, fewer than 2; too small to judge",
+        "one: under-represented, 1 row of 10 (10.0%), below 20.0%",
+        "empty: 0 rows, fewer than 2; too small to judge",
+        "empty: under-represented, 0 rows of 10 (0.0%), below 20.0%",
+        "big: 'fresh' rate 1.000 vs 0.000 for the rest (difference +1.000, ratio undefined), "
+        "beyond the limit 0.500",
+    ]
+
+
+def test_a_user_group_column_replaces_the_lexicon(lexicon: Lexicon):
+    column = ["x", "x", None, "y", "", "x", float("nan"), "y", "y", "x"]
+    report = check_data_bias(
+        TEXTS, TEXT_LABELS, lexicon, LABELS, 1, membership=groups_from_column(column)
+    )
+    x, y = report.groups
+    # x: rows 0, 1, 5, 9 -> all fresh; y: rows 3, 7, 8 -> all rotten; rows 2, 4, 6 in none.
+    assert (x.group, x.rows, x.positive_rate, x.rest_positive_rate) == ("x", 4, 1.0, 1 / 6)
+    assert (y.group, y.rows, y.positive_rate, y.rest_positive_rate) == ("y", 3, 0.0, 5 / 7)
+
+
+def test_a_gap_equal_to_the_limit_is_not_beyond_it():
+    # group: 8 fresh of 10; rest: 7 fresh of 10; 0.8 - 0.7 is 0.10000000000000009 in floats.
+    membership = pd.DataFrame({"g": [True] * 10 + [False] * 10})
+    labels = ["fresh"] * 8 + ["rotten"] * 2 + ["fresh"] * 7 + ["rotten"] * 3
+    texts = [""] * 20
+    at = check_data_bias(
+        texts, labels, None, LABELS, 1, max_label_rate_gap=0.1, membership=membership
+    )
+    assert at.groups[0].label_gap_flagged is False
+    below = check_data_bias(
+        texts, labels, None, LABELS, 1, max_label_rate_gap=0.099, membership=membership
+    )
+    assert below.groups[0].label_gap_flagged is True
+    share = check_data_bias(
+        texts, labels, None, LABELS, 1, min_group_share=0.5, membership=membership
+    )
+    assert share.groups[0].under_represented is False  # 0.5 is not below 0.5
+
+
+def test_membership_and_lexicon_errors(lexicon: Lexicon):
+    with pytest.raises(ValueError, match="^membership has 2 rows but there are 3 texts$"):
+        check_data_bias(
+            ["a", "b", "c"],
+            ["fresh"] * 3,
+            lexicon,
+            LABELS,
+            1,
+            membership=pd.DataFrame({"g": [1, 0]}),
+        )
+    with pytest.raises(ValueError, match="pass a lexicon or a membership frame"):
+        check_data_bias(["a"], ["fresh"], None, LABELS, 1)
