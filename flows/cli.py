@@ -98,6 +98,32 @@ def print_forgetting_table(rows: list[tuple[str, ...]], report: dict[str, Any]) 
     console.print(f"forgetting gate: {report['gate']['summary']}", soft_wrap=True)
 
 
+def print_bias_tables(
+    rows: list[tuple[str, ...]], groups: list[tuple[str, ...]], report: dict[str, Any]
+) -> None:
+    """Model bias on the test split: headline measures, per group, and the gate."""
+    from rich.table import Table
+
+    from pipeline.fairness import GROUP_TABLE_HEADER, TABLE_HEADER
+
+    console = _console()
+    table = Table(*TABLE_HEADER, title="model bias (test split)", title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    per_group = Table(*GROUP_TABLE_HEADER, title="per group", title_justify="left")
+    for row in groups:
+        per_group.add_row(*row)
+    console.print(per_group)
+    for check in report["gate"]["checks"]:
+        console.print(
+            f"bias check {check['check']} ({check['severity']}): {check['status']}"
+            f" - {check['detail']}",
+            soft_wrap=True,
+        )
+    console.print(f"bias gate: {report['gate']['status']}", soft_wrap=True)
+
+
 def print_summary(summary: Any, project_dir: Path) -> None:
     from rich.table import Table
 
@@ -154,6 +180,9 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     console.print(table)
     print_validation_table(summary.validation_table)
     print_forgetting_table(summary.forgetting_table, summary.forgetting)
+    print_bias_tables(summary.bias_table, summary.bias_groups, summary.bias)
+    for flag in summary.data_bias_flags:
+        console.print(f"[yellow]data bias: {flag}[/yellow]", soft_wrap=True)
     for name, command in ui_commands(project_dir, summary.tracking_uri).items():
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
 
@@ -177,8 +206,8 @@ def run(
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
     from flows.retrain import retrain  # imports Prefect: after the env defaults are set
+    from flows.retrain import ModelRefused
     from pipeline.data import DataError
-    from pipeline.forgetting import ForgettingRefused
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
@@ -186,9 +215,10 @@ def run(
         summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
-    except ForgettingRefused as refused:
-        report = refused.report
-        print_forgetting_table(report.table_rows(), report.to_dict())
+    except ModelRefused as refused:
+        kept, bias = refused.forgetting, refused.bias
+        print_forgetting_table(kept.table_rows(), kept.to_dict())
+        print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
         typer.echo(f"refused: {refused}", err=True)
         raise typer.Exit(code=REFUSED_EXIT) from None
     print_summary(summary, project_dir)
@@ -226,6 +256,9 @@ def data_import(
         str | None, typer.Option(help="Column with train/validation/test, if already split.")
     ] = None,
     confidence_col: Annotated[str | None, typer.Option(help="Annotator confidence (0..1).")] = None,
+    identity_col: Annotated[
+        str | None, typer.Option(help="Identity group per row (e.g. gender), for bias checks.")
+    ] = None,
     encoding: Annotated[str, typer.Option(help="Text encoding of the file.")] = "utf-8",
     max_text_bytes: Annotated[int, typer.Option(help="Refuse texts longer than this.")] = 20_000,
     config: Annotated[Path | None, typer.Option(help="YAML config (validation settings).")] = None,
@@ -247,6 +280,7 @@ def data_import(
             "group_column": group_col,
             "split_column": split_col,
             "confidence_column": confidence_col,
+            "identity_column": identity_col,
             "encoding": encoding,
             "max_text_bytes": max_text_bytes,
         }

@@ -69,7 +69,7 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     suite = retention.Suite(
         retention.load_suite(suite_folder), versioning.folder_md5(suite_folder), [], suite_folder
     )
-    report, tuned = evaluate_model(config, model, tokenizer, test, suite, root)
+    report, tuned, _ = evaluate_model(config, model, tokenizer, test, suite, root)
     shutil.rmtree(work / "model", ignore_errors=True)
     reproduced = {
         "test_accuracy": report.accuracy,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from pipeline import (
     data,
     datasets,
     evaluate,
+    fairness,
     finetune,
     forgetting,
+    identity,
     lineage,
     mitigation,
     plots,
@@ -39,11 +42,34 @@ from pipeline import (
 from pipeline.config import RetuneConfig
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
 FORGETTING_GATE = "retune.forgetting_gate"
+BIAS_GATE = "retune.bias_gate"
 VERDICT = "retune.verdict"
 
 
 @dataclass(frozen=True)
+class ModelRefused(RuntimeError):
+    """A gate refused the model: recorded in MLflow (tagged refused), never registered."""
+
+    def __init__(
+        self,
+        run_id: str,
+        forgetting_report: forgetting.ForgettingReport,
+        bias_report: fairness.ModelBiasReport,
+    ):
+        self.run_id, self.forgetting, self.bias = run_id, forgetting_report, bias_report
+        reasons = []
+        if forgetting_report.gate.refused:
+            reasons.append("forgetting: " + "; ".join(forgetting_report.gate.failures))
+        if bias_report.gate is not None and bias_report.gate.refused:
+            reasons.append("bias: " + "; ".join(bias_report.gate.failures))
+        super().__init__(
+            f"model refused (recorded as MLflow run {run_id}, not registered): "
+            + " | ".join(reasons)
+        )
+
+
 class RunSummary:
     """What one run produced; printed at the end and returned to callers and tests."""
 
@@ -56,6 +82,10 @@ class RunSummary:
     probe: dict[str, Any]
     forgetting: dict[str, Any]
     forgetting_table: list[tuple[str, ...]]
+    bias: dict[str, Any]
+    bias_table: list[tuple[str, ...]]
+    bias_groups: list[tuple[str, ...]]
+    data_bias_flags: list[str]
     model_name: str
     version: str
     aliases: list[str]
@@ -86,15 +116,32 @@ def version_data(
     return datasets.import_dataset(frames, config.data, project_dir)
 
 
+def load_lexicon(config: RetuneConfig, project_dir: Path) -> identity.Lexicon:
+    folder = config.bias.lexicon_dir
+    return identity.load_lexicons(config.bias.lexicons, project_dir / folder if folder else None)
+
+
+def group_membership(frame: pd.DataFrame, lexicon: identity.Lexicon) -> pd.DataFrame:
+    """Identity groups per row: the data's identity column if it has one, else the lexicons."""
+    if "identity" in frame:
+        return identity.groups_from_column(frame["identity"].tolist())
+    return identity.assign_groups(frame["text"].tolist(), lexicon)
+
+
 @task(**TASK_OPTIONS)
-def check_data_bias(config: RetuneConfig, frames: dict[str, pd.DataFrame]) -> bias.DataBiasReport:
+def check_data_bias(
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], lexicon: identity.Lexicon
+) -> bias.DataBiasReport:
     frame = pd.concat([frames[s] for s in data.SPLITS], ignore_index=True)
     return bias.check_data_bias(
         frame["text"].tolist(),
         frame["label"].tolist(),
-        bias.load_gender_lexicon(),
+        lexicon,
         config.data.labels,
         config.bias.min_group_rows,
+        min_group_share=config.bias.min_group_share,
+        max_label_rate_gap=config.bias.max_label_rate_gap,
+        membership=group_membership(frame, lexicon),
     )
 
 
@@ -151,8 +198,9 @@ def measure_base(
     test: pd.DataFrame,
     suite: retention.Suite,
     project_dir: Path,
-) -> tuple[evaluate.EvaluationReport, Retention]:
-    """The frozen base encoder: logistic probe on the task, and its retention scores (cached)."""
+) -> tuple[evaluate.EvaluationReport, Retention, Predict]:
+    """The frozen base encoder: logistic probe on the task, its retention scores (cached),
+    and the probe's predict function (for the bias comparison)."""
     from pipeline.embeddings import embed_texts
 
     encoder, tokenizer = finetune.load_encoder(config.train.base_model)
@@ -163,28 +211,35 @@ def measure_base(
     def embed(texts: list[str], max_length: int) -> np.ndarray:
         return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
 
-    probe = evaluate.probe_baseline(
+    fitted = evaluate.fit_probe(
         embed(train["text"].tolist(), config.train.max_length),
         _label_ids(train, config),
-        embed(test["text"].tolist(), config.train.max_length),
-        _label_ids(test, config),
-        config.data.labels,
         config.evaluate.probe_c,
+    )
+
+    def predict(texts: list[str]) -> np.ndarray:
+        return fitted.predict_proba(embed(texts, config.train.max_length))
+
+    test_probs = predict(test["text"].tolist())
+    probe = evaluate.classification_metrics(
+        _label_ids(test, config), test_probs.argmax(1), config.data.labels
     )
     sha = lineage.weights_sha256(config.train.base_model)
     cache_key = None if sha.startswith("unresolved:") else sha
-    return probe, score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
+    retained = score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
+    return probe, retained, predict
 
 
 @task(**TASK_OPTIONS)
 def measure_champion(
     config: RetuneConfig, suite: retention.Suite, project_dir: Path, work_dir: Path
-) -> tuple[str | None, Retention | None]:
-    """The current champion's retention scores (cached by its weights), or None."""
+) -> tuple[str | None, Retention | None, Predict | None]:
+    """The current champion's retention scores (cached by its weights) and its predict
+    function, or Nones when there is no champion."""
     try:
         champion = registry.resolve_version(f"{config.registry.model_name}@{registry.CHAMPION}")
     except registry.ModelRefError:
-        return None, None
+        return None, None, None
     folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
     try:
         model, tokenizer = finetune.load_saved_classifier(folder)
@@ -192,7 +247,18 @@ def measure_champion(
         scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, sha)
     finally:
         shutil.rmtree(work_dir / "champion", ignore_errors=True)
-    return champion.version, scores
+    return champion.version, scores, classifier_predict(config, model, tokenizer)
+
+
+def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Predict:
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+
+    def predict(texts: list[str]) -> np.ndarray:
+        return finetune.predict_proba(
+            model, tokenizer, texts, config.evaluate.batch_size, config.train.max_length, bf16
+        )
+
+    return predict
 
 
 @task(**TASK_OPTIONS)
@@ -326,8 +392,8 @@ def evaluate_model(
     test: pd.DataFrame,
     suite: retention.Suite,
     project_dir: Path,
-) -> tuple[evaluate.EvaluationReport, Retention]:
-    """Test metrics of the tuned classifier and its encoder's retention scores."""
+) -> tuple[evaluate.EvaluationReport, Retention, np.ndarray]:
+    """Test metrics of the tuned classifier, its encoder's retention scores, test probs."""
     bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
     probs = finetune.predict_proba(
         model,
@@ -340,7 +406,39 @@ def evaluate_model(
     report = evaluate.classification_metrics(
         _label_ids(test, config), probs.argmax(1), config.data.labels
     )
-    return report, score_retention(config, model.base_model, tokenizer, suite, project_dir)
+    retained = score_retention(config, model.base_model, tokenizer, suite, project_dir)
+    return report, retained, probs
+
+
+@task(**TASK_OPTIONS)
+def check_model_bias(
+    config: RetuneConfig,
+    test: pd.DataFrame,
+    lexicon: identity.Lexicon,
+    candidate: Predict,
+    candidate_probs: np.ndarray,
+    base_probe: Predict,
+    champion: Predict | None,
+    champion_version: str | None,
+) -> fairness.ModelBiasReport:
+    """Per-group metrics, identity swaps and CrowS-Pairs for the candidate, the base probe
+    and the champion on the test split; the bias gate on the candidate."""
+    texts, y_true = test["text"].tolist(), _label_ids(test, config)
+    membership = group_membership(test, lexicon)
+    crows = identity.load_crows_pairs()
+    labels = config.data.labels
+
+    def measure(predict: Predict, name: str, probs: np.ndarray | None = None):
+        return fairness.measure_model_bias(
+            predict, texts, y_true, membership, lexicon, crows, config.bias, labels, name, probs
+        )
+
+    return fairness.evaluate_model_bias(
+        measure(candidate, "candidate", candidate_probs),
+        config.bias,
+        base_probe=measure(base_probe, "base probe"),
+        champion=measure(champion, f"champion v{champion_version}") if champion else None,
+    )
 
 
 @task(**TASK_OPTIONS)
@@ -396,7 +494,10 @@ def retrain(
         logger.info("validation Data Docs: %s", report.docs_index)
     version = version_data(config, frames, root)
     logger.info("data versioned: md5 %s", version.md5)
-    data_bias = check_data_bias(config, frames)
+    lexicon = load_lexicon(config, root)
+    data_bias = check_data_bias(config, frames, lexicon)
+    for flag in data_bias.flags():
+        logger.warning("data bias: %s", flag)
 
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
@@ -427,8 +528,10 @@ def retrain(
         tracking.log_dataset(
             run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
         )
-        probe, base = measure_base(config, train, test, suite, root)
-        champion_version, champion = measure_champion(config, suite, root, out_dir)
+        probe, base, probe_predict = measure_base(config, train, test, suite, root)
+        champion_version, champion, champion_predict = measure_champion(
+            config, suite, root, out_dir
+        )
         model, tokenizer, trained = train_model(
             config, train, frames["validation"], run_id, out_dir / "model"
         )
@@ -440,7 +543,20 @@ def retrain(
             )
             mitigations["wise_ft"] = asdict(choice)
             plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
-        test_report, tuned = evaluate_model(config, model, tokenizer, test, suite, root)
+        test_report, tuned, test_probs = evaluate_model(config, model, tokenizer, test, suite, root)
+        model_bias = check_model_bias(
+            config,
+            test,
+            lexicon,
+            classifier_predict(config, model, tokenizer),
+            test_probs,
+            probe_predict,
+            champion_predict,
+            champion_version,
+        )
+        assert model_bias.gate is not None
+        logger.info("%s", model_bias.summary())
+        fairness.render_html(model_bias, out_dir / "html" / "bias.html")
         kept = forgetting.evaluate_forgetting(
             base.outputs,
             tuned.outputs,
@@ -462,6 +578,7 @@ def retrain(
             "test_metrics": test_report.to_dict(),
             "probe_baseline": probe.to_dict(),
             "forgetting": kept.to_dict(),
+            "bias": model_bias.to_dict(),
             "training": asdict(trained) | {"loss_curve": trained.loss_curve[-50:]},
             "config": config.model_dump(),
         }
@@ -474,6 +591,7 @@ def retrain(
         curve = plots.plot_learning_curve(trained, out_dir / "plots" / "learning_curve.png")
         plots.plot_forgetting(kept, out_dir / "plots" / "forgetting.png")
         tracking.log_folder(run_id, curve.parent, "plots")
+        tracking.log_folder(run_id, out_dir / "html", "reports")
         if (out_dir / "adapter").is_dir():
             tracking.log_folder(run_id, out_dir / "adapter", "adapter")
         tracking.log_params_and_metrics(
@@ -489,21 +607,24 @@ def retrain(
                 "probe_test_accuracy": probe.accuracy,
                 "probe_test_macro_f1": probe.macro_f1,
                 **kept.metrics(),
+                **model_bias.metrics(),
                 "best_epoch": trained.best_epoch,
                 "train_seconds": trained.train_seconds,
             },
         )
         metric = getattr(test_report, config.registry.primary_metric)
+        refused = kept.gate.refused or model_bias.gate.refused
         run_record = tracking.get_run(run_id)
         tags |= {
             f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}",
             lineage.VALIDATION: validation_verdict(report),
             lineage.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
             FORGETTING_GATE: kept.gate.summary()[:4000],
-            VERDICT: "refused" if kept.gate.refused else "accepted",
+            BIAS_GATE: f"{model_bias.gate.status}: {model_bias.gate.summary()}"[:4000],
+            VERDICT: "refused" if refused else "accepted",
         }
         tracking.set_tags(run_id, tags)
-        if kept.gate.refused:  # recorded, marked refused, never registered
+        if refused:  # recorded, marked refused, never registered
             shutil.rmtree(out_dir / "model")
         else:
             registered = register(
@@ -515,8 +636,8 @@ def retrain(
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id)
-    if kept.gate.refused:
-        raise forgetting.ForgettingRefused(kept, run_id)
+    if refused:
+        raise ModelRefused(run_id, kept, model_bias)
     return RunSummary(
         data_md5=version.md5,
         rows={s: len(frames[s]) for s in data.SPLITS}
@@ -528,6 +649,10 @@ def retrain(
         probe=probe.to_dict(),
         forgetting=kept.to_dict(),
         forgetting_table=kept.table_rows(),
+        bias=model_bias.to_dict(),
+        bias_table=model_bias.table_rows(),
+        bias_groups=model_bias.group_rows(),
+        data_bias_flags=data_bias.flags(),
         model_name=registered.name,
         version=registered.version,
         aliases=registered.aliases,

@@ -49,6 +49,11 @@ class DataConfig(_Section):
         None,
         description="Rows sharing a value of this column land in the same split (e.g. movie).",
     )
+    identity_column: str | None = Field(
+        None,
+        description="Column with each row's identity group (e.g. gender) for the bias checks; "
+        "without it, groups come from identity-term lexicons over the text.",
+    )
     confidence_column: str | None = Field(
         None, description="Optional column with the annotators' confidence (0..1), kept as-is."
     )
@@ -154,9 +159,6 @@ class BiasConfig(_Section):
     is already a strong signal. 0.02 against the champion matches the promotion margin.
     """
 
-    group_column: str | None = Field(
-        None, description="Column of the input file with each row's identity group, if any."
-    )
     lexicons: list[Literal["gender", "race", "age", "religion"]] = Field(
         ["gender", "race", "age", "religion"],
         description="Identity-term lexicons used when there is no group column.",

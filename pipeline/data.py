@@ -207,6 +207,7 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
         ("group", config.group_column),
         ("split", config.split_column),
         ("confidence", config.confidence_column),
+        ("identity", config.identity_column),
     ):
         if column:
             wanted[role] = column
@@ -241,6 +242,8 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
     out["text"] = out["text"].map(lambda v: v if isinstance(v, str) else None).astype(object)
     if "confidence" in out:
         out["confidence"] = pd.to_numeric(out["confidence"].replace("", None), errors="coerce")
+    if "identity" in out:  # a row without a group is in none: "" (kept through the CSVs)
+        out["identity"] = out["identity"].map(lambda v: "" if _is_missing(v) else str(v))
     if "group" in out:
         missing = out["group"].map(_is_missing)
         if missing.any():
@@ -382,7 +385,7 @@ def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFr
         frame = split_by_group(frame, config.validation_fraction, config.test_fraction)
         # Our own split must not leak; a user's explicit split is checked by validation.
         frame, _ = drop_cross_split_duplicates(frame)
-    columns = COLUMNS + (["confidence"] if "confidence" in frame else [])
+    columns = COLUMNS + [c for c in ("confidence", "identity") if c in frame]
     return {
         split: frame.loc[frame["split"] == split, columns].reset_index(drop=True)
         for split in SPLITS

@@ -63,10 +63,15 @@ def probe_baseline(
     c: float = 1.0,
 ) -> EvaluationReport:
     """A logistic-regression probe on frozen features: what fine-tuning must beat."""
+    probe = fit_probe(train_features, train_labels, c)
+    return classification_metrics(test_labels, probe.predict(test_features), labels)
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, c: float = 1.0) -> Any:
+    """A logistic regression on frozen features (sklearn; ``predict_proba`` gives (N, K))."""
     from sklearn.linear_model import LogisticRegression
 
-    probe = LogisticRegression(C=c, max_iter=2000).fit(train_features, train_labels)
-    return classification_metrics(test_labels, probe.predict(test_features), labels)
+    return LogisticRegression(C=c, max_iter=2000).fit(features, labels)
 
 
 def percentile_interval(samples: np.ndarray) -> tuple[float, float]:

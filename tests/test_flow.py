@@ -147,7 +147,14 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "reports/validation.json",
         "reports/data_bias.json",
         "reports/forgetting.json",
+        "reports/bias.json",
+        "reports/bias.html",
     } <= artifacts
+    bias_report = tracking.read_report(run.info.run_id, "reports/bias.json")
+    assert bias_report["model"] == "candidate"
+    assert bias_report["base_probe"]["model"] == "base probe"
+    assert version.tags["retune.bias_gate"].startswith(bias_report["gate"]["status"])
+    assert "model bias (test split)" in result.stdout
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
         "plots/forgetting.png",
         "plots/learning_curve.png",
@@ -211,7 +218,8 @@ def test_forgetting_gate_refuses_records_and_registers_nothing(
         "forgetting.max_task_drop=0",
     )
     assert second.returncode == 3, second.stdout + second.stderr
-    assert "refused: forgetting gate refused the model (recorded as MLflow run" in second.stderr
+    assert "refused: model refused (recorded as MLflow run" in second.stderr
+    assert "forgetting: mean drop" in second.stderr
     assert "upper bound above 0.000" in second.stderr
     assert "vs champion" in second.stdout  # the table compares with version 1 too
 
