@@ -331,6 +331,35 @@ class ForgettingConfig(_Section):
         return self
 
 
+class PromotionConfig(_Section):
+    """When a registered candidate takes the champion alias (see pipeline/promotion.py)."""
+
+    mode: Literal["superiority", "non-inferiority"] = Field(
+        "superiority",
+        description="superiority: the candidate's primary metric must beat the champion's "
+        "(re-evaluated on the same test split) by more than min_improvement; "
+        "non-inferiority: it may be worse by at most non_inferiority_margin.",
+    )
+    min_improvement: float = Field(0.0, ge=0, le=1)
+    non_inferiority_margin: float = Field(0.01, ge=0, le=1)
+    min_metric: float = Field(
+        0.0, ge=0, le=1, description="Absolute floor for the primary metric on the test split."
+    )
+    beat_probe: bool = Field(
+        True, description="The candidate must beat the frozen-feature probe's primary metric."
+    )
+    group_margin: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Per-group accuracy (groups with bias.min_gate_rows test rows) may trail "
+        "the champion's by at most this.",
+    )
+    register_refused: bool = Field(
+        False, description="Also register a refused candidate, tagged refused, with no alias."
+    )
+
+
 class RegistryConfig(_Section):
     """MLflow tracking and Model Registry."""
 
@@ -346,6 +375,7 @@ class RetuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     forgetting: ForgettingConfig = ForgettingConfig()
+    promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")

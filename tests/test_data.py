@@ -331,6 +331,26 @@ def test_prepare_frames_user_split_column_is_used_as_given(tmp_path: Path):
     assert frames["test"]["text"].tolist() == ["a", "d"]
 
 
+def test_identity_column_is_kept_for_the_bias_checks(tmp_path: Path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame(
+        {
+            "text": ["a", "b", "c", "d"],
+            "label": ["p", "n", "p", "n"],
+            "part": ["train", "train", "validation", "test"],
+            "gender": ["female", None, "male", "female"],
+        }
+    ).to_csv(path, index=False)
+    config = DataConfig(source=str(path), split_column="part", identity_column="gender")
+    frames = prepare_frames(config, tmp_path)
+    assert frames["train"]["identity"].tolist() == ["female", ""]  # no group: empty
+    assert frames["test"]["identity"].tolist() == ["female"]
+    write_splits(frames, tmp_path / "out")
+    assert read_splits(tmp_path / "out")["train"]["identity"].tolist() == ["female", ""]
+    with pytest.raises(DataError, match="column 'sex' missing .*Set data.identity_column"):
+        prepare_frames(config.model_copy(update={"identity_column": "sex"}), tmp_path)
+
+
 def test_prepare_frames_bad_split_value(tmp_path: Path):
     path = tmp_path / "d.csv"
     pd.DataFrame(
