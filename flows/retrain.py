@@ -48,7 +48,6 @@ BIAS_GATE = "retune.bias_gate"
 VERDICT = "retune.verdict"
 
 
-@dataclass(frozen=True)
 class ModelRefused(RuntimeError):
     """A gate refused the model: recorded in MLflow (tagged refused), never registered."""
 
@@ -70,6 +69,7 @@ class ModelRefused(RuntimeError):
         )
 
 
+@dataclass(frozen=True)
 class RunSummary:
     """What one run produced; printed at the end and returned to callers and tests."""
 
