@@ -205,8 +205,10 @@ def run(
     """Run the retraining flow: prepare, validate, version, bias, fine-tune, evaluate, register."""
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
-    from flows.retrain import retrain  # imports Prefect: after the env defaults are set
-    from flows.retrain import ModelRefused
+    from flows.retrain import (
+        ModelRefused,
+        retrain,  # imports Prefect: after the env defaults are set
+    )
     from pipeline.data import DataError
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
@@ -504,6 +506,207 @@ def predict(
     except (registry.ModelRefError, ServingInputError) as err:
         _fail(str(err))
     typer.echo(f"{version.name}/{version.version}: labelled {rows} rows of {path} -> {out}")
+
+
+def _registry(project_dir: Path) -> None:
+    """Point MLflow at the project's store (or MLFLOW_TRACKING_URI)."""
+    set_runtime_defaults(project_dir)
+    from pipeline import tracking
+
+    tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+@app.command()
+def models(
+    name: Annotated[str, typer.Argument(help="Registered model name.")] = "retune-sentiment",
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    project_dir = project_dir.resolve()
+    _registry(project_dir)
+    from flows.retrain import BIAS_GATE, FORGETTING_GATE, POLICY
+    from pipeline import lineage, registry, tracking
+
+    versions = registry.list_versions(name)
+    if not versions:
+        _fail(f"no registered model named {name!r}")
+    table = Table(
+        "version",
+        "aliases",
+        "test acc",
+        "test macro-F1",
+        "validation",
+        "forgetting",
+        "bias",
+        "policy",
+        "data md5",
+        "created (UTC)",
+        title=name,
+        title_justify="left",
+    )
+    for v in versions:
+        metrics = tracking.get_run(v.run_id).metrics if v.run_id else {}
+        created = datetime.fromtimestamp(v.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases) or "-",
+            f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "-",
+            f"{metrics['test_macro_f1']:.4f}" if "test_macro_f1" in metrics else "-",
+            v.tags.get(lineage.VALIDATION, "-"),
+            _first_word(v.tags.get(FORGETTING_GATE, "-")),
+            _first_word(v.tags.get(BIAS_GATE, "-")),
+            _first_word(v.tags.get(POLICY, "-")),
+            v.tags.get(lineage.DATA_MD5, "-"),
+            created,
+        )
+    _console().print(table)
+
+
+def _first_word(verdict: str) -> str:
+    """'refused: mean drop ...' -> 'refused'."""
+    return verdict.split(":")[0]
+
+
+Reason = Annotated[str, typer.Option(help="Why (recorded in the audit trail).")]
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="The version to make champion.")],
+    reason: Reason,
+    force: Annotated[
+        bool, typer.Option(help="Promote even if the policy refuses (recorded as forced).")
+    ] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Make VERSION the champion: the policy runs again and must agree, unless --force."""
+    project_dir = project_dir.resolve()
+    _registry(project_dir)
+    from flows.promote import PromotionRefused
+    from flows.promote import promote as promote_version
+    from pipeline import registry
+
+    try:
+        verdict, entry = promote_version(name, version, reason, force, project_dir)
+    except PromotionRefused as refused:
+        for c in refused.verdict.criteria:
+            typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}", err=True)
+        _fail(f"{name}/{version}: {refused} (use --force with a --reason to override)")
+    except (registry.ModelRefError, registry.PromotionError, ValueError) as err:
+        _fail(str(err))
+    for c in verdict.criteria:
+        typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    forced = "" if verdict.promote else " (forced)"
+    typer.echo(
+        f"{name}: champion v{entry.from_version or '-'} -> v{entry.to_version}{forced}; "
+        f"audit entry {entry.sequence}"
+    )
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: Reason,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Move champion back to the version that held it before the current one."""
+    project_dir = project_dir.resolve()
+    _registry(project_dir)
+    from flows.promote import rollback as rollback_champion
+    from pipeline import registry
+
+    try:
+        entry = rollback_champion(name, reason, project_dir)
+    except (registry.ModelRefError, registry.PromotionError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(
+        f"{name}: champion v{entry.from_version} -> v{entry.to_version} (rollback); "
+        f"audit entry {entry.sequence}"
+    )
+
+
+@app.command()
+def audit(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """The full, append-only history of a model's alias changes."""
+    import json
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    project_dir = project_dir.resolve()
+    _registry(project_dir)
+    from pipeline import registry
+
+    entries = registry.read_audit(name)
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in entries], indent=2))
+        return
+    table = Table(
+        "#",
+        "when (UTC)",
+        "alias",
+        "action",
+        "from",
+        "to",
+        "by",
+        "why",
+        "verdict",
+        "status",
+        title=f"{name}: alias history",
+        title_justify="left",
+    )
+    for e in entries:
+        when = datetime.fromtimestamp(e.time_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            str(int(e.sequence)),
+            when,
+            e.alias,
+            e.action,
+            e.from_version or "-",
+            e.to_version,
+            e.actor,
+            e.reason,
+            e.verdict,
+            e.status,
+        )
+    _console().print(table)
+    for problem in registry.audit_problems(entries):
+        typer.echo(f"warning: {problem}", err=True)
+
+
+@app.command()
+def card(
+    ref: Annotated[str, typer.Argument(help="NAME@alias or NAME/VERSION.")],
+    html: Annotated[bool, typer.Option("--html", help="Print the HTML rendering.")] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Print the model card of a registered version (Markdown, or HTML with --html)."""
+    project_dir = project_dir.resolve()
+    _registry(project_dir)
+    import mlflow
+    from pipeline import registry
+
+    try:
+        version = registry.resolve_version(ref)
+    except registry.ModelRefError as err:
+        _fail(str(err))
+    name = "model_card.html" if html else "model_card.md"
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{version.run_id}/card/{name}")
+    except Exception as err:  # the run predates model cards, or the artifact is gone
+        _fail(f"{ref}: its run {version.run_id} holds no card/{name} ({err})")
+    typer.echo(text)
 
 
 def _console() -> Any:

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from pipeline import (
     bias,
+    card,
     data,
     datasets,
     evaluate,
@@ -31,6 +32,7 @@ from pipeline import (
     lineage,
     mitigation,
     plots,
+    promotion,
     registry,
     retention,
     serving,
@@ -46,6 +48,7 @@ Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabiliti
 FORGETTING_GATE = "retune.forgetting_gate"
 BIAS_GATE = "retune.bias_gate"
 VERDICT = "retune.verdict"
+POLICY = "retune.promotion_verdict"
 
 
 class ModelRefused(RuntimeError):
@@ -420,6 +423,7 @@ def check_model_bias(
     base_probe: Predict,
     champion: Predict | None,
     champion_version: str | None,
+    champion_probs: np.ndarray | None = None,
 ) -> fairness.ModelBiasReport:
     """Per-group metrics, identity swaps and CrowS-Pairs for the candidate, the base probe
     and the champion on the test split; the bias gate on the candidate."""
@@ -437,8 +441,29 @@ def check_model_bias(
         measure(candidate, "candidate", candidate_probs),
         config.bias,
         base_probe=measure(base_probe, "base probe"),
-        champion=measure(champion, f"champion v{champion_version}") if champion else None,
+        champion=(
+            measure(champion, f"champion v{champion_version}", champion_probs) if champion else None
+        ),
     )
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    aliases: list[str]
+    verdict: promotion.PromotionVerdict
+    champion_version: str
+
+
+def promotion_lock(project_dir: Path, tracking_uri: str | None, name: str) -> Any:
+    """The lock every promotion of ``name`` takes: a file lock beside the embedded store, or
+    a Prefect global concurrency limit (``retune-promote-NAME``, limit 1) with a server."""
+    if tracking_uri is None or tracking_uri.startswith("sqlite:"):
+        return registry.file_lock(project_dir / "mlflow" / f"promote-{name}.lock")
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(f"retune-promote-{name}", occupy=1, strict=True)
 
 
 @task(**TASK_OPTIONS)
@@ -448,17 +473,44 @@ def register(
     model_dir: Path,
     example: list[str],
     tags: dict[str, str],
-    metric: float,
-) -> registry.RegisteredVersion:
+    verdict: promotion.PromotionVerdict,
+    champion_version: str | None,
+    actor: str,
+    lock: Any,
+) -> Registered:
+    """Log the model, register a version with its tags, then give it the alias the policy
+    chose (champion: all or nothing, audited). A failure deletes the version again."""
+    name = config.registry.model_name
     model_uri = serving.log_classifier(run_id, model_dir, example, config.train.max_length)
-    return registry.register_model(
-        model_uri,
-        config.registry.model_name,
-        run_id,
-        tags,
-        metric,
-        f"test_{config.registry.primary_metric}",
-    )
+    version = registry.register_version(model_uri, name, run_id, tags)
+    try:
+        reason = "promotion policy after retraining"
+        if verdict.promote:
+            registry.move_champion(
+                name,
+                version.version,
+                actor,
+                reason,
+                verdict.summary(),
+                lock=lock,
+                smoke_texts=example,
+                expected_champion=champion_version or "",
+            )
+        elif verdict.alias == registry.CHALLENGER:
+            registry.set_challenger(name, version.version, actor, reason, verdict.summary(), lock)
+    except BaseException:
+        registry.delete_version(name, version.version)
+        raise
+    current = registry.resolve_version(f"{name}/{version.version}")
+    champion = registry.champion_metric(name, f"test_{config.registry.primary_metric}")[0]
+    return Registered(name, version.version, current.aliases, verdict, str(champion))
+
+
+def gated_group_accuracy(report: fairness.ModelBiasReport | None) -> dict[str, float]:
+    """Accuracy of the groups large enough to gate on (bias.min_gate_rows), for the policy."""
+    if report is None or report.gate_groups is None:
+        return {}
+    return {g.group: g.accuracy for g in report.gate_groups.groups if not g.too_small}
 
 
 def validation_verdict(report: validation.ValidationReport) -> str:
@@ -544,6 +596,7 @@ def retrain(
             mitigations["wise_ft"] = asdict(choice)
             plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
         test_report, tuned, test_probs = evaluate_model(config, model, tokenizer, test, suite, root)
+        champion_probs = champion_predict(test["text"].tolist()) if champion_predict else None
         model_bias = check_model_bias(
             config,
             test,
@@ -553,6 +606,7 @@ def retrain(
             probe_predict,
             champion_predict,
             champion_version,
+            champion_probs,
         )
         assert model_bias.gate is not None
         logger.info("%s", model_bias.summary())
@@ -623,21 +677,69 @@ def retrain(
             BIAS_GATE: f"{model_bias.gate.status}: {model_bias.gate.summary()}"[:4000],
             VERDICT: "refused" if refused else "accepted",
         }
+        candidate = promotion.CandidateFigures(
+            metric_name=config.registry.primary_metric,
+            metric=metric,
+            probe_metric=getattr(probe, config.registry.primary_metric),
+            gates={
+                "validation": validation_verdict(report),
+                "forgetting": kept.gate.summary(),
+                "bias": model_bias.gate.status,
+            },
+            group_accuracy=gated_group_accuracy(model_bias),
+        )
+        champion_figures = None
+        if champion_probs is not None:
+            champion_report = evaluate.classification_metrics(
+                _label_ids(test, config), champion_probs.argmax(1), config.data.labels
+            )
+            champion_figures = promotion.ChampionFigures(
+                str(champion_version),
+                getattr(champion_report, config.registry.primary_metric),
+                gated_group_accuracy(model_bias.champion),
+            )
+        verdict = promotion.decide_promotion(candidate, champion_figures, config.promotion)
+        logger.info("promotion: %s", verdict.summary())
+        tags[POLICY] = verdict.summary()[:4000]
         tracking.set_tags(run_id, tags)
-        if refused:  # recorded, marked refused, never registered
-            shutil.rmtree(out_dir / "model")
-        else:
+        tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
+        registered = None
+        if not refused or config.promotion.register_refused:
             registered = register(
-                config, run_id, out_dir / "model", test["text"].head(2).tolist(), tags, metric
+                config,
+                run_id,
+                out_dir / "model",
+                test["text"].head(2).tolist(),
+                tags,
+                verdict,
+                champion_version,
+                registry.default_actor(run_key),
+                promotion_lock(root, tracking_uri, config.registry.model_name),
             )
             tracking.set_tags(run_id, {"retune.registered_version": registered.version})
-            shutil.rmtree(out_dir / "model")  # the registered copy lives in MLflow's artifacts
+        shutil.rmtree(out_dir / "model")  # a registered copy lives in MLflow's artifacts
+        card_inputs = card.CardInputs(
+            model_name=config.registry.model_name,
+            version=registered.version if registered else None,
+            reports=reports | {"rows": {s: len(frames[s]) for s in data.SPLITS}},
+            tags=tags,
+            run_id=run_id,
+            verdict=verdict.summary(),
+        )
+        markdown = card.render_card(card_inputs)
+        (out_dir / "card").mkdir(parents=True, exist_ok=True)
+        (out_dir / "card" / "model_card.md").write_text(markdown, encoding="utf-8")
+        (out_dir / "card" / "model_card.html").write_text(
+            card.card_html(markdown, f"{config.registry.model_name} model card"), encoding="utf-8"
+        )
+        tracking.log_folder(run_id, out_dir / "card", "card")
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id)
     if refused:
         raise ModelRefused(run_id, kept, model_bias)
+    assert registered is not None
     return RunSummary(
         data_md5=version.md5,
         rows={s: len(frames[s]) for s in data.SPLITS}
@@ -656,7 +758,7 @@ def retrain(
         model_name=registered.name,
         version=registered.version,
         aliases=registered.aliases,
-        alias_reason=registered.decision.reason,
+        alias_reason=registered.verdict.summary(),
         champion_version=registered.champion_version,
         mlflow_run_id=run_id,
         tracking_uri=uri,

@@ -1,12 +1,55 @@
-"""MLflow Model Registry: register a version, tag it, and move aliases (never stages)."""
+"""MLflow Model Registry: register a version, tag it, move aliases (never stages), audit.
+
+Every alias change is recorded in an append-only audit trail kept in the same MLflow
+backend as the registry: one run per entry in the ``retune-audit`` experiment, its fields
+as ``retune.audit.*`` tags. Moving ``champion`` is all-or-nothing: the version must load
+and predict first, and a failure after the move puts the previous champion back and says
+so in the trail.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import dataclasses
+import getpass
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+AUDIT_EXPERIMENT = "retune-audit"
+AUDIT_PREFIX = "retune.audit."
+AUDIT_FIELDS = (
+    "model",
+    "alias",
+    "from_version",
+    "to_version",
+    "actor",
+    "reason",
+    "verdict",
+    "action",
+    "status",
+    "sequence",
+)
+ACTIONS = ("promote", "rollback", "register", "restore")
+STATUSES = ("done", "failed", "restored")
+SEQUENCE_DIGITS = 8  # zero-padded so that the tag sorts as a string
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
+FLOW_RUN_ACTOR = "prefect-flow-run:"
+# MLflow loads a "models from code" model through module-level globals: one load at a time
+# per process (threads of one flow may promote at once).
+_LOAD_LOCK = threading.Lock()
+# What a version must predict before it takes champion: short, long and empty-ish text.
+SMOKE_TEXTS = [
+    "A warm, funny and beautifully acted film.",
+    "Dull, loud and far too long. " * 20,
+    "ok",
+]
 
 
 @dataclass(frozen=True)
@@ -66,39 +109,71 @@ def register_model(
     tags: Mapping[str, str],
     candidate_metric: float,
     metric_key: str,
+    *,
+    actor: str | None = None,
+    lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> RegisteredVersion:
-    """Create a new version, tag it and set its alias.
+    """Create a new version, tag it, set its alias and record the change in the audit trail.
 
     If anything fails after the version exists, the version is deleted again so that
     the registry holds no half-registered model, and the error is re-raised.
-    """
-    from mlflow.exceptions import MlflowException
 
+    Args:
+        actor: who registers (default: :func:`default_actor`).
+        lock: held while the champion is read and the alias moves (see :func:`move_champion`).
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Fine-tuned by retune.")
-    previous_champion, previous_value = champion_metric(name, metric_key)
-    decision = decide_aliases(candidate_metric, previous_value, metric_key)
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
-    try:
-        client.set_model_version_tag(
-            name, version.version, "retune.alias_decision", decision.reason
-        )
-        if decision.alias == CHAMPION:
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-            # The challenger lost to the old champion; the new champion beat both.
-            _delete_alias_if_set(client, name, CHALLENGER)
-        else:
-            client.set_registered_model_alias(name, CHALLENGER, version.version)
-    except Exception:
-        client.delete_model_version(name, version.version)
-        if previous_champion is not None:
-            client.set_registered_model_alias(name, CHAMPION, previous_champion)
-        raise
+    with _held(lock):
+        _ensure_registered_model(client, name)
+        previous_champion, previous_value = champion_metric(name, metric_key)
+        previous_challenger = _alias_version(client, name, CHALLENGER)
+        decision = decide_aliases(candidate_metric, previous_value, metric_key)
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+        try:
+            client.set_model_version_tag(
+                name, version.version, "retune.alias_decision", decision.reason
+            )
+            if decision.alias == CHAMPION:
+                client.set_registered_model_alias(name, CHAMPION, version.version)
+                # The challenger lost to the old champion; the new champion beat both.
+                _delete_alias_if_set(client, name, CHALLENGER)
+                moved_from = previous_champion or ""
+            else:
+                client.set_registered_model_alias(name, CHALLENGER, version.version)
+                moved_from = previous_challenger
+            actor = actor or default_actor()
+            if decision.alias == CHAMPION and previous_challenger:
+                append_audit(
+                    name,
+                    CHALLENGER,
+                    previous_challenger,
+                    "",
+                    actor,
+                    f"v{version.version} beat the champion it lost to",
+                    decision.reason,
+                    "register",
+                    "done",
+                )
+            append_audit(
+                name,
+                decision.alias,
+                moved_from,
+                str(version.version),
+                actor,
+                f"registered from run {run_id}",
+                decision.reason,
+                "register",
+                "done",
+            )
+        except Exception:
+            client.delete_model_version(name, version.version)
+            if previous_champion is not None:
+                client.set_registered_model_alias(name, CHAMPION, previous_champion)
+            if previous_challenger:  # deleting the version dropped its aliases only
+                client.set_registered_model_alias(name, CHALLENGER, previous_challenger)
+            raise
     current = client.get_model_version(name, version.version)
     return RegisteredVersion(
         name=name,
@@ -185,3 +260,491 @@ def tag_version(name: str, version: str, key: str, value: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().set_model_version_tag(name, version, key, value)
+
+
+def list_versions(name: str) -> list[VersionInfo]:
+    """Every version of model ``name``, newest first (empty if there is no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        held = client.get_registered_model(name).aliases  # alias -> version
+    except MlflowException:
+        return []
+    escaped = name.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{escaped}'")
+    # Search results carry no aliases; the registered model does.
+    versions = [
+        dataclasses.replace(
+            _info(v), aliases=sorted(a for a, ver in held.items() if str(ver) == str(v.version))
+        )
+        for v in found
+    ]
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def register_version(
+    model_uri: str, name: str, run_id: str, tags: Mapping[str, str]
+) -> VersionInfo:
+    """Create a new version with its tags and no alias (creating the model if needed).
+
+    The promotion policy then decides its alias: :func:`move_champion` or
+    :func:`set_challenger`.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    _ensure_registered_model(client, name)
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+    return _info(client.get_model_version(name, version.version))
+
+
+def default_actor(flow_run_id: str | None = None) -> str:
+    """``prefect-flow-run:<id>`` for a flow, else the user name of this process."""
+    if flow_run_id:
+        return f"{FLOW_RUN_ACTOR}{flow_run_id}"
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER variable and no passwd entry (some containers)
+        return f"uid:{os.getuid()}"
+
+
+# --- audit trail -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    model: str
+    alias: str  # champion | challenger
+    from_version: str  # "" if the alias was not set
+    to_version: str  # "" if the alias was removed
+    actor: str  # user name or prefect-flow-run:<id>
+    reason: str
+    verdict: str  # the policy's summary, "forced: ..." or the rule that decided
+    action: str  # promote | rollback | register | restore
+    status: str  # done | failed | restored
+    sequence: int  # 1, 2, ... per model, in the order the entries were written
+    time_ms: int  # the entry run's start time, ms since the epoch
+    run_id: str
+
+
+class PromotionError(RuntimeError):
+    """A version cannot take (or give back) an alias; nothing was moved, or it was restored."""
+
+
+class StaleChampionError(PromotionError):
+    """The champion changed between the policy's verdict and the move; decide again."""
+
+
+class AuditTrailError(RuntimeError):
+    """The audit experiment cannot be written (e.g. it was deleted)."""
+
+
+def append_audit(
+    model: str,
+    alias: str,
+    from_version: str,
+    to_version: str,
+    actor: str,
+    reason: str,
+    verdict: str,
+    action: str,
+    status: str,
+) -> AuditEntry:
+    """Write one audit entry (one run in ``retune-audit``) with the next sequence number.
+
+    The sequence is the last entry's plus one: call this under the same lock as the alias
+    move it records, or two writers may take the same number.
+
+    Raises:
+        ValueError: unknown action or status.
+        AuditTrailError: the audit experiment was deleted.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"audit action {action!r}: expected one of {', '.join(ACTIONS)}")
+    if status not in STATUSES:
+        raise ValueError(f"audit status {status!r}: expected one of {', '.join(STATUSES)}")
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = _audit_experiment_id(client, create=True)
+    assert experiment_id is not None  # created above
+    sequence = _last_sequence(client, experiment_id, model) + 1
+    fields = {
+        "model": model,
+        "alias": alias,
+        "from_version": str(from_version or ""),
+        "to_version": str(to_version or ""),
+        "actor": actor,
+        "reason": _fit(reason),
+        "verdict": _fit(verdict),
+        "action": action,
+        "status": status,
+        "sequence": str(sequence).zfill(SEQUENCE_DIGITS),
+    }
+    # Tags go in with the run in one call, so an entry is written whole or not at all.
+    run = client.create_run(
+        experiment_id,
+        tags={AUDIT_PREFIX + key: value for key, value in fields.items()},
+        run_name=f"{model} #{sequence} {action} {alias}",
+    )
+    with contextlib.suppress(Exception):  # cosmetic: the entry is already written
+        client.set_terminated(run.info.run_id, status="FINISHED")
+    return _entry(run)
+
+
+def read_audit(name: str) -> list[AuditEntry]:
+    """Every audit entry of model ``name``, oldest first (by sequence, then time)."""
+    from mlflow.entities import ViewType
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = _audit_experiment_id(client, create=False)
+    if experiment_id is None:
+        return []
+    entries: list[AuditEntry] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=_model_filter(name),
+            run_view_type=ViewType.ALL,  # an entry deleted in the UI is still history
+            max_results=1000,
+            order_by=[f"tags.`{AUDIT_PREFIX}sequence` ASC", "attributes.start_time ASC"],
+            page_token=token,
+        )
+        entries += [_entry(run) for run in page]
+        token = page.token
+        if not token:
+            break
+    return sorted(entries, key=lambda e: (e.sequence, e.time_ms, e.run_id))
+
+
+def audit_problems(entries: list[AuditEntry], alias: str = CHAMPION) -> list[str]:
+    """Inconsistencies in one model's trail: repeated or missing sequence numbers, and
+    ``alias`` moves whose from_version is not where the previous move left the alias.
+    """
+    problems = []
+    sequences = [e.sequence for e in entries]
+    duplicates = sorted({s for s in sequences if sequences.count(s) > 1})
+    if duplicates:
+        problems.append(f"sequence numbers used twice: {duplicates}")
+    missing = sorted(set(range(1, max(sequences, default=0) + 1)) - set(sequences))
+    if missing:
+        problems.append(f"entries missing: sequence {missing}")
+    current: str | None = None  # unknown until the first move
+    for e in entries:
+        if e.alias != alias or e.status == "failed":
+            continue
+        if e.status == "done" and current is not None and e.from_version != current:
+            problems.append(
+                f"#{e.sequence} {e.action} moved {alias} from v{e.from_version or '-'} but the "
+                f"trail left it at v{current or '-'}"
+            )
+        current = e.to_version
+    return problems
+
+
+def previous_champion(name: str) -> str | None:
+    """The version that held champion before the current one, from the audit trail.
+
+    The trail is read as a stack: a promotion or registration pushes its version, a
+    rollback pops one, and a restore undoes the move it names. So rolling back twice goes
+    two promotions back, not back and forth. None if the trail holds no earlier champion.
+    """
+    stack: list[str] = []
+    for e in read_audit(name):
+        if e.alias != CHAMPION or e.status == "failed":
+            continue
+        if e.action in ("rollback", "restore") and stack and stack[-1] == e.from_version:
+            stack.pop()  # (a restore pops only a move that was recorded before it failed)
+        if e.to_version and (not stack or stack[-1] != e.to_version):
+            stack.append(e.to_version)
+    return stack[-2] if len(stack) >= 2 else None
+
+
+# --- moving aliases ----------------------------------------------------------------------
+
+
+def smoke_test(name: str, version: str, texts: list[str] | None = None) -> None:
+    """Load ``models:/NAME/VERSION`` as pyfunc and check it predicts ``texts``.
+
+    The prediction must have one row per text, a ``label`` column and ``prob_*`` columns
+    of probabilities.
+
+    Raises:
+        PromotionError: the version does not load or predicts nothing usable.
+    """
+    import math
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    texts = list(texts or SMOKE_TEXTS)
+    uri = f"models:/{name}/{version}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="retune-smoke-") as local:
+            with _LOAD_LOCK:
+                model = mlflow.pyfunc.load_model(uri, dst_path=local)
+            out = model.predict(pd.DataFrame({"text": texts}))
+    except Exception as err:
+        raise PromotionError(
+            f"{uri} failed to load or predict, so champion was not moved: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(out, pd.DataFrame) or "label" not in out.columns or len(out) != len(texts):
+        shape = f"{type(out).__name__} {getattr(out, 'shape', '')}"
+        raise PromotionError(
+            f"{uri} predicted {shape} for {len(texts)} texts; expected a frame with a 'label' "
+            "column and one row per text, so champion was not moved"
+        )
+    probs = [c for c in out.columns if str(c).startswith("prob_")]
+    values = out[probs].to_numpy(dtype=float).ravel() if probs else []
+    if not probs or not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in values):
+        raise PromotionError(
+            f"{uri} predicted no prob_* columns or probabilities outside [0, 1], so champion "
+            "was not moved"
+        )
+
+
+def move_champion(
+    name: str,
+    version: str,
+    actor: str,
+    reason: str,
+    verdict: str,
+    action: str = "promote",
+    lock: contextlib.AbstractContextManager[Any] | None = None,
+    smoke_texts: list[str] | None = None,
+    after_move: Callable[[], None] | None = None,
+    expected_champion: str | None = None,
+) -> AuditEntry:
+    """Give ``champion`` to ``name``/``version``, all or nothing, and record it.
+
+    First the version must load through ``models:/NAME/VERSION`` and predict
+    ``smoke_texts`` (outside the lock: a version's artifacts never change). Then, under
+    ``lock``: read the current champion, move the alias, drop ``challenger`` if this version
+    held it, call ``after_move`` (a hook; tests inject failures there) and append the audit
+    entry. If anything after the move fails, the previous champion (and challenger) are put
+    back, a ``restore`` entry naming the error is appended, and the error is re-raised.
+
+    Args:
+        action: "promote" or "rollback".
+        lock: held across read-move-record so that concurrent promotions form one chain
+            (e.g. ``prefect.concurrency.sync.concurrency(...)`` or :func:`file_lock`).
+        expected_champion: the champion the verdict was computed against ("" for none);
+            if the champion has changed since, nothing moves (StaleChampionError).
+
+    Returns:
+        The "done" audit entry.
+
+    Raises:
+        PromotionError: the version failed the smoke test or already is champion.
+        StaleChampionError: the champion is not ``expected_champion``.
+    """
+    from mlflow import MlflowClient
+
+    if action not in ("promote", "rollback"):
+        raise ValueError(f"move_champion action {action!r}: expected promote or rollback")
+    version = str(version)
+    smoke_test(name, version, smoke_texts)
+    client = MlflowClient()
+    with _held(lock):
+        previous = _alias_version(client, name, CHAMPION)
+        if expected_champion is not None and previous != expected_champion:
+            raise StaleChampionError(
+                f"{name}: champion is v{previous or ' (none)'}, but the verdict for v{version} "
+                f"was computed against v{expected_champion or ' (none)'}; run the policy again"
+            )
+        if previous == version:
+            raise PromotionError(f"{name}/{version} already holds {CHAMPION}; nothing to move")
+        cleared_challenger = False
+        try:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            if _alias_version(client, name, CHALLENGER) == version:
+                client.delete_registered_model_alias(name, CHALLENGER)
+                cleared_challenger = True
+            if after_move is not None:
+                after_move()
+            return append_audit(
+                name, CHAMPION, previous, version, actor, reason, verdict, action, "done"
+            )
+        except BaseException as err:  # Ctrl-C too: never leave an unrecorded champion
+            _restore_champion(
+                client, name, version, previous, cleared_challenger, actor, verdict, action, err
+            )
+            raise
+
+
+def set_challenger(
+    name: str,
+    version: str,
+    actor: str,
+    reason: str,
+    verdict: str,
+    lock: contextlib.AbstractContextManager[Any] | None = None,
+) -> AuditEntry:
+    """Give ``challenger`` to ``name``/``version`` and record it (no smoke test: not served)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    with _held(lock):
+        previous = _alias_version(client, name, CHALLENGER)
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
+        try:
+            return append_audit(
+                name, CHALLENGER, previous, str(version), actor, reason, verdict, "promote", "done"
+            )
+        except BaseException:
+            if previous:
+                client.set_registered_model_alias(name, CHALLENGER, previous)
+            else:
+                _delete_alias_if_set(client, name, CHALLENGER)
+            raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) across processes on one machine.
+
+    Enough for the embedded SQLite store, where every writer runs on this machine; with a
+    shared tracking server, use a lock every machine sees (a Prefect concurrency limit).
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _restore_champion(
+    client: Any,
+    name: str,
+    version: str,
+    previous: str,
+    cleared_challenger: bool,
+    actor: str,
+    verdict: str,
+    action: str,
+    err: BaseException,
+) -> None:
+    """Put the previous champion (and challenger) back and record that; never raises."""
+    status = "restored"
+    note = ""
+    try:
+        if previous:
+            client.set_registered_model_alias(name, CHAMPION, previous)
+        else:
+            _delete_alias_if_set(client, name, CHAMPION)
+        if cleared_challenger:
+            client.set_registered_model_alias(name, CHALLENGER, version)
+    except Exception as restore_err:
+        status = "failed"
+        note = f"; restoring failed too ({type(restore_err).__name__}: {restore_err})"
+    back = f"v{previous}" if previous else "no champion"
+    reason = (
+        f"{action} of v{version} failed after the alias moved "
+        f"({type(err).__name__}: {err}); champion restored to {back}{note}"
+    )
+    try:
+        append_audit(name, CHAMPION, version, previous, actor, reason, verdict, "restore", status)
+    except Exception as audit_err:
+        err.add_note(f"the audit entry for the restore was not written either: {audit_err}")
+    if status == "failed":
+        err.add_note(reason)
+
+
+def _held(
+    lock: contextlib.AbstractContextManager[Any] | None,
+) -> contextlib.AbstractContextManager[Any]:
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Fine-tuned by retune.")
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str:
+    """The version that holds ``alias``, or "" if none (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return ""
+
+
+def _audit_experiment_id(client: Any, create: bool) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if found is None and create:
+        try:
+            return client.create_experiment(AUDIT_EXPERIMENT)
+        except MlflowException:  # another writer created it just now
+            found = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if found is None:
+        return None
+    if found.lifecycle_stage != "active" and create:
+        raise AuditTrailError(
+            f"the audit experiment '{AUDIT_EXPERIMENT}' (id {found.experiment_id}) was "
+            f"deleted; restore it with `mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}` before moving aliases"
+        )
+    return found.experiment_id
+
+
+def _model_filter(name: str) -> str:
+    escaped = name.replace("'", "\\'")
+    return f"tags.`{AUDIT_PREFIX}model` = '{escaped}'"
+
+
+def _last_sequence(client: Any, experiment_id: str, model: str) -> int:
+    from mlflow.entities import ViewType
+
+    last = client.search_runs(
+        [experiment_id],
+        filter_string=_model_filter(model),
+        run_view_type=ViewType.ALL,
+        max_results=1,
+        order_by=[f"tags.`{AUDIT_PREFIX}sequence` DESC"],
+    )
+    return int(last[0].data.tags[AUDIT_PREFIX + "sequence"]) if last else 0
+
+
+def _fit(text: str) -> str:
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
+
+
+def _entry(run: Any) -> AuditEntry:
+    tags = run.data.tags
+    values = {key: tags.get(AUDIT_PREFIX + key, "") for key in AUDIT_FIELDS}
+    return AuditEntry(
+        **{k: v for k, v in values.items() if k != "sequence"},
+        sequence=int(values["sequence"] or 0),
+        time_ms=int(run.info.start_time or 0),
+        run_id=run.info.run_id,
+    )
+
+
+def delete_version(name: str, version: str) -> None:
+    """Remove a version that failed to register completely (never one that held an alias)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if client.get_model_version(name, version).aliases:
+        raise PromotionError(f"{name}/{version} holds an alias; it is not deleted")
+    client.delete_model_version(name, version)

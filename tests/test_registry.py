@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,273 @@ def test_failure_after_the_version_exists_leaves_no_half_registered_model(store:
     versions = MlflowClient().search_model_versions("name='m'")
     assert [str(v.version) for v in versions] == ["1"]
     assert aliases("m") == {CHAMPION: "1"}
+
+
+# --- audit trail and all-or-nothing champion moves, with real pyfunc models -------------
+
+LABELS = ["fresh", "rotten"]
+
+
+@pytest.fixture(scope="module")
+def model_store(tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A store holding one logged tiny classifier and one run whose "model" is not a model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import serving
+    from pipeline.finetune import save_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_base_model,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
+    classifier = save_model(model, tokenizer, tmp_path_factory.mktemp("clf"))
+    root = tmp_path_factory.mktemp("audit-store")
+    tracking.configure(root)
+    run_id = tracking.start_run(root, "exp", "log", {})
+    model_uri = serving.log_classifier(run_id, classifier, ["good", "bad"])
+    tracking.end_run(run_id)
+    broken_run, broken_uri = candidate(root, 0.9)  # model/weights.txt: loads as nothing
+    return {
+        "root": str(root),
+        "run_id": run_id,
+        "model_uri": model_uri,
+        "broken_run": broken_run,
+        "broken_uri": broken_uri,
+    }
+
+
+@pytest.fixture
+def name(model_store: dict[str, str]) -> str:
+    """A fresh registered model with versions 1-3 of the tiny classifier and 4 broken."""
+    tracking.configure(Path(model_store["root"]))
+    client = MlflowClient()
+    model_name = f"audit-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(model_name)
+    for _ in range(3):
+        client.create_model_version(
+            model_name, model_store["model_uri"], run_id=model_store["run_id"]
+        )
+    client.create_model_version(
+        model_name, model_store["broken_uri"], run_id=model_store["broken_run"]
+    )
+    return model_name
+
+
+def promote(name: str, version: str, **kwargs) -> registry.AuditEntry:
+    kwargs = {"actor": "ana", "reason": "better", "verdict": "promote to champion"} | kwargs
+    return registry.move_champion(name, version, **kwargs)
+
+
+def trail(name: str) -> list[tuple[str, str, str, str, str, int]]:
+    return [
+        (e.action, e.status, e.alias, e.from_version, e.to_version, e.sequence)
+        for e in registry.read_audit(name)
+    ]
+
+
+def test_move_champion_moves_the_alias_clears_challenger_and_records_the_move(name: str):
+    first = promote(name, "1", reason="first model", verdict="promote to champion: floor ok")
+    assert aliases(name) == {CHAMPION: "1"}
+    registry.set_challenger(name, "2", "prefect-flow-run:abc", "lost", "keep as challenger: x")
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "2"}
+
+    entry = promote(name, "2", actor="bob", reason="retrained on May data")
+
+    assert aliases(name) == {CHAMPION: "2"}  # the challenger won: it no longer is one
+    assert trail(name) == [
+        ("promote", "done", CHAMPION, "", "1", 1),
+        ("promote", "done", CHALLENGER, "", "2", 2),
+        ("promote", "done", CHAMPION, "1", "2", 3),
+    ]
+    assert (entry.actor, entry.reason, entry.verdict) == (
+        "bob",
+        "retrained on May data",
+        "promote to champion",
+    )
+    assert registry.read_audit(name)[0] == first
+    assert first.time_ms <= entry.time_ms and first.time_ms > 1_700_000_000_000
+    assert registry.read_audit(name)[1].actor == "prefect-flow-run:abc"
+    # Stored as runs with tags in the retune-audit experiment of the same backend.
+    client = MlflowClient()
+    run = client.get_run(entry.run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == registry.AUDIT_EXPERIMENT
+    assert run.data.tags["retune.audit.sequence"] == "00000003"
+    assert run.data.tags["retune.audit.from_version"] == "1"
+    assert registry.audit_problems(registry.read_audit(name)) == []
+    assert [v.version for v in registry.list_versions(name)] == ["4", "3", "2", "1"]
+    assert registry.list_versions(name)[2].aliases == [CHAMPION]
+
+
+def test_a_version_that_does_not_load_and_predict_moves_nothing(name: str):
+    promote(name, "1")
+    with pytest.raises(registry.PromotionError, match=r"models:/audit-\w+/4 failed to load or "):
+        promote(name, "4")
+    with pytest.raises(registry.PromotionError, match="already holds champion"):
+        promote(name, "1")
+
+    assert aliases(name) == {CHAMPION: "1"}
+    assert trail(name) == [("promote", "done", CHAMPION, "", "1", 1)]
+
+
+def test_failure_between_alias_move_and_audit_record_restores_the_previous_champion(name: str):
+    promote(name, "1")
+    registry.set_challenger(name, "2", "ana", "lost", "keep as challenger")
+
+    def disk_full() -> None:
+        assert aliases(name)[CHAMPION] == "2"  # the alias had moved
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        promote(name, "2", after_move=disk_full, verdict="promote to champion: ok")
+
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "2"}
+    assert trail(name) == [
+        ("promote", "done", CHAMPION, "", "1", 1),
+        ("promote", "done", CHALLENGER, "", "2", 2),
+        ("restore", "restored", CHAMPION, "2", "1", 3),
+    ]
+    restore = registry.read_audit(name)[-1]
+    assert restore.reason == (
+        "promote of v2 failed after the alias moved (OSError: disk full); champion restored to v1"
+    )
+    assert restore.verdict == "promote to champion: ok"
+    assert registry.previous_champion(name) is None  # the failed move is no champion
+    assert registry.audit_problems(registry.read_audit(name)) == []
+
+
+def test_failed_first_promotion_leaves_no_champion(name: str):
+    with pytest.raises(RuntimeError, match="boom"):
+        promote(name, "1", after_move=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    assert aliases(name) == {}
+    assert trail(name) == [("restore", "restored", CHAMPION, "1", "", 1)]
+    assert registry.read_audit(name)[0].reason.endswith("champion restored to no champion")
+
+
+def test_stale_verdict_moves_nothing(name: str):
+    promote(name, "1")
+    promote(name, "2", expected_champion="1")
+    with pytest.raises(registry.StaleChampionError, match="champion is v2, but the verdict for v3"):
+        promote(name, "3", expected_champion="1")
+    assert aliases(name) == {CHAMPION: "2"}
+    assert len(registry.read_audit(name)) == 2
+
+
+def test_rollback_walks_back_along_the_trail_and_the_trail_keeps_everything(name: str):
+    for version in ("1", "2", "3"):
+        promote(name, version)
+    with pytest.raises(OSError):  # a failed attempt in between changes nothing
+        promote(name, "1", after_move=lambda: (_ for _ in ()).throw(OSError("x")))
+    assert registry.previous_champion(name) == "2"
+
+    back = promote(name, "2", action="rollback", reason="v3 mislabels sarcasm")
+    assert (back.from_version, back.to_version, back.action) == ("3", "2", "rollback")
+    assert aliases(name) == {CHAMPION: "2"}
+    assert registry.previous_champion(name) == "1"  # again: further back, not forth
+
+    promote(name, "1", action="rollback", reason="still bad")
+    assert aliases(name) == {CHAMPION: "1"}
+    assert registry.previous_champion(name) is None
+    assert trail(name) == [
+        ("promote", "done", CHAMPION, "", "1", 1),
+        ("promote", "done", CHAMPION, "1", "2", 2),
+        ("promote", "done", CHAMPION, "2", "3", 3),
+        ("restore", "restored", CHAMPION, "1", "3", 4),
+        ("rollback", "done", CHAMPION, "3", "2", 5),
+        ("rollback", "done", CHAMPION, "2", "1", 6),
+    ]
+    assert registry.audit_problems(registry.read_audit(name)) == []
+
+
+def test_register_model_records_its_alias_changes(store: Path):
+    run1, uri1 = candidate(store, 0.80)
+    registry.register_model(uri1, "m", run1, {}, 0.80, "test_macro_f1", actor="ci")
+    run2, uri2 = candidate(store, 0.79)
+    registry.register_model(uri2, "m", run2, {}, 0.79, "test_macro_f1", actor="ci")
+    run3, uri3 = candidate(store, 0.85)
+    registry.register_model(uri3, "m", run3, {}, 0.85, "test_macro_f1", actor="ci")
+
+    assert trail("m") == [
+        ("register", "done", CHAMPION, "", "1", 1),
+        ("register", "done", CHALLENGER, "", "2", 2),
+        ("register", "done", CHALLENGER, "2", "", 3),
+        ("register", "done", CHAMPION, "1", "3", 4),
+    ]
+    assert aliases("m") == {CHAMPION: "3"}
+    assert registry.read_audit("m")[3].verdict == "test test_macro_f1 0.8500 > champion's 0.8000"
+    assert registry.read_audit("m")[0].reason == f"registered from run {run1}"
+    assert registry.previous_champion("m") == "1"
+
+
+def _promote_in_child(root: str, name: str, version: str, lock_path: str, barrier) -> None:
+    """One "flow": wait for the other, then promote under the shared file lock."""
+    tracking.configure(Path(root))
+    barrier.wait(timeout=120)
+    registry.move_champion(
+        name,
+        version,
+        actor=f"prefect-flow-run:{version}",
+        reason="concurrent",
+        verdict="promote to champion",
+        lock=registry.file_lock(Path(lock_path)),
+        after_move=lambda: time.sleep(0.3),  # widen the window between move and record
+    )
+
+
+def test_two_concurrent_promotions_under_a_lock_leave_one_champion_and_a_full_chain(
+    name: str, model_store: dict[str, str], tmp_path: Path
+):
+    promote(name, "1")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    lock_path = str(tmp_path / "promote.lock")
+    flows = [
+        context.Process(
+            target=_promote_in_child,
+            args=(model_store["root"], name, version, lock_path, barrier),
+        )
+        for version in ("2", "3")
+    ]
+    for flow in flows:
+        flow.start()
+    for flow in flows:
+        flow.join(timeout=300)
+    assert [flow.exitcode for flow in flows] == [0, 0]
+
+    entries = registry.read_audit(name)
+    assert registry.audit_problems(entries) == []
+    assert [e.sequence for e in entries] == [1, 2, 3]
+    assert entries[0].to_version == "1"
+    assert entries[1].from_version == "1"
+    assert entries[2].from_version == entries[1].to_version  # one chain, whoever went first
+    assert {entries[1].to_version, entries[2].to_version} == {"2", "3"}
+    assert aliases(name) == {CHAMPION: entries[2].to_version}
+    champions = [v.version for v in registry.list_versions(name) if CHAMPION in v.aliases]
+    assert champions == [entries[2].to_version]
+
+
+def test_without_a_lock_interleaved_promotions_break_the_chain(name: str, monkeypatch):
+    """Why the lock matters: both read champion v1 before either moves the alias."""
+    promote(name, "1")
+    both_read = threading.Barrier(2, timeout=60)
+    original = MlflowClient.set_registered_model_alias
+
+    def after_both_read(self, model, alias, version):
+        both_read.wait()
+        return original(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", after_both_read)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda v: promote(name, v), ["2", "3"]))
+    monkeypatch.undo()
+
+    entries = registry.read_audit(name)
+    assert [e.from_version for e in entries[1:]] == ["1", "1"]  # two moves away from v1
+    assert any(
+        "moved champion from v1 but the trail left it at" in p
+        for p in (registry.audit_problems(entries))
+    )

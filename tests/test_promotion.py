@@ -1,0 +1,194 @@
+"""The promotion policy on hand-made figures: every criterion, both modes, no champion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import PromotionConfig
+from pipeline.promotion import (
+    CandidateFigures,
+    ChampionFigures,
+    Criterion,
+    decide_promotion,
+    gate_passed,
+)
+
+GATES_OK = {"validation": "passed", "bias": "passed with 2 warnings", "forgetting": "warned"}
+
+
+def candidate(
+    metric: float = 0.8153,
+    probe: float | None = 0.70,
+    gates: dict[str, str] | None = None,
+    groups: dict[str, float] | None = None,
+) -> CandidateFigures:
+    return CandidateFigures(
+        metric_name="macro_f1",
+        metric=metric,
+        probe_metric=probe,
+        gates=GATES_OK if gates is None else gates,
+        group_accuracy=groups or {},
+    )
+
+
+def champion(metric: float = 0.8053, groups: dict[str, float] | None = None) -> ChampionFigures:
+    return ChampionFigures(version="3", metric=metric, group_accuracy=groups or {})
+
+
+def by_name(criteria: list[Criterion]) -> dict[str, Criterion]:
+    return {c.name: c for c in criteria}
+
+
+def test_better_candidate_is_promoted_and_the_verdict_lists_every_criterion_with_numbers():
+    verdict = decide_promotion(candidate(), champion(), PromotionConfig())
+
+    assert (verdict.promote, verdict.alias, verdict.refused) == (True, "champion", False)
+    assert [c.name for c in verdict.criteria] == ["gates", "floor", "probe", "champion", "groups"]
+    got = by_name(verdict.criteria)
+    assert got["gates"].detail == (
+        "validation passed, bias passed with 2 warnings, forgetting warned"
+    )
+    assert got["floor"].detail == "test macro_f1 0.8153 vs floor 0.0000: reached"
+    assert got["probe"].detail == "test macro_f1 0.8153 vs probe 0.7000: better"
+    assert got["champion"].detail == ("test macro_f1 0.8153 vs champion v3 0.8053 + 0.0000: better")
+    assert got["groups"].detail == "no group large enough to compare"
+    summary = verdict.summary()
+    assert "\n" not in summary
+    assert summary.startswith("promote to champion: gates ok (validation passed")
+    assert "champion ok (test macro_f1 0.8153 vs champion v3 0.8053 + 0.0000: better)" in summary
+    as_dict = json.loads(json.dumps(verdict.to_dict()))
+    assert as_dict["alias"] == "champion" and as_dict["summary"] == summary
+    assert as_dict["criteria"][3] == {
+        "name": "champion",
+        "passed": True,
+        "detail": "test macro_f1 0.8153 vs champion v3 0.8053 + 0.0000: better",
+    }
+
+
+def test_superiority_needs_more_than_the_minimum_improvement():
+    policy = PromotionConfig(min_improvement=0.01)
+    # 0.8053 + 0.01 is 0.8153 (up to float error): equal is not "more than".
+    at_margin = decide_promotion(candidate(0.8153), champion(0.8053), policy)
+    assert (at_margin.promote, at_margin.alias) == (False, "challenger")
+    assert by_name(at_margin.criteria)["champion"] == Criterion(
+        "champion", False, "test macro_f1 0.8153 vs champion v3 0.8053 + 0.0100: not better"
+    )
+    assert decide_promotion(candidate(0.8154), champion(0.8053), policy).promote
+    # With no minimum, a tie keeps the champion.
+    tie = decide_promotion(candidate(0.8053), champion(0.8053), PromotionConfig())
+    assert tie.alias == "challenger"
+
+
+def test_non_inferiority_accepts_a_candidate_worse_by_at_most_the_margin():
+    policy = PromotionConfig(mode="non-inferiority", non_inferiority_margin=0.01)
+    at_margin = decide_promotion(candidate(0.80), champion(0.81), policy)
+    assert at_margin.promote
+    assert by_name(at_margin.criteria)["champion"].detail == (
+        "test macro_f1 0.8000 vs champion v3 0.8100 - 0.0100: non-inferior"
+    )
+    worse = decide_promotion(candidate(0.7999), champion(0.81), policy)
+    assert (worse.promote, worse.alias) == (False, "challenger")
+    assert by_name(worse.criteria)["champion"].detail.endswith("0.8100 - 0.0100: inferior")
+
+
+def test_floor_and_probe():
+    floor = decide_promotion(candidate(0.55), None, PromotionConfig(min_metric=0.6))
+    assert (floor.promote, floor.alias) == (False, "challenger")
+    assert by_name(floor.criteria)["floor"] == Criterion(
+        "floor", False, "test macro_f1 0.5500 vs floor 0.6000: below"
+    )
+
+    probe = decide_promotion(candidate(0.8153, probe=0.82), champion(0.5), PromotionConfig())
+    assert (probe.promote, probe.alias) == (False, "challenger")
+    assert by_name(probe.criteria)["probe"].detail == (
+        "test macro_f1 0.8153 vs probe 0.8200: not better"
+    )
+    off = decide_promotion(
+        candidate(0.8153, probe=0.82), champion(0.5), PromotionConfig(beat_probe=False)
+    )
+    assert off.promote
+    assert by_name(off.criteria)["probe"] == Criterion(
+        "probe", True, "skipped: promotion.beat_probe is false"
+    )
+    missing = decide_promotion(candidate(probe=None), champion(0.5), PromotionConfig())
+    assert by_name(missing.criteria)["probe"].detail == "skipped: no probe metric reported"
+
+
+def test_groups_may_trail_the_champion_by_at_most_the_margin():
+    champ = champion(0.5, groups={"women": 0.80, "men": 0.82, "black": 0.75})
+    policy = PromotionConfig(group_margin=0.02)
+
+    # women 0.78 = 0.80 - 0.02 passes; men 0.79 < 0.80 fails; black/asian are not in both.
+    fails = decide_promotion(
+        candidate(groups={"women": 0.78, "men": 0.79, "asian": 0.9}), champ, policy
+    )
+    assert (fails.promote, fails.alias) == (False, "challenger")
+    assert by_name(fails.criteria)["groups"] == Criterion(
+        "groups",
+        False,
+        "1 of 2 groups trail the champion by more than 0.0200: men 0.7900 vs 0.8200",
+    )
+
+    passes = decide_promotion(candidate(groups={"women": 0.78, "men": 0.81}), champ, policy)
+    assert passes.promote
+    assert by_name(passes.criteria)["groups"].detail == (
+        "all 2 groups within 0.0200 of the champion (closest: women 0.7800 vs 0.8000)"
+    )
+    disjoint = decide_promotion(candidate(groups={"asian": 0.1}), champ, policy)
+    assert disjoint.promote
+    assert by_name(disjoint.criteria)["groups"].detail == "no group large enough to compare"
+
+
+def test_without_a_champion_only_the_absolute_floors_apply():
+    weak = candidate(0.30, probe=0.20, groups={"women": 0.1})
+    verdict = decide_promotion(weak, None, PromotionConfig())
+    assert (verdict.promote, verdict.alias) == (True, "champion")
+    got = by_name(verdict.criteria)
+    assert got["champion"] == Criterion("champion", True, "skipped: no champion yet")
+    assert got["groups"] == Criterion("groups", True, "skipped: no champion yet")
+
+    below = decide_promotion(weak, None, PromotionConfig(min_metric=0.5))
+    assert (below.promote, below.alias) == (False, "challenger")
+
+
+def test_a_failed_gate_refuses_the_candidate_whatever_its_metrics():
+    gates = {"validation": "passed", "bias": "passed", "forgetting": "refused: retention 0.71"}
+    verdict = decide_promotion(candidate(0.99, gates=gates), champion(0.5), PromotionConfig())
+
+    assert (verdict.promote, verdict.alias, verdict.refused) == (False, "none", True)
+    assert by_name(verdict.criteria)["gates"] == Criterion(
+        "gates", False, "validation passed, bias passed, forgetting refused: retention 0.71"
+    )
+    assert verdict.summary().startswith("refused: gates FAILED (")
+    assert verdict.to_dict()["refused"] is True
+    # Other criteria are still reported with their numbers.
+    assert by_name(verdict.criteria)["champion"].passed
+
+
+@pytest.mark.parametrize(
+    ("outcome", "passed"),
+    [
+        ("passed", True),
+        ("passed with 3 warnings", True),
+        ("warned", True),
+        ("refused", False),
+        ("Refused: bias gap 0.12 > 0.05", False),
+        (" failed: 12 expectations", False),
+    ],
+)
+def test_gate_outcomes(outcome: str, passed: bool):
+    assert gate_passed(outcome) is passed
+
+
+def test_policy_module_imports_no_mlflow_prefect_or_torch():
+    # A fresh interpreter: this test session may have imported them already.
+    code = (
+        "import sys, pipeline.promotion; "
+        "print(sorted({'mlflow', 'prefect', 'torch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
