@@ -69,7 +69,11 @@ def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefec
         base = {k: run.data.metrics[f"retention_{k}_base"] for k in ("lee", "men", "wordsim353")}
         assert base == pytest.approx({"lee": 0.508, "men": 0.764, "wordsim353": 0.729}, abs=0.005)
     v2 = client.get_model_version(name, "2")
-    assert "<= champion's" in v2.tags["retune.alias_decision"]
+    # The same model again is not better than the champion: the policy keeps it challenger.
+    assert v2.tags["retune.promotion_verdict"].startswith("keep as challenger: ")
+    for run in runs:  # both gates passed on the real model with the default mitigation
+        assert run.data.tags["retune.verdict"] == "accepted"
+        assert run.data.metrics["forgetting_mean_drop"] <= 0.02
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     predictions = model.predict(pd.DataFrame({"text": ["A triumph.", "A dull, lifeless mess."]}))
