@@ -709,6 +709,98 @@ def card(
     typer.echo(text)
 
 
+Cron = Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * 1".')]
+Interval = Annotated[int | None, typer.Option(help="Run every N seconds.")]
+RRule = Annotated[str | None, typer.Option(help='iCal RRule, e.g. "FREQ=WEEKLY;BYDAY=MO".')]
+ConfigOption = Annotated[Path | None, typer.Option(help="Config file, relative to the project.")]
+RetrainAlways = Annotated[
+    bool, typer.Option(help="Retrain even when the data has not changed since the champion.")
+]
+
+
+def _schedule(cron: str | None, interval: int | None, rrule: str | None) -> dict[str, Any]:
+    given = {k: v for k, v in (("cron", cron), ("interval", interval), ("rrule", rrule)) if v}
+    if len(given) != 1:
+        _fail("give exactly one schedule: --cron, --interval or --rrule")
+    return given
+
+
+def _deployment_parameters(
+    project_dir: Path, config: Path | None, retrain_always: bool
+) -> dict[str, Any]:
+    config = config or Path(DEFAULT_CONFIG)
+    _load(project_dir, project_dir / config if (project_dir / config).is_file() else None, [])
+    return {
+        "config_path": str(config),
+        "project_dir": str(project_dir),
+        "retrain_always": retrain_always,
+    }
+
+
+@app.command()
+def deploy(
+    cron: Cron = None,
+    interval: Interval = None,
+    rrule: RRule = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "retune-scheduled",
+    config: Annotated[
+        Path | None, typer.Option(help="Config file, relative to the project.")
+    ] = None,
+    pool: Annotated[
+        str, typer.Option(help="Prefect work pool (a process pool).")
+    ] = "retune-process",
+    retrain_always: RetrainAlways = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Create a Prefect deployment of scheduled retraining on a work pool (needs a server).
+
+    Start a worker for the pool: prefect worker start --pool retune-process --type process.
+    """
+    project_dir = project_dir.resolve()
+    schedule = _schedule(cron, interval, rrule)
+    parameters = _deployment_parameters(project_dir, config, retrain_always)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("retune deploy needs a Prefect server: set PREFECT_API_URL (or use retune serve)")
+    from flows.scheduled import scheduled_retrain
+
+    code_root = Path(__file__).resolve().parents[1]  # where flows/ is installed
+    flow = scheduled_retrain.from_source(
+        source=str(code_root), entrypoint="flows/scheduled.py:scheduled_retrain"
+    )
+    deployment_id = flow.deploy(
+        name=name,
+        work_pool_name=pool,
+        parameters=parameters,
+        concurrency_limit=1,  # runs of this deployment never overlap
+        print_next_steps=False,
+        build=False,
+        push=False,
+        **schedule,
+    )
+    typer.echo(f"deployment scheduled-retrain/{name} ({deployment_id}) on pool {pool}: {schedule}")
+
+
+@app.command()
+def serve(
+    cron: Cron = None,
+    interval: Interval = None,
+    rrule: RRule = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "retune-scheduled",
+    config: Annotated[
+        Path | None, typer.Option(help="Config file, relative to the project.")
+    ] = None,
+    retrain_always: RetrainAlways = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Serve scheduled retraining from this machine (no work pool needed); Ctrl-C stops."""
+    project_dir = project_dir.resolve()
+    schedule = _schedule(cron, interval, rrule)
+    parameters = _deployment_parameters(project_dir, config, retrain_always)
+    from flows.scheduled import scheduled_retrain
+
+    scheduled_retrain.serve(name=name, parameters=parameters, global_limit=1, **schedule)
+
+
 def _console() -> Any:
     """A rich console; when piped or captured, wide enough that md5s never wrap."""
     from rich.console import Console

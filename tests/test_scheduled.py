@@ -1,0 +1,117 @@
+"""Scheduled retraining through a real Prefect API, a process work pool and a worker:
+`retune deploy` creates the deployment; the first run retrains and registers; the second
+finds the data unchanged and skips, recorded with its reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_retune
+from test_flow import USER_DATA, reviews, write_csv
+
+from mlflow import MlflowClient
+from pipeline import tracking
+
+pytestmark = pytest.mark.integration
+
+
+def prefect_cli(api_url: str, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(project / ".prefect")}
+    prefect = Path(sys.executable).parent / "prefect"
+    return subprocess.run(
+        [str(prefect), *args], env=env, capture_output=True, text=True, timeout=300, cwd=project
+    )
+
+
+def run_deployment_and_wait(api_url: str, project: Path, deployment: str, pool: str) -> str:
+    """Trigger a run, let one worker pass execute it, return the final state's name."""
+    started = prefect_cli(api_url, project, "deployment", "run", deployment)
+    assert started.returncode == 0, started.stdout + started.stderr
+    worker = prefect_cli(api_url, project, "worker", "start", "--pool", pool, "--run-once")
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    os.environ["PREFECT_API_URL"] = api_url
+    with get_client(sync_client=True) as client:
+        for _ in range(60):
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[deployment.split("/")[1]])
+                ),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+            if runs and runs[0].state and runs[0].state.is_final():
+                return runs[0].state.name
+            time.sleep(2)
+    raise AssertionError("the deployment's run did not finish")
+
+
+def test_deploy_run_through_a_worker_then_skip_unchanged_data(
+    prefect_harness, project, tiny_base_model
+):
+    write_csv(project / "reviews.csv", reviews())
+    config: dict = {}
+    for item in (
+        *USER_DATA,
+        f"train.base_model={tiny_base_model}",
+        "train.epochs=1",
+        "train.bf16=false",
+        "train.strategy=head",
+    ):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
+    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+    pool = "retune-test-pool"
+    created = prefect_cli(
+        prefect_harness, project, "work-pool", "create", pool, "--type", "process"
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    deployed = run_retune(
+        project,
+        prefect_harness,
+        "deploy",
+        "--cron",
+        "0 3 * * 1",
+        "--name",
+        "nightly",
+        "--pool",
+        pool,
+        "--project-dir",
+        str(project),
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "deployment scheduled-retrain/nightly" in deployed.stdout
+    bad = run_retune(project, prefect_harness, "deploy", "--project-dir", str(project))
+    assert bad.returncode == 1 and "give exactly one schedule" in bad.stderr
+
+    assert (
+        run_deployment_and_wait(prefect_harness, project, "scheduled-retrain/nightly", pool)
+        == "Completed"
+    )
+    tracking.configure(project)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("retune-sentiment", "champion").version) == "1"
+
+    assert (
+        run_deployment_and_wait(prefect_harness, project, "scheduled-retrain/nightly", pool)
+        == "Completed"
+    )
+    experiment = client.get_experiment_by_name("retune")
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    assert runs[0].data.tags["retune.verdict"] == "skipped"
+    assert runs[0].data.tags["retune.skip_reason"].startswith("data unchanged since the champion")
+    versions = client.search_model_versions("name = 'retune-sentiment'")
+    assert len(versions) == 1  # nothing new registered
