@@ -34,12 +34,9 @@ DEFAULT_CASES = [
     "lora",
     "lp-ft",
     "partial+l2sp=100",
-    "full+l2sp=100",
     "partial+distill=1",
     "partial+distill=5",
     "full+distill=5",
-    "lora+distill=5",
-    "lp-ft+distill=5",
 ]
 RESULTS = ROOT / "bench" / "results" / "forgetting.jsonl"
 
