@@ -1,0 +1,250 @@
+"""Scheduled retraining on real servers, all on 127.0.0.1: PostgreSQL, an MLflow tracking
+server backed by it (local artifact root), a Prefect server on PostgreSQL, a process work
+pool and a worker. `retune deploy` creates the deployment, the worker runs it, and the
+registry is checked in PostgreSQL through MLflow. Every server started here is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_retune
+from test_flow import USER_DATA, reviews, write_csv
+
+pytestmark = pytest.mark.integration
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+def as_postgres(*args: str) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[str]:
+    """A throwaway cluster on 127.0.0.1; yields host:port. Data dir under ``root``."""
+    if not (PG_BIN / "initdb").is_file():
+        pytest.fail(f"PostgreSQL 15 is not installed ({PG_BIN}); .ci/run installs it")
+    data, port = root / "pgdata", free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(data, "postgres")
+    subprocess.run(
+        as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data}"
+    subprocess.run(
+        as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "start",
+            "-l",
+            str(data / "log"),
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        for db in ("mlflow", "prefect"):
+            subprocess.run(
+                [
+                    "psql",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    "postgres",
+                    "-c",
+                    f"CREATE DATABASE {db}",
+                ],
+                check=True,
+                capture_output=True,
+            )
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"),
+            capture_output=True,
+        )
+
+
+@contextlib.contextmanager
+def server(args: list[str], env: dict[str, str], health: str, log: Path) -> Iterator[None]:
+    with log.open("w") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_http(health, 120, process)
+            yield
+        except BaseException:
+            print(log.read_text()[-3000:])
+            raise
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
+    tmp_path, project, tiny_base_model
+):
+    with postgres(tmp_path / "pg") as pg:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        mlflow_port, prefect_port = free_port(), free_port()
+        mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+        api_url = f"http://127.0.0.1:{prefect_port}/api"
+        mlflow_cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"postgresql+psycopg2://postgres@{pg}/mlflow",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--serve-artifacts",
+        ]
+        prefect_env = env | {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@{pg}/prefect",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        prefect_cmd = [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ]
+        with (
+            server(mlflow_cmd, env, f"{mlflow_uri}/health", tmp_path / "mlflow.log"),
+            server(prefect_cmd, prefect_env, f"{api_url}/health", tmp_path / "prefect.log"),
+        ):
+            client_env = env | {
+                "MLFLOW_TRACKING_URI": mlflow_uri,
+                "PREFECT_API_URL": api_url,
+                "PREFECT_HOME": str(tmp_path / "client-home"),
+            }
+            write_csv(project / "reviews.csv", reviews())
+            config: dict = {}
+            for item in (
+                *USER_DATA,
+                f"train.base_model={tiny_base_model}",
+                "train.epochs=1",
+                "train.bf16=false",
+                "train.strategy=head",
+            ):
+                key, value = item.split("=", 1)
+                section, name = key.split(".")
+                config.setdefault(section, {})[name] = yaml.safe_load(value)
+            (project / "retune.yaml").write_text(yaml.safe_dump(config))
+
+            def cli(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    args,
+                    env=client_env,
+                    cwd=project,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
+
+            pool = "retune-process"
+            made = cli(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
+            assert made.returncode == 0, made.stdout + made.stderr
+            os.environ.update({"MLFLOW_TRACKING_URI": mlflow_uri, "PREFECT_API_URL": api_url})
+            deployed = run_retune(
+                project, api_url, "deploy", "--cron", "0 3 * * 1", "--project-dir", str(project)
+            )
+            assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+            started = cli(
+                str(BIN / "prefect"), "deployment", "run", "scheduled-retrain/retune-scheduled"
+            )
+            assert started.returncode == 0, started.stdout + started.stderr
+            worker = cli(str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once")
+            assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+            for _ in range(60):  # the worker returns once the run is submitted and done
+                versions = client.search_model_versions("name = 'retune-sentiment'")
+                if versions:
+                    break
+                time.sleep(2)
+            assert [str(v.version) for v in versions] == ["1"]
+            version = client.get_model_version("retune-sentiment", "1")
+            assert version.tags["retune.data_md5"]
+            assert version.tags["retune.verdict"] == "accepted"
+            assert version.tags["retune.promotion_verdict"].startswith("promote to champion")
+            champion = client.get_model_version_by_alias("retune-sentiment", "champion")
+            assert str(champion.version) == "1"
+            # The registry really lives in PostgreSQL.
+            rows = subprocess.run(
+                [
+                    "psql",
+                    "-h",
+                    pg.split(":")[0],
+                    "-p",
+                    pg.split(":")[1],
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "mlflow",
+                    "-tAc",
+                    "SELECT alias, version FROM registered_model_aliases",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            assert "champion|1" in rows
