@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +24,12 @@ from test_flow import USER_DATA, reviews, write_csv
 
 pytestmark = pytest.mark.integration
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The newest PostgreSQL installed from Debian packages (.ci/run installs one if missing).
+PG_BIN = max(
+    Path("/usr/lib/postgresql").glob("*/bin"),
+    default=Path("/missing"),
+    key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+)
 BIN = Path(sys.executable).parent
 
 
@@ -53,12 +59,16 @@ def as_postgres(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """A throwaway cluster on 127.0.0.1; yields host:port. Data dir under ``root``."""
+def postgres() -> Iterator[str]:
+    """A throwaway cluster on 127.0.0.1; yields host:port; removed afterwards.
+
+    Its data dir is a fresh folder in /tmp (pytest's own temp dirs are closed to the
+    postgres user).
+    """
     if not (PG_BIN / "initdb").is_file():
-        pytest.fail(f"PostgreSQL 15 is not installed ({PG_BIN}); .ci/run installs it")
+        pytest.fail("PostgreSQL is not installed (/usr/lib/postgresql/*/bin); .ci/run installs it")
+    root = Path(tempfile.mkdtemp(prefix="retune-pg-"))
     data, port = root / "pgdata", free_port()
-    root.mkdir(parents=True, exist_ok=True)
     data.mkdir()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
@@ -107,6 +117,7 @@ def postgres(root: Path) -> Iterator[str]:
             as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"),
             capture_output=True,
         )
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -130,7 +141,7 @@ def server(args: list[str], env: dict[str, str], health: str, log: Path) -> Iter
 def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
     tmp_path, project, tiny_base_model
 ):
-    with postgres(tmp_path / "pg") as pg:
+    with postgres() as pg:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         mlflow_port, prefect_port = free_port(), free_port()
         mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
