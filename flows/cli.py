@@ -112,9 +112,13 @@ def print_bias_tables(
         table.add_row(*row)
     console.print(table)
     per_group = Table(*GROUP_TABLE_HEADER, title="per group", title_justify="left")
+    empty = [row[0] for row in groups if row[1] == "0"]
     for row in groups:
-        per_group.add_row(*row)
+        if row[1] != "0":
+            per_group.add_row(*row)
     console.print(per_group)
+    if empty:
+        console.print(f"groups with no test rows: {', '.join(empty)}", soft_wrap=True)
     for check in report["gate"]["checks"]:
         console.print(
             f"bias check {check['check']} ({check['severity']}): {check['status']}"
@@ -139,9 +143,11 @@ def print_summary(summary: Any, project_dir: Path) -> None:
         f"test {rows['test']} (used {rows['test_used']})",
     )
     table.add_row("validation", summary.validation)
+    small = [f"{g['group']} ({g['rows']})" for g in summary.groups if g["too_small"]]
+    if small:
+        table.add_row("groups too small", ", ".join(small) + " rows: too small to judge")
     for g in summary.groups:
         if g["too_small"]:
-            table.add_row(f"group {g['group']}", f"{g['rows']} rows: too small to judge")
             continue
         table.add_row(
             f"group {g['group']}",
@@ -181,8 +187,10 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     print_validation_table(summary.validation_table)
     print_forgetting_table(summary.forgetting_table, summary.forgetting)
     print_bias_tables(summary.bias_table, summary.bias_groups, summary.bias)
-    for flag in summary.data_bias_flags:
-        console.print(f"[yellow]data bias: {flag}[/yellow]", soft_wrap=True)
+    judged = {g["group"] for g in summary.groups if not g["too_small"]}
+    for flag in summary.data_bias_flags:  # too-small groups are listed in the table above
+        if flag.split(":")[0] in judged:
+            console.print(f"[yellow]data bias: {flag}[/yellow]", soft_wrap=True)
     for name, command in ui_commands(project_dir, summary.tracking_uri).items():
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
 

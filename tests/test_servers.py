@@ -138,6 +138,22 @@ def server(args: list[str], env: dict[str, str], health: str, log: Path) -> Iter
                 process.kill()
 
 
+def final_state(api_url: str) -> str:
+    """The state (and message) of the latest flow run on the server, once it is final."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    os.environ["PREFECT_API_URL"] = api_url
+    with get_client(sync_client=True) as client:
+        for _ in range(120):
+            runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            if runs and runs[0].state and runs[0].state.is_final():
+                state = runs[0].state
+                return state.name if state.is_completed() else f"{state.name}: {state.message}"
+            time.sleep(2)
+    return "not final after 240 s"
+
+
 def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
     tmp_path, project, tiny_base_model
 ):
@@ -223,6 +239,8 @@ def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
             assert started.returncode == 0, started.stdout + started.stderr
             worker = cli(str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once")
             assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+            state = final_state(api_url)
+            assert state == "Completed", state + worker.stdout[-4000:] + worker.stderr[-4000:]
 
             from mlflow import MlflowClient
 
