@@ -31,12 +31,12 @@ DEFAULT_CASES = [
     "head",
     "partial+wise",  # also the plain "partial" row
     "full+wise",
-    "lora",
-    "lp-ft",
     "partial+l2sp=100",
     "partial+distill=1",
     "partial+distill=5",
-    "full+distill=5",
+    "full+distill=5+wise",
+    "lora",
+    "lp-ft",
 ]
 RESULTS = ROOT / "bench" / "results" / "forgetting.jsonl"
 
@@ -72,7 +72,8 @@ def run_case(
 
     train_over, keep_over, wise = parse_case(spec)
     cfg = TrainConfig(**train_over)
-    keep = keep_cfg.model_copy(update=keep_over)
+    # No mitigation unless the case names one (the config's default distils).
+    keep = keep_cfg.model_copy(update={"l2sp": 0.0, "distill": 0.0} | keep_over)
     labels = DataConfig().labels
     train, val, test = frames["train"], frames["validation"], frames["test"]
     model, tokenizer = finetune.load_classifier(cfg.base_model, labels, cfg.seed)

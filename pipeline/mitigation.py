@@ -130,7 +130,10 @@ class EmbeddingDistillation:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(device)
-        hidden = model.base_model(
+        # Under PEFT, base_model is the LoRA wrapper; the encoder (adapters injected in
+        # place) sits inside the wrapped classifier.
+        classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = classifier.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state  # (B, T, H)
         mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -157,3 +157,18 @@ def test_config_rejects_mitigations_that_cannot_apply():
         load_config(None, ["forgetting.wise_ft_alphas=[0.5, 1.5]"])
     with pytest.raises(ConfigError, match="names must be unique"):
         load_config(None, ["forgetting.tasks=[lee, lee]"])
+
+
+def test_distillation_reaches_the_encoder_under_lora(tiny_base_model: Path):
+    from pipeline.finetune import apply_lora
+
+    config = TrainConfig(strategy="lora", epochs=1, batch_size=4, bf16=False)
+    model, tokenizer = load_classifier(str(tiny_base_model), ["pos", "neg"], seed=0)
+    reg = mitigation.EmbeddingDistillation(
+        model, tokenizer, mitigation.load_general_text()[:8], 1.0, 4
+    )
+    model = apply_lora(model, config)
+    model.eval()  # adapters start at zero: the student is the teacher
+    assert reg.loss(model, 0).item() == pytest.approx(0.0, abs=1e-6)
+    result = fine_tune(model, tokenizer, TEXTS, LABELS, TEXTS, LABELS, config, regularizer=reg)
+    assert len(result.loss_curve) == 2
