@@ -130,7 +130,9 @@ def register_model(
         previous_champion, previous_value = champion_metric(name, metric_key)
         previous_challenger = _alias_version(client, name, CHALLENGER)
         decision = decide_aliases(candidate_metric, previous_value, metric_key)
-        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+        version = client.create_model_version(
+            name, model_uri, run_id=run_id, tags=dict(tags), model_id=_model_id(model_uri)
+        )
         try:
             client.set_model_version_tag(
                 name, version.version, "retune.alias_decision", decision.reason
@@ -297,7 +299,9 @@ def register_version(
 
     client = MlflowClient()
     _ensure_registered_model(client, name)
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags=dict(tags), model_id=_model_id(model_uri)
+    )
     return _info(client.get_model_version(name, version.version))
 
 
@@ -748,3 +752,9 @@ def delete_version(name: str, version: str) -> None:
     if client.get_model_version(name, version).aliases:
         raise PromotionError(f"{name}/{version} holds an alias; it is not deleted")
     client.delete_model_version(name, version)
+
+
+def _model_id(model_uri: str) -> str | None:
+    """``models:/m-...`` (a logged model) -> its id: a tracking server needs it explicitly."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and rest.startswith("m-") and "/" not in rest else None

@@ -141,12 +141,25 @@ def server(args: list[str], env: dict[str, str], health: str, log: Path) -> Iter
 def final_state(api_url: str) -> str:
     """The state (and message) of the latest flow run on the server, once it is final."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     os.environ["PREFECT_API_URL"] = api_url
+    started = FlowRunFilter(  # not the runs the cron schedule queued for later
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED, StateType.PENDING])
+        )
+    )
     with get_client(sync_client=True) as client:
         for _ in range(120):
-            runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            runs = client.read_flow_runs(
+                flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=1
+            )
             if runs and runs[0].state and runs[0].state.is_final():
                 state = runs[0].state
                 return state.name if state.is_completed() else f"{state.name}: {state.message}"
