@@ -38,6 +38,10 @@ RUNTIME_DEFAULTS = {
     "PREFECT_LOGGING_LOG_PRINTS": "true",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # A tracking server away for up to about a minute is waited for: every MLflow request
+    # is retried 6 times with exponential backoff (0, 2, 4, 8, 16, 32 s); longer, the run fails.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 
 

@@ -290,3 +290,107 @@ def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
                 check=True,
             ).stdout.split()
             assert "champion|1" in rows
+
+
+def test_mlflow_server_away_briefly_is_survived_and_longer_fails_cleanly(
+    prefect_harness, project, tiny_base_model, tmp_path
+):
+    """Stop and restart the real MLflow server during real runs."""
+    from mlflow import MlflowClient
+
+    write_csv(project / "reviews.csv", reviews())
+    config: dict = {}
+    for item in (
+        *USER_DATA,
+        f"train.base_model={tiny_base_model}",
+        "train.epochs=1",
+        "train.bf16=false",
+        "train.strategy=head",
+    ):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
+    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+    with postgres() as pg:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        port = free_port()
+        uri = f"http://127.0.0.1:{port}"
+        command = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"postgresql+psycopg2://postgres@{pg}/mlflow",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--serve-artifacts",
+        ]
+        log = (tmp_path / "mlflow.log").open("a")
+
+        def start() -> subprocess.Popen:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            wait_http(f"{uri}/health", 120, process)
+            return process
+
+        def stop(process: subprocess.Popen) -> None:
+            process.terminate()
+            process.wait(30)
+
+        run_env = env | {
+            "MLFLOW_TRACKING_URI": uri,
+            "PREFECT_API_URL": prefect_harness,
+            "PREFECT_HOME": str(project / ".prefect"),
+        }
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+        def start_run() -> subprocess.Popen:
+            return subprocess.Popen(
+                [str(BIN / "retune"), "run", "--project-dir", str(project)],
+                env=run_env,
+                cwd=project,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+
+        def wait_for_runs(count: int) -> None:
+            for _ in range(300):
+                experiment = client.get_experiment_by_name("retune")
+                if experiment and len(client.search_runs([experiment.experiment_id])) >= count:
+                    return
+                time.sleep(1)
+            raise TimeoutError(f"no MLflow run number {count}")
+
+        server_process = start()
+        try:
+            # Away for a few seconds: the run's requests are retried with backoff.
+            first = start_run()
+            wait_for_runs(1)
+            stop(server_process)
+            time.sleep(8)
+            server_process = start()
+            out, _ = first.communicate(timeout=900)
+            assert first.returncode == 0, out[-4000:]
+            versions = client.search_model_versions("name = 'retune-sentiment'")
+            assert [str(v.version) for v in versions] == ["1"]
+
+            # Away for good: the run fails (non-zero) and registers nothing.
+            second = start_run()
+            wait_for_runs(2)
+            stop(server_process)
+            out, _ = second.communicate(timeout=900)
+            assert second.returncode != 0, out[-4000:]
+            server_process = start()
+            versions = client.search_model_versions("name = 'retune-sentiment'")
+            assert [str(v.version) for v in versions] == ["1"]
+            champion = client.get_model_version_by_alias("retune-sentiment", "champion")
+            assert str(champion.version) == "1"
+        finally:
+            if server_process.poll() is None:
+                stop(server_process)
+            log.close()
