@@ -789,24 +789,11 @@ def deploy(
         push=False,
         **schedule,
     )
+    from flows.retrain import ensure_promotion_limit
+
     limit = ensure_promotion_limit(_load(project_dir, None, []).registry.model_name)
     typer.echo(f"deployment scheduled-retrain/{name} ({deployment_id}) on pool {pool}: {schedule}")
     typer.echo(f"promotions of the model are serialised by the concurrency limit {limit}")
-
-
-def ensure_promotion_limit(model_name: str) -> str:
-    """Create the Prefect global concurrency limit that promotions take, if missing."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
-
-    name = f"retune-promote-{model_name}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    return name
 
 
 @app.command()

@@ -463,7 +463,27 @@ def promotion_lock(project_dir: Path, tracking_uri: str | None, name: str) -> An
         return registry.file_lock(project_dir / "mlflow" / f"promote-{name}.lock")
     from prefect.concurrency.sync import concurrency
 
-    return concurrency(f"retune-promote-{name}", occupy=1, strict=True)
+    return concurrency(ensure_promotion_limit(name), occupy=1, strict=True)
+
+
+def ensure_promotion_limit(model_name: str) -> str:
+    """The Prefect global concurrency limit promotions of a model take, created if missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"retune-promote-{model_name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
+    return name
 
 
 @task(**TASK_OPTIONS)
