@@ -23,6 +23,9 @@ SUBSET = (
     "train.max_train_samples=1000",
     "evaluate.max_test_samples=400",
     "train.epochs=1",
+    # 32 steps do not beat the frozen probe; this test is about reproducibility and the
+    # aliases (the default job below is the quality check).
+    "promotion.beat_probe=false",
 )
 
 
