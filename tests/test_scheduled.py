@@ -23,6 +23,9 @@ pytestmark = pytest.mark.integration
 
 def prefect_cli(api_url: str, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(project / ".prefect")}
+    # As run_retune: the worker's flow runs use the project's embedded store, never a
+    # tracking URI another test's module fixture left in this process's environment.
+    env.pop("MLFLOW_TRACKING_URI", None)
     prefect = Path(sys.executable).parent / "prefect"
     return subprocess.run(
         [str(prefect), *args], env=env, capture_output=True, text=True, timeout=300, cwd=project
