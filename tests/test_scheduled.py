@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import run_retune
-from test_flow import USER_DATA, reviews, write_csv
+from test_flow import reviews, write_csv, write_tiny_config
 
 from mlflow import MlflowClient
 from pipeline import tracking
@@ -62,18 +61,7 @@ def test_deploy_run_through_a_worker_then_skip_unchanged_data(
     prefect_harness, project, tiny_base_model
 ):
     write_csv(project / "reviews.csv", reviews())
-    config: dict = {}
-    for item in (
-        *USER_DATA,
-        f"train.base_model={tiny_base_model}",
-        "train.epochs=1",
-        "train.bf16=false",
-        "train.strategy=head",
-    ):
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        config.setdefault(section, {})[name] = yaml.safe_load(value)
-    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_config(project, tiny_base_model)
     pool = "retune-test-pool"
     created = prefect_cli(
         prefect_harness, project, "work-pool", "create", pool, "--type", "process"

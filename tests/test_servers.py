@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import run_retune
-from test_flow import USER_DATA, reviews, write_csv
+from test_flow import reviews, write_csv, write_tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -215,18 +214,7 @@ def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
                 "PREFECT_HOME": str(tmp_path / "client-home"),
             }
             write_csv(project / "reviews.csv", reviews())
-            config: dict = {}
-            for item in (
-                *USER_DATA,
-                f"train.base_model={tiny_base_model}",
-                "train.epochs=1",
-                "train.bf16=false",
-                "train.strategy=head",
-            ):
-                key, value = item.split("=", 1)
-                section, name = key.split(".")
-                config.setdefault(section, {})[name] = yaml.safe_load(value)
-            (project / "retune.yaml").write_text(yaml.safe_dump(config))
+            write_tiny_config(project, tiny_base_model)
 
             def cli(*args: str) -> subprocess.CompletedProcess[str]:
                 return subprocess.run(
@@ -299,18 +287,7 @@ def test_mlflow_server_away_briefly_is_survived_and_longer_fails_cleanly(
     from mlflow import MlflowClient
 
     write_csv(project / "reviews.csv", reviews())
-    config: dict = {}
-    for item in (
-        *USER_DATA,
-        f"train.base_model={tiny_base_model}",
-        "train.epochs=1",
-        "train.bf16=false",
-        "train.strategy=head",
-    ):
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        config.setdefault(section, {})[name] = yaml.safe_load(value)
-    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_config(project, tiny_base_model)
     with postgres() as pg:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         port = free_port()
