@@ -763,18 +763,49 @@ def deploy(
     ] = "retune-process",
     retrain_always: RetrainAlways = False,
     project_dir: ProjectDir = Path("."),
+    worker_project_dir: Annotated[
+        str | None,
+        typer.Option(help="The project root as the worker sees it (default: --project-dir)."),
+    ] = None,
+    worker_code_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where retune's code (flows/, pipeline/) lies on the worker "
+            "(default: this installation's)."
+        ),
+    ] = None,
 ) -> None:
     """Create a Prefect deployment of scheduled retraining on a work pool (needs a server).
 
     Start a worker for the pool: prefect worker start --pool retune-process --type process.
+    For a Kubernetes pool (infra/k8s/base-job-template.json) pass the paths inside the
+    image, e.g. --worker-project-dir /project --worker-code-dir /opt/retune; each run's job then
+    asks for train.nproc_per_node GPUs (the template's ``gpus`` variable).
     """
     project_dir = project_dir.resolve()
     schedule = _schedule(cron, interval, rrule)
     parameters = _deployment_parameters(project_dir, config, retrain_always)
+    if worker_project_dir:
+        parameters["project_dir"] = worker_project_dir
     if not os.environ.get("PREFECT_API_URL"):
         _fail("retune deploy needs a Prefect server: set PREFECT_API_URL (or use retune serve)")
+    from prefect.client.orchestration import get_client
+
     from flows.scheduled import scheduled_retrain
 
+    with get_client(sync_client=True) as client:
+        try:
+            pool_type = client.read_work_pool(pool).type
+        except Exception as err:  # ObjectNotFound, or the server answered with an error
+            _fail(
+                f"work pool {pool!r} not found on {os.environ['PREFECT_API_URL']} ({err}); "
+                f"create it: prefect work-pool create {pool} --type process"
+            )
+    config_file = project_dir / parameters["config_path"]
+    loaded = _load(project_dir, config_file if config_file.is_file() else None, [])
+    job_variables: dict[str, Any] = {}
+    if pool_type == "kubernetes":
+        job_variables["gpus"] = loaded.train.nproc_per_node
     code_root = Path(__file__).resolve().parents[1]  # where flows/ is installed
     flow = scheduled_retrain.from_source(
         source=str(code_root), entrypoint="flows/scheduled.py:scheduled_retrain"
@@ -783,17 +814,59 @@ def deploy(
         name=name,
         work_pool_name=pool,
         parameters=parameters,
+        job_variables=job_variables,
         concurrency_limit=1,  # runs of this deployment never overlap
         print_next_steps=False,
         build=False,
         push=False,
         **schedule,
     )
+    if worker_code_dir:
+        _set_working_directory(deployment_id, worker_code_dir)
     from flows.retrain import ensure_promotion_limit
 
-    limit = ensure_promotion_limit(_load(project_dir, None, []).registry.model_name)
+    limit = ensure_promotion_limit(loaded.registry.model_name)
     typer.echo(f"deployment scheduled-retrain/{name} ({deployment_id}) on pool {pool}: {schedule}")
+    if job_variables:
+        typer.echo(f"job variables: {job_variables}")
     typer.echo(f"promotions of the model are serialised by the concurrency limit {limit}")
+
+
+@app.command()
+def join(
+    shared: Annotated[
+        Path | None,
+        typer.Option(help="The folder every node mounts (default: RETUNE_SHARED_DIR)."),
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Exit after one job.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds without a job.")
+    ] = None,
+) -> None:
+    """Be one of the other nodes of multi-node training (train.nnodes > 1).
+
+    Waits for the node running the flow to announce a job in the shared folder, then
+    trains it with torchrun, meeting at the endpoint the announcement names; repeats.
+    """
+    from pipeline.worker import join as join_jobs
+
+    folder = shared or (
+        Path(os.environ["RETUNE_SHARED_DIR"]) if os.environ.get("RETUNE_SHARED_DIR") else None
+    )
+    if folder is None:
+        _fail("retune join needs --shared or RETUNE_SHARED_DIR")
+    folder.mkdir(parents=True, exist_ok=True)  # node 0 may not have written to it yet
+    raise typer.Exit(code=join_jobs(folder, once=once, timeout=timeout))
+
+
+def _set_working_directory(deployment_id: Any, directory: str) -> None:
+    """Point the deployment's pull step at ``directory``: where the worker finds the code."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    steps = [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
+    with get_client(sync_client=True) as client:
+        client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=steps))
 
 
 @app.command()

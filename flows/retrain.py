@@ -7,7 +7,9 @@ Models and frames pass between tasks in memory, so tasks neither cache nor persi
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -283,6 +285,17 @@ def train_model(
     logger = tracking.MlflowLogger(run_id) if run_id else None
     if cfg.nproc_per_node > 1 or cfg.nnodes > 1:
         work = out_dir.parent / "distributed"
+        model_dir = out_dir
+        if cfg.nnodes > 1:  # every node must see the spec, the data and the output
+            shared = os.environ.get("RETUNE_SHARED_DIR")
+            if not shared:
+                raise ValueError(
+                    "train.nnodes > 1 needs RETUNE_SHARED_DIR: a folder every node mounts at "
+                    "the same path, where the other nodes wait in `retune join`"
+                )
+            job_id = f"retune-{run_id or uuid.uuid4().hex}"  # a retried task resumes
+            work = Path(shared) / job_id
+            model_dir = work / "model"
         work.mkdir(parents=True, exist_ok=True)
         train.to_csv(work / "train.csv", index=False)
         val.to_csv(work / "validation.csv", index=False)
@@ -292,10 +305,15 @@ def train_model(
             config.data.labels,
             work / "train.csv",
             work / "validation.csv",
-            out_dir,
-            out_dir.parent / "checkpoints",
+            model_dir,
+            work / "checkpoints" if cfg.nnodes > 1 else out_dir.parent / "checkpoints",
+            config.forgetting,
         )
-        worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
+        if cfg.nnodes > 1:
+            worker.train_on_nodes(Path(shared), job_id, spec, cfg.nproc_per_node, cfg.nnodes)
+            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        else:
+            worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
         result = worker.read_result(out_dir)
         for record in result.history:
             if logger is not None:

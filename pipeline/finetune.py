@@ -8,6 +8,7 @@ loss with the best weights restored.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import signal
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.fast_dropout import fast_cpu_dropout
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
@@ -564,8 +566,6 @@ def _train(
 ) -> FineTuneResult:
     logger = logger or NullLogger()
     rank, world = _dist()
-    if regularizer is not None and world > 1:
-        raise ValueError("regularisers toward the pretrained model need single-process training")
     torch.manual_seed(config.seed)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -671,6 +671,11 @@ def _train(
     best_state = None
     if best_path is not None and best_path.is_file():
         best_state = torch.load(best_path, weights_only=True)
+    # Fast CPU dropout for the training loop only: the saved model keeps stock modules.
+    swaps = contextlib.ExitStack()
+    swaps.enter_context(
+        fast_cpu_dropout(classifier, enabled=config.fast_dropout and device.type == "cpu")
+    )
     try:
         while not state["finished"] and state["epoch"] <= config.epochs:
             net.train()
@@ -784,6 +789,7 @@ def _train(
                 state["finished"] = True
             checkpoint()
     finally:
+        swaps.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         if bar is not None:

@@ -80,6 +80,12 @@ class L2SP:
         )
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class EmbeddingDistillation:
     """``weight * mean(1 - cos(student, teacher))`` on a batch of general text per step.
 
@@ -122,9 +128,11 @@ class EmbeddingDistillation:
 
     def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         idx = self.batch_indices(step)
+        rank, world = _rank_world()
+        shard = idx[rank::world]  # under DDP each rank takes its share, like the task batch
         device = next(model.parameters()).device
         batch = self.tokenizer(
-            [self.texts[i] for i in idx],
+            [self.texts[i] for i in shard],
             padding=True,
             truncation=True,
             max_length=self.max_length,
@@ -138,8 +146,10 @@ class EmbeddingDistillation:
         ).last_hidden_state  # (B, T, H)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        cosine = nn.functional.cosine_similarity(pooled, self.teacher[idx].to(device), dim=-1)
-        return self.weight * (1.0 - cosine).mean()
+        cosine = nn.functional.cosine_similarity(pooled, self.teacher[shard].to(device), dim=-1)
+        # Sum over the shard / batch size, times world: DDP's gradient mean then equals the
+        # gradient of the mean over the whole batch, as in single-process training.
+        return self.weight * (1.0 - cosine).sum() * world / len(idx)
 
 
 class Regularizers:

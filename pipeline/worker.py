@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.finetune import (
     EpochRecord,
     FineTuneResult,
@@ -31,6 +34,7 @@ from pipeline.finetune import (
     load_classifier,
     save_model,
 )
+from pipeline.mitigation import build_regularizer
 
 
 def write_spec(
@@ -41,8 +45,13 @@ def write_spec(
     val_csv: Path,
     out_dir: Path,
     checkpoint_dir: Path | None = None,
+    forgetting: ForgettingConfig | None = None,
 ) -> Path:
-    """Write the JSON spec this worker reads."""
+    """Write the JSON spec this worker reads.
+
+    ``forgetting`` carries the mitigations that act during training (L2-SP, embedding
+    distillation); every rank builds them from the pretrained weights, as one process would.
+    """
     spec = {
         "config": config.model_dump(),
         "labels": labels,
@@ -50,6 +59,7 @@ def write_spec(
         "val_csv": str(val_csv),
         "out_dir": str(out_dir),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+        "forgetting": forgetting.model_dump() if forgetting is not None else None,
     }
     path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return path
@@ -70,6 +80,12 @@ def run(spec_path: Path) -> int:
     train = pd.read_csv(spec["train_csv"], dtype=str, keep_default_na=False)
     val = pd.read_csv(spec["val_csv"], dtype=str, keep_default_na=False)
     model, tokenizer = load_classifier(config.base_model, labels, config.seed)
+    regularizer = None
+    if spec.get("forgetting"):
+        keep = ForgettingConfig.model_validate(spec["forgetting"])
+        regularizer = build_regularizer(
+            model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, config.seed
+        )  # from the pretrained weights, before any step
     if config.strategy == "lora":
         model = apply_lora(model, config)
     checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
@@ -83,6 +99,7 @@ def run(spec_path: Path) -> int:
             val["label"].map(index).to_numpy(dtype=np.int64),
             config,
             checkpoint_dir=checkpoint_dir,
+            regularizer=regularizer,
         )
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
@@ -101,12 +118,19 @@ def run(spec_path: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run(Path(sys.argv[1])))
-
-
-def launch(spec_path: Path, nproc_per_node: int, nnodes: int = 1) -> None:
+def launch(
+    spec_path: Path,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    endpoint: str | None = None,
+    rdzv_id: str | None = None,
+    host: bool | None = None,
+) -> None:
     """Run this worker under torchrun (data-parallel) and wait for it.
+
+    With ``nnodes > 1`` every node runs this; they meet at ``endpoint`` (default
+    ``RETUNE_RDZV_ENDPOINT``, host:port) under ``rdzv_id``, and ``host`` says whether this
+    node serves the rendezvous store (None: torchrun guesses from the host name).
 
     Raises:
         RuntimeError: torchrun failed; its exit code and the tail of its output.
@@ -116,8 +140,7 @@ def launch(spec_path: Path, nproc_per_node: int, nnodes: int = 1) -> None:
     if nnodes == 1:
         topology = ["--standalone", f"--nproc_per_node={nproc_per_node}"]
     else:
-        # Every node runs this same launch; they meet at RETUNE_RDZV_ENDPOINT (host:port).
-        endpoint = os.environ.get("RETUNE_RDZV_ENDPOINT")
+        endpoint = endpoint or os.environ.get("RETUNE_RDZV_ENDPOINT")
         if not endpoint:
             raise RuntimeError(
                 "train.nnodes > 1 needs RETUNE_RDZV_ENDPOINT=host:port on every node"
@@ -128,6 +151,12 @@ def launch(spec_path: Path, nproc_per_node: int, nnodes: int = 1) -> None:
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={endpoint}",
         ]
+        if rdzv_id:
+            topology.append(f"--rdzv-id={rdzv_id}")
+        if host is not None:
+            topology.append(f"--rdzv-conf=is_host={int(host)}")
+        if os.environ.get("RETUNE_NODE_ADDRESS"):  # how the other nodes reach this one
+            topology.append(f"--local-addr={os.environ['RETUNE_NODE_ADDRESS']}")
     command = [
         sys.executable,
         "-m",
@@ -142,8 +171,115 @@ def launch(spec_path: Path, nproc_per_node: int, nnodes: int = 1) -> None:
         raise RuntimeError(f"torchrun exited with {done.returncode}: {done.stderr[-2000:]}")
 
 
+# Multi-node training: the node that runs the flow announces each job in a folder every
+# node mounts at the same path (RETUNE_SHARED_DIR); the other nodes wait in `retune join`.
+ANNOUNCEMENT = "job.json"
+
+
+def _announce(shared: Path, job: dict[str, Any]) -> None:
+    partial = shared / f".{ANNOUNCEMENT}.{os.getpid()}"
+    partial.write_text(json.dumps(job, indent=2), encoding="utf-8")
+    partial.replace(shared / ANNOUNCEMENT)  # atomic: joiners never read half a file
+
+
+def read_announcement(shared: Path) -> dict[str, Any] | None:
+    """The job last announced in ``shared``, or None."""
+    try:
+        return json.loads((shared / ANNOUNCEMENT).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def rendezvous_endpoint() -> str:
+    """host:port where the other nodes reach this node's rendezvous store."""
+    if os.environ.get("RETUNE_RDZV_ENDPOINT"):
+        return os.environ["RETUNE_RDZV_ENDPOINT"]
+    address = os.environ.get("RETUNE_NODE_ADDRESS") or socket.getfqdn()
+    return f"{address}:{os.environ.get('RETUNE_RDZV_PORT', '29400')}"
+
+
+def train_on_nodes(
+    shared: Path,
+    job_id: str,
+    spec_path: Path,
+    nproc_per_node: int,
+    nnodes: int,
+    timeout: float = 600.0,
+) -> None:
+    """This node's part of multi-node training, as the host of the rendezvous.
+
+    Announces the job in ``shared`` (the spec, its CSVs and output folder must lie there
+    too), trains, then waits up to ``timeout`` seconds for ``result.json``: whichever node
+    gets rank 0 writes the model, and it may finish after this one. The announcement is
+    marked finished whatever happens, so no node joins a job that is over.
+
+    Raises:
+        RuntimeError: torchrun failed, or rank 0 wrote no result in time.
+    """
+    endpoint = rendezvous_endpoint()
+    job = {
+        "id": job_id,
+        "spec": str(spec_path),
+        "nnodes": nnodes,
+        "nproc_per_node": nproc_per_node,
+        "endpoint": endpoint,
+        "state": "running",
+    }
+    _announce(shared, job)
+    try:
+        launch(spec_path, nproc_per_node, nnodes, endpoint=endpoint, rdzv_id=job_id, host=True)
+        result = Path(json.loads(spec_path.read_text(encoding="utf-8"))["out_dir"]) / "result.json"
+        deadline = time.monotonic() + timeout
+        while not result.is_file():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank 0 wrote no {result} within {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        _announce(shared, job | {"state": "finished"})
+
+
+def join(shared: Path, once: bool = False, timeout: float | None = None, poll: float = 1.0) -> int:
+    """Serve as one of the other nodes: train every job announced in ``shared``.
+
+    Returns 0 after a job when ``once``; 1 when ``timeout`` seconds pass with no job, or a
+    job fails under ``once``. A job announced before this started still runs if it is
+    running; finished ones are skipped.
+    """
+    served: set[str] = set()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        job = read_announcement(shared)
+        if job is not None and job.get("state") == "running" and job["id"] not in served:
+            served.add(job["id"])
+            print(f"joining job {job['id']} at {job['endpoint']}", file=sys.stderr, flush=True)
+            try:
+                launch(
+                    Path(job["spec"]),
+                    int(job["nproc_per_node"]),
+                    int(job["nnodes"]),
+                    endpoint=job["endpoint"],
+                    rdzv_id=job["id"],
+                    host=False,
+                )
+            except RuntimeError as err:
+                print(f"job {job['id']} failed: {err}", file=sys.stderr, flush=True)
+                if once:
+                    return 1
+                continue
+            if once:
+                return 0
+            if deadline is not None:
+                deadline = time.monotonic() + timeout  # type: ignore[operator]
+        time.sleep(poll)
+    return 1
+
+
 def read_result(out_dir: Path) -> FineTuneResult:
     """The FineTuneResult that rank 0 wrote next to the model."""
     raw = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
     raw["history"] = [EpochRecord(**h) for h in raw["history"]]
     return FineTuneResult(**raw)
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1])))

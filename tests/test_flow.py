@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -262,3 +264,51 @@ def test_forgetting_gate_refuses_records_and_registers_nothing(
     assert report["champion"]["reference"] == "champion v1"
     first_report = tracking.read_report(runs[1].info.run_id, "reports/forgetting.json")
     assert first_report["base"]["mean_drop"] == 0.0  # head-only: the encoder is the base
+
+
+def test_two_node_training_through_the_flow(
+    prefect_harness, project, tiny_base_model, tmp_path, monkeypatch
+):
+    """train.nnodes=2: the flow is node 0, a `retune join` process the other node; the
+    model rank 0 wrote to the shared folder is the one evaluated and registered."""
+    import socket
+
+    from pipeline.worker import read_announcement
+
+    shared = tmp_path / "shared"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RETUNE_SHARED_DIR", str(shared))
+    monkeypatch.setenv("RETUNE_RDZV_ENDPOINT", f"127.0.0.1:{port}")
+    write_csv(project / "reviews.csv", reviews())
+    joiner = subprocess.Popen(
+        [str(Path(sys.executable).parent / "retune"), "join", "--once", "--timeout", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        result = run_cli(
+            prefect_harness,
+            project,
+            *USER_DATA,
+            f"train.base_model={tiny_base_model}",
+            "train.strategy=full",
+            "train.epochs=1",
+            "train.bf16=false",
+            "train.nnodes=2",
+            "forgetting.gate=warn",
+            "forgetting.distill=0.5",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert joiner.wait(timeout=120) == 0
+    finally:
+        joiner.kill()
+    assert "joining job retune-" in joiner.stderr.read()
+    job = read_announcement(shared)
+    assert job["state"] == "finished" and job["nnodes"] == 2
+    tracking.configure(project)
+    version = MlflowClient().get_model_version("retune-sentiment", "1")
+    assert job["id"] == f"retune-{version.run_id}"  # the run's own folder: a retry resumes
+    assert (shared / job["id"] / "model" / "result.json").is_file()

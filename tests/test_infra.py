@@ -15,7 +15,6 @@ import inspect
 import json
 import re
 import shlex
-import subprocess
 import tomllib
 from functools import cache
 from importlib.metadata import requires, version
@@ -314,7 +313,7 @@ def test_every_infra_file_parses() -> None:
         "prefect.yaml",
         "mlflow.yaml",
         "prefect-worker-values.yaml",
-        "torchrun-job.yaml",
+        "train-nodes.yaml",
     }
     for path in yaml_files:
         docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
@@ -553,6 +552,8 @@ def test_prefect_worker_serves_the_cli_pool_and_reaches_every_server() -> None:
         "PREFECT_SERVER_API_AUTH_STRING",
         "PREFECT_SERVER_DATABASE_CONNECTION_URL",
         "RETUNE_RDZV_ENDPOINT",
+        "RETUNE_SHARED_DIR",
+        "RETUNE_NODE_ADDRESS",
         "HF_HUB_OFFLINE",
     ],
 )
@@ -748,7 +749,7 @@ def test_kubernetes_deployment_asks_for_the_gpus_of_its_config() -> None:
     assert set(variables) <= set(job_template()["variables"]["properties"])
     train = load_config(REPO / item["parameters"]["config_path"]).train
     assert variables["gpus"] == train.nproc_per_node
-    assert train.nnodes == 1  # flow-run Jobs are single-node; torchrun-job.yaml spans nodes
+    assert train.nnodes == 1  # one node unless train-nodes.yaml runs nnodes - 1 more
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
@@ -856,72 +857,61 @@ def test_worker_helm_values_serve_the_kubernetes_pool() -> None:
     assert "-f infra/k8s/prefect-worker-values.yaml" in readme
 
 
-def torchrun_job() -> tuple[dict[str, Any], dict[str, Any]]:
-    return k8s_doc("torchrun-job.yaml", "Job"), k8s_doc("torchrun-job.yaml", "Service")
+def train_nodes() -> dict[str, Any]:
+    return k8s_doc("train-nodes.yaml", "Deployment")
 
 
-def test_torchrun_job_pods_find_each_other() -> None:
-    job, svc = torchrun_job()
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == spec["parallelism"] == 2
-    pod = spec["template"]
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    assert pod["spec"]["subdomain"] == svc["metadata"]["name"]
-    (container,) = pod["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    host, _, port = env["RETUNE_RDZV_ENDPOINT"].partition(":")
-    # Pod 0 of an Indexed Job is <job>-0, resolvable under the headless Service.
-    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
-    assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
-    assert int(port) in {p["containerPort"] for p in container["ports"]}
+def test_train_nodes_join_the_jobs_flow_runs_announce() -> None:
+    """The other nodes run `retune join` on the folder the flow-run pod announces jobs in,
+    from the same project claim at the same path, reachable at their pod IPs."""
+    pod = train_nodes()["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     assert container["image"] == image_of("prefect-worker")
+    command = container["command"]
+    assert command[:2] == ["retune", "join"]
+    assert "--shared" in option_names(cli().commands["join"])
+    shared = command[command.index("--shared") + 1]
+    flow_env = template_env()
+    assert flow_env["RETUNE_SHARED_DIR"]["value"] == shared
+    node_env = {e["name"]: e for e in container["env"]}
+    for env in (flow_env, node_env):
+        assert env["RETUNE_NODE_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # the shared folder lies on the project claim, mounted at the same path everywhere
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert (
+        volumes["project"]["persistentVolumeClaim"]["claimName"]
+        == (job_template()["variables"]["properties"]["project_claim"]["default"])
+    )
+    flow_mounts = {
+        m["name"]: m["mountPath"]
+        for m in pod_containers(job_template()["job_configuration"]["job_manifest"])[0][
+            "volumeMounts"
+        ]
+    }
+    assert mounts["project"] == flow_mounts["project"]
+    assert Path(shared).is_relative_to(mounts["project"])
 
 
-def test_torchrun_job_runs_what_worker_launch_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flow_run_pod_hosts_the_rendezvous_where_worker_announces_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from pipeline import worker
 
-    job, _ = torchrun_job()
-    (container,) = job["spec"]["template"]["spec"]["containers"]
-    command = container["command"]
-    endpoint = {e["name"]: e["value"] for e in container["env"]}["RETUNE_RDZV_ENDPOINT"]
-    flags = {c.split("=", 1)[0]: c.split("=", 1)[1] for c in command if "=" in c}
-    nnodes, nproc = int(flags["--nnodes"]), int(flags["--nproc_per_node"])
-    assert nnodes == job["spec"]["completions"]
-    assert nproc == container["resources"]["limits"]["nvidia.com/gpu"]
-    spec = Path(command[-1])
-    assert any(spec.is_relative_to(m["mountPath"]) for m in container["volumeMounts"])
-
-    launched: list[list[str]] = []
-
-    def fake_run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
-        launched.append(argv)
-        return subprocess.CompletedProcess(argv, 0, "", "")
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setenv("RETUNE_RDZV_ENDPOINT", endpoint)
-    worker.launch(spec, nproc, nnodes)
-    (argv,) = launched
-    expected = ["python", *argv[1:]]  # the image's python instead of this interpreter
-    assert [c.replace("$(RETUNE_RDZV_ENDPOINT)", endpoint) for c in command] == expected
+    manifest = job_template()["job_configuration"]["job_manifest"]
+    (container,) = pod_containers(manifest)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    monkeypatch.delenv("RETUNE_RDZV_ENDPOINT", raising=False)
+    monkeypatch.delenv("RETUNE_RDZV_PORT", raising=False)
+    monkeypatch.setenv("RETUNE_NODE_ADDRESS", "10.0.0.7")
+    assert worker.rendezvous_endpoint() == f"10.0.0.7:{ports['rendezvous']}"
 
 
-def test_readme_spec_snippet_writes_a_spec_the_job_can_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (INFRA / "README.md").read_text(encoding="utf-8")
-    (snippet,) = re.findall(r"python - <<'EOF'\n(.*?)\nEOF\n", readme, re.DOTALL)
-    job, _ = torchrun_job()
-    (container,) = job["spec"]["template"]["spec"]["containers"]
-    spec_path = Path(container["command"][-1])
-    monkeypatch.chdir(REPO)
-    exec(snippet.replace(str(spec_path.parent), str(tmp_path)), {})  # noqa: S102
-    spec = json.loads((tmp_path / spec_path.name).read_text(encoding="utf-8"))
-    flags = dict(c.split("=", 1) for c in container["command"] if c.startswith("--n"))
-    assert spec["config"]["nnodes"] == int(flags["--nnodes"])
-    assert spec["config"]["nproc_per_node"] == int(flags["--nproc_per_node"])
-    assert Path(spec["out_dir"]).parent == tmp_path
+def test_train_nodes_have_the_gpus_of_the_flow_run_pod() -> None:
+    """Every node runs nproc_per_node processes: the same GPU count as node 0's job."""
+    (container,) = pod_containers(train_nodes())
+    gpus = deployment("retune-k8s")["work_pool"]["job_variables"]["gpus"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
 
 
 # --- commands named in infra/ ---------------------------------------------------------------

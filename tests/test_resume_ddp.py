@@ -31,6 +31,21 @@ def base_without_dropout(folder: Path, out: Path) -> Path:
     return out
 
 
+def one_epoch_config(base: Path, **overrides) -> TrainConfig:
+    """Full fine-tuning for one epoch: what the multi-process tests compare."""
+    values = dict(
+        base_model=str(base),
+        strategy="full",
+        epochs=1,
+        patience=1,
+        batch_size=16,
+        learning_rate=1e-3,
+        head_learning_rate=1e-3,
+        bf16=False,
+    )
+    return TrainConfig(**values | overrides)
+
+
 def write_data(folder: Path, n: int) -> tuple[Path, Path]:
     words = ["great", "fine", "lovely", "dull", "awful", "boring"]
     rows = [
@@ -106,16 +121,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(
 def test_two_process_ddp_matches_one_process(tmp_path: Path, tiny_base_model: Path):
     base = base_without_dropout(tiny_base_model, tmp_path / "base")
     train_csv, val_csv = write_data(tmp_path / "data", 256)
-    config = TrainConfig(
-        base_model=str(base),
-        strategy="full",
-        epochs=1,
-        patience=1,
-        batch_size=16,
-        learning_rate=1e-3,
-        head_learning_rate=1e-3,
-        bf16=False,
-    )
+    config = one_epoch_config(base)
     labels = ["pos", "neg"]
     single = write_spec(tmp_path / "one.json", config, labels, train_csv, val_csv, tmp_path / "one")
     assert worker(single).wait(timeout=600) == 0
@@ -135,3 +141,116 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, tiny_base_model: Pa
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
     r1, r2 = read_result(tmp_path / "one"), read_result(tmp_path / "two")
     assert r1.history[0].val_loss == pytest.approx(r2.history[0].val_loss, rel=1e-3)
+
+
+def test_two_process_ddp_with_distillation_and_l2sp_matches_one_process(
+    tmp_path: Path, tiny_base_model: Path
+):
+    """The default mitigations run under DDP: each rank distils its share of the batch."""
+    from pipeline.config import ForgettingConfig
+
+    base = base_without_dropout(tiny_base_model, tmp_path / "base")
+    train_csv, val_csv = write_data(tmp_path / "data", 128)
+    config = one_epoch_config(base)
+    labels = ["pos", "neg"]
+    keep = ForgettingConfig(distill=5.0, l2sp=10.0, distill_batch_size=8)
+    specs = {
+        "plain": (None, 1),
+        "one": (keep, 1),
+        "two": (keep, 2),
+    }
+    for name, (forgetting, procs) in specs.items():
+        spec = write_spec(
+            tmp_path / f"{name}.json",
+            config,
+            labels,
+            train_csv,
+            val_csv,
+            tmp_path / name,
+            forgetting=forgetting,
+        )
+        if procs == 1:
+            assert worker(spec).wait(timeout=600) == 0
+        else:
+            launch(spec, nproc_per_node=2)
+    plain, one, two = (weights(tmp_path / n) for n in specs)
+    encoder = [k for k in one if k.startswith("bert.encoder.")]
+    # the mitigations changed the encoder's training...
+    assert max((one[k] - plain[k]).abs().max().item() for k in encoder) > 1e-3
+    # ...in the same way on 2 processes as on 1
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_a_shared_folder_match_one_process(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch
+):
+    """Node 0 announces the job in the shared folder and hosts the rendezvous; a second
+    "node" (`retune join`, its own torchrun) trains with it; the model matches one process."""
+    from pipeline.worker import read_announcement, train_on_nodes
+
+    base = base_without_dropout(tiny_base_model, tmp_path / "base")
+    shared = tmp_path / "shared"
+    train_csv, val_csv = write_data(shared / "job-1", 128)
+    config = one_epoch_config(base, nnodes=2)
+    labels = ["pos", "neg"]
+    single = write_spec(tmp_path / "one.json", config, labels, train_csv, val_csv, tmp_path / "one")
+    assert worker(single).wait(timeout=600) == 0
+
+    no_job = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "retune"),
+            "join",
+            "--shared",
+            str(shared),
+            "--once",
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_job.returncode == 1  # nothing announced: it gives up after the timeout
+
+    joiner = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "retune"),
+            "join",
+            "--shared",
+            str(shared),
+            "--once",
+            "--timeout",
+            "300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        monkeypatch.setenv("RETUNE_RDZV_ENDPOINT", f"127.0.0.1:{free_port()}")
+        spec = write_spec(
+            shared / "job-1" / "spec.json",
+            config,
+            labels,
+            train_csv,
+            val_csv,
+            shared / "job-1" / "model",
+        )
+        train_on_nodes(shared, "job-1", spec, nproc_per_node=1, nnodes=2, timeout=120)
+        assert joiner.wait(timeout=300) == 0, joiner.stderr.read()
+    finally:
+        joiner.kill()
+    assert "joining job job-1 at 127.0.0.1:" in joiner.stderr.read()
+    assert read_announcement(shared)["state"] == "finished"  # no late node joins it
+    one, two = weights(tmp_path / "one"), weights(shared / "job-1" / "model")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)

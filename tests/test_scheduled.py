@@ -106,3 +106,71 @@ def test_deploy_run_through_a_worker_then_skip_unchanged_data(
     assert runs[0].data.tags["retune.skip_reason"].startswith("data unchanged since the champion")
     versions = client.search_model_versions("name = 'retune-sentiment'")
     assert len(versions) == 1  # nothing new registered
+
+
+def test_deploy_to_a_kubernetes_pool_asks_for_the_configured_gpus(
+    prefect_harness, project, tiny_base_model
+):
+    """On a Kubernetes pool (infra's job template) a run's job asks for nproc_per_node GPUs,
+    and finds the project and the code where the image has them, not where deploy ran."""
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    write_tiny_config(project, tiny_base_model)
+    config = yaml.safe_load((project / "retune.yaml").read_text())
+    config["train"]["nproc_per_node"] = 4
+    (project / "retune.yaml").write_text(yaml.safe_dump(config))
+    template = Path(__file__).parents[1] / "infra" / "k8s" / "base-job-template.json"
+    pool = "retune-k8s-test"
+    created = prefect_cli(
+        prefect_harness,
+        project,
+        "work-pool",
+        "create",
+        pool,
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        str(template),
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    missing = run_retune(
+        project,
+        prefect_harness,
+        "deploy",
+        "--cron",
+        "0 3 * * 1",
+        "--pool",
+        "no-such-pool",
+        "--project-dir",
+        str(project),
+    )
+    assert missing.returncode == 1 and "work pool 'no-such-pool' not found" in missing.stderr
+    deployed = run_retune(
+        project,
+        prefect_harness,
+        "deploy",
+        "--cron",
+        "0 3 * * 1",
+        "--name",
+        "k8s",
+        "--pool",
+        pool,
+        "--project-dir",
+        str(project),
+        "--worker-project-dir",
+        "/project",
+        "--worker-code-dir",
+        "/opt/retune",
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    os.environ["PREFECT_API_URL"] = prefect_harness
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("scheduled-retrain/k8s")
+    assert deployment.job_variables == {"gpus": 4}
+    assert deployment.parameters["project_dir"] == "/project"
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/retune"}}
+    ]
+    # updating the pull steps kept the deployment's one-run-at-a-time limit
+    assert deployment.global_concurrency_limit.limit == 1
