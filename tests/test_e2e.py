@@ -84,6 +84,7 @@ def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefec
     assert len(predictions) == 2
 
 
+@pytest.mark.slow  # about 4 minutes: `make test-slow` and CI run it
 def test_default_job_beats_the_frozen_probe_by_two_points(prefect_harness, project):
     """The README's main job, unchanged: full training split, default config."""
     (project / "retune.yaml").write_bytes((REPO_ROOT / "retune.yaml").read_bytes())
