@@ -30,7 +30,7 @@ _IMPLEMENTATION = "retune_cpu_train"
 
 def _threshold(p: float) -> tuple[int, float]:
     """The int16 threshold below which an element is dropped, and the scale for kept ones."""
-    drop = round(p * 65536)
+    drop = min(round(p * 65536), 65535)  # p just below 1 still keeps some elements
     return drop - 32768, 65536 / (65536 - drop)
 
 

@@ -51,6 +51,9 @@ def test_eval_and_zero_p_are_identity_and_bad_p_is_refused():
     assert fast_dropout(x, 0.0) is x
     with pytest.raises(ValueError, match="dropout probability"):
         fast_dropout(x, 1.0)
+    torch.manual_seed(0)
+    nearly_all = fast_dropout(torch.ones(1_000_000), 1 - 1e-7)  # rounds to 65535 / 65536
+    assert torch.isfinite(nearly_all).all() and nearly_all.max().item() == 65536.0
 
 
 def test_bf16_input_keeps_its_dtype():
