@@ -790,15 +790,16 @@ def deploy(
     if not os.environ.get("PREFECT_API_URL"):
         _fail("retune deploy needs a Prefect server: set PREFECT_API_URL (or use retune serve)")
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     from flows.scheduled import scheduled_retrain
 
     with get_client(sync_client=True) as client:
         try:
             pool_type = client.read_work_pool(pool).type
-        except Exception as err:  # ObjectNotFound, or the server answered with an error
+        except ObjectNotFound:
             _fail(
-                f"work pool {pool!r} not found on {os.environ['PREFECT_API_URL']} ({err}); "
+                f"work pool {pool!r} not found on {os.environ['PREFECT_API_URL']}; "
                 f"create it: prefect work-pool create {pool} --type process"
             )
     config_file = project_dir / parameters["config_path"]
