@@ -739,14 +739,18 @@ def _schedule(cron: str | None, interval: int | None, rrule: str | None) -> dict
 
 def _deployment_parameters(
     project_dir: Path, config: Path | None, retrain_always: bool
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
+    """The deployment's flow parameters, and the config they name (loaded, so checked)."""
     config = config or Path(DEFAULT_CONFIG)
-    _load(project_dir, project_dir / config if (project_dir / config).is_file() else None, [])
-    return {
+    loaded = _load(
+        project_dir, project_dir / config if (project_dir / config).is_file() else None, []
+    )
+    parameters = {
         "config_path": str(config),
         "project_dir": str(project_dir),
         "retrain_always": retrain_always,
     }
+    return parameters, loaded
 
 
 @app.command()
@@ -784,7 +788,7 @@ def deploy(
     """
     project_dir = project_dir.resolve()
     schedule = _schedule(cron, interval, rrule)
-    parameters = _deployment_parameters(project_dir, config, retrain_always)
+    parameters, loaded = _deployment_parameters(project_dir, config, retrain_always)
     if worker_project_dir:
         parameters["project_dir"] = worker_project_dir
     if not os.environ.get("PREFECT_API_URL"):
@@ -802,8 +806,6 @@ def deploy(
                 f"work pool {pool!r} not found on {os.environ['PREFECT_API_URL']}; "
                 f"create it: prefect work-pool create {pool} --type process"
             )
-    config_file = project_dir / parameters["config_path"]
-    loaded = _load(project_dir, config_file if config_file.is_file() else None, [])
     job_variables: dict[str, Any] = {}
     if pool_type == "kubernetes":
         job_variables["gpus"] = loaded.train.nproc_per_node
@@ -885,7 +887,7 @@ def serve(
     """Serve scheduled retraining from this machine (no work pool needed); Ctrl-C stops."""
     project_dir = project_dir.resolve()
     schedule = _schedule(cron, interval, rrule)
-    parameters = _deployment_parameters(project_dir, config, retrain_always)
+    parameters, _ = _deployment_parameters(project_dir, config, retrain_always)
     from flows.scheduled import scheduled_retrain
 
     scheduled_retrain.serve(name=name, parameters=parameters, global_limit=1, **schedule)

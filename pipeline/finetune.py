@@ -438,7 +438,8 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: a kill mid-write never leaves a torn checkpoint
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under torch.distributed; (0, 1) without."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -565,7 +566,7 @@ def _train(
     regularizer: Regularizer | None = None,
 ) -> FineTuneResult:
     logger = logger or NullLogger()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     torch.manual_seed(config.seed)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.data import package_file
+from pipeline.finetune import rank_and_world
 
 GENERAL_TEXT_REQUIREMENT = "gensim==4.4.0"
 
@@ -80,12 +81,6 @@ class L2SP:
         )
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class EmbeddingDistillation:
     """``weight * mean(1 - cos(student, teacher))`` on a batch of general text per step.
 
@@ -128,7 +123,7 @@ class EmbeddingDistillation:
 
     def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         idx = self.batch_indices(step)
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         shard = idx[rank::world]  # under DDP each rank takes its share, like the task batch
         device = next(model.parameters()).device
         batch = self.tokenizer(

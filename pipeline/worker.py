@@ -268,8 +268,8 @@ def join(shared: Path, once: bool = False, timeout: float | None = None, poll: f
                 continue
             if once:
                 return 0
-            if deadline is not None:
-                deadline = time.monotonic() + timeout  # type: ignore[operator]
+            if timeout is not None:  # the wait for the next job starts now
+                deadline = time.monotonic() + timeout
         time.sleep(poll)
     return 1
 

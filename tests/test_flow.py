@@ -59,6 +59,17 @@ USER_DATA = (
 )
 
 
+def tiny_full(tiny_base_model: Path) -> tuple[str, ...]:
+    """Overrides: full fine-tuning of the tiny model for one epoch, forgetting gate warns."""
+    return (
+        f"train.base_model={tiny_base_model}",
+        "train.strategy=full",
+        "train.epochs=1",
+        "train.bf16=false",
+        "forgetting.gate=warn",
+    )
+
+
 def write_tiny_config(project: Path, tiny_base_model: Path) -> None:
     """retune.yaml for the reviews CSV on the tiny model, head-only, one epoch."""
     import yaml
@@ -133,11 +144,7 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         prefect_harness,
         project,
         *USER_DATA,
-        f"train.base_model={tiny_base_model}",
-        "train.strategy=full",
-        "train.epochs=1",
-        "train.bf16=false",
-        "forgetting.gate=warn",
+        *tiny_full(tiny_base_model),
         "forgetting.distill=0.5",
         "forgetting.l2sp=0.01",
     )
@@ -293,12 +300,8 @@ def test_two_node_training_through_the_flow(
             prefect_harness,
             project,
             *USER_DATA,
-            f"train.base_model={tiny_base_model}",
-            "train.strategy=full",
-            "train.epochs=1",
-            "train.bf16=false",
+            *tiny_full(tiny_base_model),
             "train.nnodes=2",
-            "forgetting.gate=warn",
             "forgetting.distill=0.5",
         )
         assert result.returncode == 0, result.stdout + result.stderr

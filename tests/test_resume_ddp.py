@@ -31,8 +31,8 @@ def base_without_dropout(folder: Path, out: Path) -> Path:
     return out
 
 
-def one_epoch_config(base: Path, **overrides) -> TrainConfig:
-    """Full fine-tuning for one epoch: what the multi-process tests compare."""
+def full_config(base: Path, **overrides) -> TrainConfig:
+    """Full fine-tuning of ``base``, one epoch unless overridden."""
     values = dict(
         base_model=str(base),
         strategy="full",
@@ -78,15 +78,11 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(
     tmp_path: Path, tiny_base_model: Path
 ):
     train_csv, val_csv = write_data(tmp_path / "data", 2400)
-    config = TrainConfig(
-        base_model=str(tiny_base_model),
-        strategy="full",
+    config = full_config(
+        tiny_base_model,
         epochs=2,
         patience=2,
         batch_size=8,
-        learning_rate=1e-3,
-        head_learning_rate=1e-3,
-        bf16=False,
         checkpoint_every_steps=10,
         num_threads=1,
     )
@@ -121,7 +117,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(
 def test_two_process_ddp_matches_one_process(tmp_path: Path, tiny_base_model: Path):
     base = base_without_dropout(tiny_base_model, tmp_path / "base")
     train_csv, val_csv = write_data(tmp_path / "data", 256)
-    config = one_epoch_config(base)
+    config = full_config(base)
     labels = ["pos", "neg"]
     single = write_spec(tmp_path / "one.json", config, labels, train_csv, val_csv, tmp_path / "one")
     assert worker(single).wait(timeout=600) == 0
@@ -151,7 +147,7 @@ def test_two_process_ddp_with_distillation_and_l2sp_matches_one_process(
 
     base = base_without_dropout(tiny_base_model, tmp_path / "base")
     train_csv, val_csv = write_data(tmp_path / "data", 128)
-    config = one_epoch_config(base)
+    config = full_config(base)
     labels = ["pos", "neg"]
     keep = ForgettingConfig(distill=5.0, l2sp=10.0, distill_batch_size=8)
     specs = {
@@ -200,7 +196,7 @@ def test_two_nodes_through_a_shared_folder_match_one_process(
     base = base_without_dropout(tiny_base_model, tmp_path / "base")
     shared = tmp_path / "shared"
     train_csv, val_csv = write_data(shared / "job-1", 128)
-    config = one_epoch_config(base, nnodes=2)
+    config = full_config(base, nnodes=2)
     labels = ["pos", "neg"]
     single = write_spec(tmp_path / "one.json", config, labels, train_csv, val_csv, tmp_path / "one")
     assert worker(single).wait(timeout=600) == 0

@@ -62,6 +62,25 @@ def as_postgres(*args: str) -> list[str]:
 LEAN_MLFLOW = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def mlflow_server_command(port: int, pg: str, artifacts: Path) -> list[str]:
+    """An MLflow tracking server on 127.0.0.1:port, its store in PostgreSQL at ``pg``."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"postgresql+psycopg2://postgres@{pg}/mlflow",
+        "--artifacts-destination",
+        str(artifacts),
+        "--serve-artifacts",
+    ]
+
+
 @contextlib.contextmanager
 def postgres() -> Iterator[str]:
     """A throwaway cluster on 127.0.0.1; yields host:port; removed afterwards.
@@ -179,21 +198,7 @@ def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
         mlflow_port, prefect_port = free_port(), free_port()
         mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
         api_url = f"http://127.0.0.1:{prefect_port}/api"
-        mlflow_cmd = [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"postgresql+psycopg2://postgres@{pg}/mlflow",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--serve-artifacts",
-        ]
+        mlflow_cmd = mlflow_server_command(mlflow_port, pg, tmp_path / "artifacts")
         prefect_env = env | {
             "PREFECT_HOME": str(tmp_path / "prefect-home"),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@{pg}/prefect",
@@ -298,21 +303,7 @@ def test_mlflow_server_away_briefly_is_survived_and_longer_fails_cleanly(
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         port = free_port()
         uri = f"http://127.0.0.1:{port}"
-        command = [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"postgresql+psycopg2://postgres@{pg}/mlflow",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--serve-artifacts",
-        ]
+        command = mlflow_server_command(port, pg, tmp_path / "artifacts")
         log = (tmp_path / "mlflow.log").open("a")
 
         def start() -> subprocess.Popen:
