@@ -7,7 +7,10 @@ to a default.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,8 +125,7 @@ class ValidationConfig(_Section):
         unknown = sorted(set(self.severity) - set(DEFAULT_SEVERITY))
         if unknown:
             raise ValueError(
-                f"validation.severity has unknown checks {unknown}; "
-                f"known: {', '.join(DEFAULT_SEVERITY)}"
+                unknown_names("validation.severity has unknown checks", unknown, DEFAULT_SEVERITY)
             )
         return self
 
@@ -192,7 +194,9 @@ class BiasConfig(_Section):
     def _check_severity(self) -> BiasConfig:
         unknown = sorted(set(self.severity) - set(BIAS_CHECKS))
         if unknown:
-            raise ValueError(f"unknown bias checks in severity: {unknown}; known: {BIAS_CHECKS}")
+            raise ValueError(
+                unknown_names("bias.severity has unknown checks", unknown, BIAS_CHECKS)
+            )
         return self
 
     def severity_of(self, check: str) -> Severity:
@@ -401,6 +405,13 @@ class ConfigError(ValueError):
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
+def unknown_names(kind: str, unknown: list[str], known: Sequence[str]) -> str:
+    """E.g. ``validation.severity has unknown checks ['dupes'] (did you mean duplicates?); ...``"""
+    close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1, cutoff=0.6)]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"{kind} {unknown}{hint}; known: {', '.join(known)}"
+
+
 def _parse_value(item: str, raw: str) -> Any:
     # YAML scalars: "3" -> 3, "null" -> None, "[a, b]" -> list. YAML 1.1 reads "1e-4"
     # as a string (it wants "1.0e-4"), so scientific notation is converted here.
@@ -413,34 +424,108 @@ def _parse_value(item: str, raw: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a nested config dict (returns a copy)."""
-    result: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    """Apply ``section.key=value`` overrides to a nested config dict (returns a copy).
+
+    Deeper keys address mappings inside a section: ``validation.severity.duplicates=warn``.
+    """
+    result = copy.deepcopy(raw)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(
-                f"override '{item}' must look like section.key=value, e.g. train.epochs=3"
-            )
-        section, field = key.split(".", 1)
-        target = result.get(section)
-        if target is None:  # absent, or a section left empty in the YAML file
-            target = result[section] = {}
-        if not isinstance(target, dict):
-            raise ConfigError(f"override '{item}': '{section}' is not a config section")
-        target[field] = _parse_value(item, value)
+        path, value = _override_path(item)
+        target = result
+        for depth, part in enumerate(path[:-1]):
+            child = target.get(part)
+            if child is None:  # absent, or a section left empty in the YAML file
+                child = target[part] = {}
+            if not isinstance(child, dict):
+                what = "a config section" if depth == 0 else "a mapping"
+                raise ConfigError(
+                    f"override '{item}': '{'.'.join(path[: depth + 1])}' is not {what}"
+                )
+            target = child
+        target[path[-1]] = _parse_value(item, value)
     return result
+
+
+def _override_path(item: str) -> tuple[list[str], str]:
+    key, sep, value = item.partition("=")
+    path = key.split(".")
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(
+            f"override '{item}' must look like section.key=value, e.g. train.epochs=3"
+        )
+    return path, value
+
+
+def _origins(
+    loaded: dict[str, Any], where: str, overrides: list[str]
+) -> dict[tuple[str, ...], str]:
+    """Where each key path was set: the file's name, or the ``--set`` that set it (wins)."""
+    origins: dict[tuple[str, ...], str] = {}
+
+    def walk(node: dict[str, Any], prefix: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            origins[(*prefix, str(key))] = where
+            if isinstance(value, dict):
+                walk(value, (*prefix, str(key)))
+
+    walk(loaded, ())
+    for item in overrides:
+        path, _ = _override_path(item)
+        origins[tuple(path)] = f"--set {item}"
+    return origins
+
+
+def _origin_of(loc: tuple[str, ...], origins: dict[tuple[str, ...], str]) -> str:
+    """The leaf's own origin; for a section-level check, the ``--set``s inside it if any."""
+    inside = {o for p, o in origins.items() if p[: len(loc)] == loc and len(p) > len(loc)}
+    if not inside and loc in origins:
+        return origins[loc]
+    overrides = sorted(o for o in inside if o.startswith("--set "))
+    if overrides:
+        return ", ".join(overrides)
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in origins:
+            return origins[loc[:depth]]
+    return "defaults"
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    """The keys allowed beside the last part of ``loc`` (for "did you mean")."""
+    model: Any = RetuneConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _problem(error: Any, origins: dict[tuple[str, ...], str]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    dotted = ".".join(loc)
+    origin = _origin_of(loc, origins)
+    if error["type"] != "extra_forbidden":
+        return f"{origin}: {dotted}: {error['msg'].removeprefix('Value error, ')}"
+    close = difflib.get_close_matches(loc[-1], _known_keys(loc), n=1, cutoff=0.6)
+    prefix = ".".join(loc[:-1])
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"{origin}: unknown key {dotted}{hint} (every key: retune run --help)"
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RetuneConfig:
     """Read a YAML config (or the defaults) and apply overrides.
 
     Raises:
-        ConfigError: naming the file and the offending key.
+        ConfigError: naming, for each problem, where it was set (the file, or the
+            ``--set`` the user typed), the key, and the closest known key for a typo.
     """
+    overrides = overrides or []
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        where = str(path)
+        where = path.name
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -450,14 +535,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         raw = loaded or {}
-    raw = apply_overrides(raw, overrides or [])
+    origins = _origins(raw, where, overrides)
+    raw = apply_overrides(raw, overrides)
     try:
         return RetuneConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid config ({where}): {problems}") from None
+        problems = "; ".join(_problem(e, origins) for e in err.errors())
+        raise ConfigError(f"invalid config: {problems}") from None
 
 
 def describe_config() -> str:
@@ -468,5 +552,6 @@ def describe_config() -> str:
         assert isinstance(section_cls, type) and issubclass(section_cls, BaseModel)
         for name, field in section_cls.model_fields.items():
             desc = f"  {field.description}" if field.description else ""
-            lines.append(f"{section_name}.{name} = {field.default!r}{desc}")
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{section_name}.{name} = {default!r}{desc}")
     return "\n".join(lines)

@@ -83,16 +83,51 @@ def test_overrides_apply_on_top_of_a_file(tmp_path: Path):
     ("override", "key"),
     [("train.epochz=3", "train.epochz"), ("trian.epochs=3", "trian")],
 )
-def test_unknown_keys_are_rejected_naming_the_key(override: str, key: str):
-    with pytest.raises(ConfigError, match=rf"invalid config \(defaults\): {key}: Extra inputs"):
+def test_unknown_keys_are_rejected_naming_the_override_and_the_closest_key(override: str, key: str):
+    with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
+    close = {"train.epochz": "train.epochs", "trian": "train"}[key]
+    assert str(err.value) == (
+        f"invalid config: --set {override}: unknown key {key}; did you mean {close}? "
+        "(every key: retune run --help)"
+    )
 
 
 def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path: Path):
     path = tmp_path / "typo.yaml"
     path.write_text("train:\n  learning_rte: 0.1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"typo\.yaml\): train\.learning_rte: Extra inputs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"typo\.yaml: unknown key train\.learning_rte; did you mean train\.learning_rate\?",
+    ):
         load_config(path)
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path: Path):
+    path = tmp_path / "retune.yaml"
+    path.write_text("train:\n  epochs: 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.epochs=0"])
+    assert str(err.value) == (
+        "invalid config: --set train.epochs=0: train.epochs: "
+        "Input should be greater than or equal to 1"
+    )
+    # A section-level check names the --set inside that section, not the file.
+    path.write_text("data:\n  labels: [a, b]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^invalid config: --set data\.labels=\[a, a\]: data: "):
+        load_config(path, ["data.labels=[a, a]"])
+
+
+def test_nested_overrides_reach_mappings_and_suggest_known_names():
+    config = load_config(overrides=["validation.severity.duplicates=error"])
+    assert config.validation.severity == {"duplicates": "error"}
+    assert config.validation.severity_of("duplicates") == "error"
+    with pytest.raises(
+        ConfigError, match=r"unknown checks \['dupes'\] \(did you mean duplicates\?\)"
+    ):
+        load_config(overrides=["validation.severity.dupes=error"])
+    with pytest.raises(ConfigError, match=r"'validation\.min_text_chars' is not a mapping"):
+        apply_overrides({"validation": {"min_text_chars": 3}}, ["validation.min_text_chars.x=1"])
 
 
 @pytest.mark.parametrize("override", ["epochs=3", "train.epochs", "train-epochs=3"])
@@ -142,7 +177,7 @@ def test_invalid_values_name_the_field(override: str, field: str, why: str):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     message = str(err.value)
-    assert message.startswith("invalid config (defaults): ")
+    assert message.startswith(f"invalid config: --set {override}: ")
     assert f"{field}: " in message
     assert why in message
 
@@ -198,6 +233,9 @@ def test_describe_config_lists_every_key_with_default_and_description():
     )
     assert len(lines) == n_fields
     assert lines[0].startswith("data.source = 'example'")
+    # Defaults built by a factory show their value, not pydantic's placeholder.
+    assert "PydanticUndefined" not in text
+    assert any(line.startswith("validation.severity = {}") for line in lines)
 
 
 def test_scientific_override_parses_as_float_and_bad_yaml_is_a_config_error():
