@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,9 +25,57 @@ DEFAULT_CONFIG = "retune.yaml"
 REFUSED_EXIT = 3  # a gate refused the model: recorded in MLflow, not registered
 
 
+DEBUG = {"on": False}  # --debug: tracebacks for expected errors too
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for bad input and refusals too.")
+    ] = False,
+) -> None:
     """retune: fine-tune pretrained transformers through an audited pipeline."""
+    DEBUG["on"] = debug
+
+
+class ExpectedErrorFilter(logging.Filter):
+    """Keeps Prefect's console quiet about an expected error (bad input, a refused gate).
+
+    Prefect logs a failed task and flow run with the traceback, then the final state; for
+    these errors the CLI prints one ``error:`` or ``refused:`` line instead. Records on other
+    loggers, and every record about any other exception (a bug), pass unchanged. The Prefect
+    API still receives the records: only the console handler carries this filter.
+    """
+
+    def __init__(self, expected: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.expected = expected
+        self.names = tuple(cls.__name__ for cls in expected)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            return not isinstance(record.exc_info[1], self.expected)
+        text = record.getMessage()
+        return not any(f"{name}(" in text or f"{name}:" in text for name in self.names)
+
+
+@contextmanager
+def quiet_expected_errors(expected: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Filter Prefect's console handlers for the duration of a flow call (not with --debug)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = ExpectedErrorFilter(expected)
+    if not DEBUG["on"]:
+        for handler in handlers:
+            handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 # Offline, quiet, reproducible runs; read by Prefect, MLflow and transformers at import.
@@ -213,8 +265,12 @@ def run(
     project_dir: Annotated[
         Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")
     ] = Path("."),
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for bad input and refusals too.")
+    ] = False,
 ) -> None:
     """Run the retraining flow: prepare, validate, version, bias, fine-tune, evaluate, register."""
+    DEBUG["on"] = DEBUG["on"] or debug
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
     from flows.retrain import (
@@ -225,11 +281,14 @@ def run(
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
+    bad_input = (DataError, DataValidationError, DataVersionError, FileNotFoundError)
     try:
-        summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
-    except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
+        with quiet_expected_errors((*bad_input, ModelRefused)):
+            summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
+    except bad_input as err:
         _fail(str(err))
     except ModelRefused as refused:
+        _debug_traceback()
         kept, bias = refused.forgetting, refused.bias
         print_forgetting_table(kept.table_rows(), kept.to_dict())
         print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
@@ -470,7 +529,8 @@ def reproduce(
     from pipeline.versioning import DataVersionError
 
     try:
-        result = reproduce_flow(ref, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
+        with quiet_expected_errors((ModelRefError, DataVersionError)):
+            result = reproduce_flow(ref, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (ModelRefError, DataVersionError) as err:
         _fail(str(err))
     typer.echo(
@@ -900,7 +960,14 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+def _debug_traceback() -> None:
+    if DEBUG["on"] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+
+
 def _fail(message: str) -> None:
+    """Bad input: one ``error:`` line (and, with --debug, the traceback), exit 1."""
+    _debug_traceback()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
 

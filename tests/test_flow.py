@@ -116,7 +116,20 @@ def test_bad_input_stops_before_training(prefect_harness, project, name, content
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     assert re.search(expected, errors[0]), errors[0]
+    # Bad input is a message, not a bug: no traceback, and the message is printed once.
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert sum(1 for line in output.splitlines() if re.search(expected, line)) == 1, output
     assert_untouched(project, before)
+
+
+def test_debug_shows_the_traceback_of_bad_input(prefect_harness, project):
+    result = run_retune(
+        project, prefect_harness, "--debug", "run", "--set", "data.source=missing.csv"
+    )
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "pipeline.data.DataError: data file" in result.stderr
 
 
 def test_labels_outside_the_set_fail_validation_with_counts(prefect_harness, project):
@@ -248,6 +261,7 @@ def test_forgetting_gate_refuses_records_and_registers_nothing(
     )
     assert second.returncode == 3, second.stdout + second.stderr
     assert "refused: model refused (recorded as MLflow run" in second.stderr
+    assert "Traceback" not in second.stdout + second.stderr
     assert "forgetting: mean drop" in second.stderr
     assert "upper bound above 0.000" in second.stderr
     assert "vs champion" in second.stdout  # the table compares with version 1 too
