@@ -247,8 +247,16 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     for flag in summary.data_bias_flags:  # too-small groups are listed in the table above
         if flag.split(":")[0] in judged:
             console.print(f"[yellow]data bias: {flag}[/yellow]", soft_wrap=True)
-    for name, command in ui_commands(project_dir, summary.tracking_uri).items():
+    print_links(summary.links, project_dir, summary.tracking_uri)
+
+
+def print_links(links: dict[str, str], project_dir: Path, tracking_uri: str) -> None:
+    """Where to look: the UI commands, then direct links to the run and the model version."""
+    console = _console()
+    for name, command in ui_commands(project_dir, tracking_uri).items():
         console.print(f"[bold]{name} UI:[/bold] {command}", soft_wrap=True)
+    for what, url in links.items():
+        console.print(f"[bold]{what}:[/bold] {url}", soft_wrap=True)
 
 
 @app.command(
@@ -282,9 +290,10 @@ def run(
     from pipeline.versioning import DataVersionError
 
     bad_input = (DataError, DataValidationError, DataVersionError, FileNotFoundError)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with quiet_expected_errors((*bad_input, ModelRefused)):
-            summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
+            summary = retrain(cfg, str(project_dir), uri)
     except bad_input as err:
         _fail(str(err))
     except ModelRefused as refused:
@@ -292,6 +301,10 @@ def run(
         kept, bias = refused.forgetting, refused.bias
         print_forgetting_table(kept.table_rows(), kept.to_dict())
         print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
+        from pipeline import tracking
+
+        store = tracking.configure(project_dir, uri)
+        print_links(tracking.ui_links(store, refused.run_id, "", None), project_dir, store)
         typer.echo(f"refused: {refused}", err=True)
         raise typer.Exit(code=REFUSED_EXIT) from None
     print_summary(summary, project_dir)

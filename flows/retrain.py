@@ -100,6 +100,7 @@ class RunSummary:
     tracking_uri: str
     train_seconds: float
     report_dir: str
+    links: dict[str, str]  # MLflow UI: the run and the model version
 
 
 @task(**TASK_OPTIONS)
@@ -561,7 +562,13 @@ def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
     return frame["label"].map(index).to_numpy(dtype=np.int64)
 
 
-@flow(name="retrain", log_prints=True)
+def flow_run_name() -> str:
+    """``retrain news partial``: the Prefect UI says which data and strategy a run trains."""
+    config = flow_run.parameters["config"]
+    return f"retrain {data.dataset_name(config.data)} {config.train.strategy}"
+
+
+@flow(name="retrain", log_prints=True, flow_run_name=flow_run_name)
 def retrain(
     config: RetuneConfig, project_dir: str = ".", tracking_uri: str | None = None
 ) -> RunSummary:
@@ -602,7 +609,8 @@ def retrain(
         "retune.prefect_flow_run_id": run_key,
         lineage.RETENTION_SUITE_MD5: suite.md5,
     }
-    run_id = tracking.start_run(root, config.registry.experiment, f"retrain-{run_key[:8]}", tags)
+    name = tracking.run_name(data.dataset_name(config.data), config.train.strategy, run_key)
+    run_id = tracking.start_run(root, config.registry.experiment, name, tags)
     try:
         tracking.log_params_and_metrics(run_id, _flat_params(config), {})
         if report.docs_index:
@@ -802,6 +810,7 @@ def retrain(
         tracking_uri=uri,
         train_seconds=trained.train_seconds,
         report_dir=str(out_dir / "reports"),
+        links=tracking.ui_links(uri, run_id, registered.name, registered.version),
     )
 
 

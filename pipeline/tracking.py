@@ -18,6 +18,9 @@ from typing import Any
 import pandas as pd
 
 STORE_DIR = "mlflow"
+# MLflow 3's UI opens an experiment on its GenAI traces view unless told it holds models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+LOCAL_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the embedded store
 
 
 def embedded_uri(project_dir: Path) -> str:
@@ -59,9 +62,15 @@ def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[s
         found.experiment_id
         if found is not None
         else client.create_experiment(
-            experiment, artifact_location=artifact_root(project_dir, mlflow.get_tracking_uri())
+            experiment,
+            artifact_location=artifact_root(project_dir, mlflow.get_tracking_uri()),
+            tags=dict([EXPERIMENT_KIND]),
         )
     )
+    if (
+        found is not None and found.tags.get(EXPERIMENT_KIND[0]) is None
+    ):  # made before retune set it
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     return run.info.run_id
 
@@ -181,3 +190,24 @@ def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+
+
+def run_name(dataset: str, strategy: str, run_key: str) -> str:
+    """What the UI lists a training run as: ``news-partial-7bbaf18d``."""
+    return f"{dataset}-{strategy}-{run_key[:8]}"
+
+
+def ui_links(tracking_uri: str, run_id: str, model: str, version: str | None) -> dict[str, str]:
+    """Direct links into the MLflow UI: the run and, if registered, its model version.
+
+    For a tracking server the links point at it; for the embedded store, at the UI that
+    ``make mlflow-ui`` starts on 127.0.0.1:5000.
+    """
+    from mlflow import MlflowClient
+
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http:", "https:")) else LOCAL_UI
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    links = {"run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}"}
+    if version is not None:
+        links["model version"] = f"{base}/#/models/{model}/versions/{version}"
+    return links

@@ -180,6 +180,19 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
     version = client.get_model_version("retune-sentiment", "1")
     assert version.tags["retune.data_md5"] == md5
     run = client.get_run(version.run_id)
+    # The UIs name the run by its data and strategy, and the run ends with direct links.
+    assert re.fullmatch(r"reviews-full-[0-9a-f]{8}", run.info.run_name)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    ui = "http://127.0.0.1:5000/#"
+    run_link = f"{ui}/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"run: {run_link}" in result.stdout
+    assert f"model version: {ui}/models/retune-sentiment/versions/1" in result.stdout
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect_client:
+        flow_run = prefect_client.read_flow_run(run.data.tags["retune.prefect_flow_run_id"])
+    assert flow_run.name == "retrain reviews full"
     digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert digests == {"train": md5, "test": md5}
     assert 0.0 <= run.data.metrics["test_macro_f1"] <= 1.0
