@@ -2,8 +2,10 @@
 
 Pure functions on arrays, run after training on the test split. The positive label is a
 label id (the first configured label, id 0, by default): "selection rate" is the share of
-rows predicted positive, and FPR/FNR are with respect to that label, so a task with more
-than two labels is read one-vs-rest.
+rows predicted positive, and FPR/FNR are with respect to that label. With more than two
+labels every label is in turn the positive one (one-vs-rest, ``ModelBiasReport.per_label``)
+and the report's headline figures and the gate read the worst label: the one with the
+largest equalized odds difference.
 
 Groups may overlap (a text can mention a woman and a religion) or leave a row in no
 group, so each group is evaluated on its own rows: the rows are stacked once per group
@@ -502,6 +504,15 @@ class BiasVerdict:
 
 
 @dataclass(frozen=True)
+class LabelBias:
+    """One label's figures one-vs-rest: that label is positive, every other negative."""
+
+    label: str
+    groups: GroupMetrics
+    gate_groups: GroupMetrics | None = None
+
+
+@dataclass(frozen=True)
 class ModelBiasReport:
     """One model's bias figures on the test split; the candidate's also holds the comparisons.
 
@@ -520,6 +531,23 @@ class ModelBiasReport:
     # The same figures over only the groups large enough to gate on (min_gate_rows), or
     # None when fewer than two are: what the equalized-odds and champion checks read.
     gate_groups: GroupMetrics | None = None
+    # More than two labels: every label one-vs-rest, in label order; ``groups`` and
+    # ``gate_groups`` are then the worst label's (see :func:`worst_label`). Empty otherwise.
+    per_label: list[LabelBias] = field(default_factory=list)
+
+    @property
+    def positive_label(self) -> str:
+        """The label the headline FPR/FNR/selection figures describe."""
+        return _label(self, self.groups.positive)
+
+    def label_note(self) -> str:
+        """Which label the headline figures describe, in words."""
+        if self.per_label:
+            return (
+                f"label '{self.positive_label}', the worst of {len(self.per_label)} labels "
+                "one-vs-rest (largest equalized odds difference)"
+            )
+        return f"positive label '{self.positive_label}'"
 
     @property
     def flip_rate(self) -> float:
@@ -550,6 +578,7 @@ class ModelBiasReport:
             f"{self.model}: equalized odds difference {_num(eo.value)} "
             f"(95% CI {_num(eo.ci_low)} to {_num(eo.ci_high)}) over "
             f"{len(self.groups.compared)} groups"
+            + (f" for {self.label_note()}" if self.per_label else "")
         ]
         if self.counterfactual and self.counterfactual.pairs:
             cf = self.counterfactual
@@ -570,6 +599,13 @@ class ModelBiasReport:
         for row in g.groups:
             for metric in METRICS:
                 out[f"bias_group_{_metric_key(row.group)}_{metric}"] = getattr(row, metric)
+        for lb in self.per_label:
+            for name, est in lb.groups.disparities().items():
+                out[f"bias_label_{_metric_key(lb.label)}_{name}"] = est.value
+            eo = lb.groups.equalized_odds_difference
+            out[f"bias_label_{_metric_key(lb.label)}_equalized_odds_difference_ci_high"] = (
+                eo.ci_high
+            )
         if self.counterfactual:
             out["bias_flip_rate"] = self.counterfactual.flip_rate.value
             out["bias_flip_rate_ci_high"] = self.counterfactual.flip_rate.ci_high
@@ -593,7 +629,7 @@ class ModelBiasReport:
             return {
                 "accuracy (all rows)": g.overall.accuracy,
                 "macro-F1 (all rows)": g.overall.macro_f1,
-                **{n.replace("_", " "): e.value for n, e in g.disparities().items()},
+                **{n: e.value for n, e in self._disparity_rows(r).items()},
                 "counterfactual flip rate": r.flip_rate,
                 "counterfactual mean |dp|": (
                     r.counterfactual.mean_abs_delta if r.counterfactual else math.nan
@@ -602,7 +638,7 @@ class ModelBiasReport:
             }
 
         mine = figures(self)
-        intervals = {n.replace("_", " "): e for n, e in self.groups.disparities().items()}
+        intervals: dict[str, Estimate] = self._disparity_rows(self)
         if self.counterfactual:
             intervals["counterfactual flip rate"] = self.counterfactual.flip_rate
         base = figures(self.base_probe) if self.base_probe else {}
@@ -623,16 +659,33 @@ class ModelBiasReport:
             )
         return rows
 
+    def _disparity_rows(self, r: ModelBiasReport) -> dict[str, Estimate]:
+        """Table row name -> disparity; one row per label (``name [label]``) when
+        ``self`` is one-vs-rest, looked up by label name in ``r`` (base probe, champion)."""
+        if not self.per_label:
+            return {n.replace("_", " "): e for n, e in r.groups.disparities().items()}
+        theirs = {lb.label: lb.groups for lb in r.per_label}
+        out = {}
+        for name in DISPARITIES:
+            for lb in self.per_label:
+                g = theirs.get(lb.label)
+                est = getattr(g, name) if g is not None else Estimate(math.nan)
+                out[f"{name.replace('_', ' ')} [{lb.label}]"] = est
+        return out
+
     def group_rows(self) -> list[tuple[str, ...]]:
-        """Per group (and all rows) under :data:`GROUP_TABLE_HEADER`."""
+        """Per group (and all rows) under :data:`GROUP_TABLE_HEADER`; one-vs-rest, one
+        block per label with the group named ``group [label]``."""
+        blocks = [(lb.label, lb.groups) for lb in self.per_label] or [("", self.groups)]
         return [
             (
-                row.group,
+                f"{row.group} [{label}]" if label else row.group,
                 str(row.rows),
                 *(_num(getattr(row, m)) for m in METRICS),
                 "too small" if row.too_small else "",
             )
-            for row in [*self.groups.groups, self.groups.overall]
+            for label, g in blocks
+            for row in [*g.groups, g.overall]
         ]
 
 
@@ -661,9 +714,38 @@ def check_model_bias(
     model: str = "candidate",
     positive: int = 0,
 ) -> ModelBiasReport:
-    """One model's figures: :func:`group_metrics` with the config's limits, plus the rest."""
+    """One model's figures: :func:`group_metrics` with the config's limits, plus the rest.
+
+    With more than two labels every label is positive in turn (``positive`` is then
+    ignored) and the report's ``groups``/``gate_groups`` are the worst label's.
+    """
     if not 0 <= positive < len(labels):
         raise ValueError(f"positive label id {positive} outside the {len(labels)} labels")
+    ids = list(range(len(labels))) if len(labels) > 2 else [positive]
+    per_label = [
+        _label_bias(y_true, y_pred, membership, config, i, str(labels[i])) for i in ids
+    ]
+    worst = worst_label(per_label)
+    return ModelBiasReport(
+        model,
+        list(labels),
+        worst.groups,
+        counterfactual,
+        list(crows_pairs or []),
+        gate_groups=worst.gate_groups,
+        per_label=per_label if len(labels) > 2 else [],
+    )
+
+
+def _label_bias(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    membership: pd.DataFrame,
+    config: BiasConfig,
+    positive: int,
+    label: str,
+) -> LabelBias:
+    """Every group, and the groups large enough to gate on, with ``positive`` positive."""
     groups = group_metrics(
         y_true, y_pred, membership, positive, config.min_group_rows, config.bootstrap, config.seed
     )
@@ -676,14 +758,22 @@ def check_model_bias(
         if len(large) >= 2
         else None
     )
-    return ModelBiasReport(
-        model,
-        list(labels),
-        groups,
-        counterfactual,
-        list(crows_pairs or []),
-        gate_groups=gate_groups,
-    )
+    return LabelBias(label, groups, gate_groups)
+
+
+def worst_label(per_label: Sequence[LabelBias]) -> LabelBias:
+    """The label with the largest equalized odds difference over the gated groups (over
+    all compared groups where none can be gated); the first on ties or if none is defined."""
+
+    def key(lb: LabelBias) -> tuple[float, float]:
+        gated = lb.gate_groups.equalized_odds_difference.value if lb.gate_groups else math.nan
+        shown = lb.groups.equalized_odds_difference.value
+        return (
+            gated if math.isfinite(gated) else -math.inf,
+            shown if math.isfinite(shown) else -math.inf,
+        )
+
+    return max(per_label, key=key)
 
 
 def evaluate_model_bias(
@@ -720,6 +810,7 @@ def bias_gate(
             report.gate_groups,
             config.max_equalized_odds,
             max(config.min_group_rows, config.min_gate_rows),
+            report.label_note() if report.per_label else "",
         ),
         "counterfactual_flips": _check_flips(report.counterfactual, config.max_flip_rate),
         "champion_regression": _check_champion(report, champion, config.max_champion_regression),
@@ -740,7 +831,9 @@ def bias_gate(
 _Outcome = tuple[CheckStatus, float, float, str]
 
 
-def _check_equalized_odds(g: GroupMetrics | None, limit: float, least: int) -> _Outcome:
+def _check_equalized_odds(
+    g: GroupMetrics | None, limit: float, least: int, label: str = ""
+) -> _Outcome:
     if g is None:
         return (
             "not run",
@@ -761,8 +854,9 @@ def _check_equalized_odds(g: GroupMetrics | None, limit: float, least: int) -> _
     failed = bound > limit
     detail = (
         f"equalized odds difference {eo.value:.3f} (95% CI {_num(eo.ci_low)} to "
-        f"{_num(eo.ci_high)}) over {', '.join(g.compared)}: upper bound "
-        f"{'above' if failed else 'within'} {limit:.2f}"
+        f"{_num(eo.ci_high)}) over {', '.join(g.compared)}"
+        + (f" for {label}" if label else "")
+        + f": upper bound {'above' if failed else 'within'} {limit:.2f}"
     )
     return ("failed" if failed else "passed"), bound, limit, detail
 
