@@ -28,9 +28,6 @@ intervals are percentile bootstraps over rows (a resampled row keeps its groups)
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -722,9 +719,7 @@ def check_model_bias(
     if not 0 <= positive < len(labels):
         raise ValueError(f"positive label id {positive} outside the {len(labels)} labels")
     ids = list(range(len(labels))) if len(labels) > 2 else [positive]
-    per_label = [
-        _label_bias(y_true, y_pred, membership, config, i, str(labels[i])) for i in ids
-    ]
+    per_label = [_label_bias(y_true, y_pred, membership, config, i, str(labels[i])) for i in ids]
     worst = worst_label(per_label)
     return ModelBiasReport(
         model,
@@ -948,136 +943,17 @@ def _json_safe(value: Any) -> Any:
 
 def render_html(report: ModelBiasReport, path: Path) -> Path:
     """A self-contained page: gate, headline table, one bar chart per metric over groups
-    (base probe and champion side by side when present), flipped examples, CrowS-Pairs."""
-    e = html.escape
-    models = [r for r in (report, report.base_probe, report.champion) if r is not None]
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Bias report: {e(report.model)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:.25em .5em;text-align:left;vertical-align:top}"
-        ".failed{background:#fdd}.passed{background:#dfd}</style></head><body>",
-        f"<h1>Bias report: {e(report.model)}</h1>",
-        f"<p>{e(report.summary())}</p>",
-        f"<p>Positive label: {e(_label(report, report.groups.positive))}; groups with fewer "
-        f"than {report.groups.min_group_rows} rows are shown but not compared.</p>",
-    ]
-    if report.gate is not None:
-        out.append(f"<h2>Gate: {e(report.gate.status)}</h2>")
-        out.append(
-            _table(
-                ("check", "severity", "status", "value", "limit", "detail"),
-                [
-                    (c.check, c.severity, c.status, _num(c.value), _num(c.limit), c.detail)
-                    for c in report.gate.checks
-                ],
-                row_class=[c.status if c.status != "not run" else "" for c in report.gate.checks],
-            )
-        )
-    out.append("<h2>Headline figures</h2>")
-    out.append(_table(TABLE_HEADER, report.table_rows()))
-    out.append("<h2>Per group</h2>")
-    out.append(_table(GROUP_TABLE_HEADER, report.group_rows()))
-    for metric in METRICS:
-        out.append(f"<h3>{e(METRIC_TITLES[metric])}</h3>")
-        png = _bar_chart(models, metric)
-        out.append(f"<img alt='{e(metric)} by group' src='data:image/png;base64,{png}'>")
-    cf = report.counterfactual
-    out.append("<h2>Counterfactual identity swaps</h2>")
-    if cf is None or cf.pairs == 0:
-        out.append("<p>Not run: no test text holds a swappable identity term.</p>")
-    else:
-        out.append(
-            f"<p>{cf.flips} of {cf.pairs} predictions flipped ({_pct(cf.flip_rate.value)}, "
-            f"95% CI {_pct(cf.flip_rate.ci_low)} to {_pct(cf.flip_rate.ci_high)}); mean "
-            f"|&Delta;p| of the positive label {_num(cf.mean_abs_delta)}.</p>"
-        )
-        out.append(
-            _table(
-                ("original", "swapped", "label", "p before", "p after", "Δp"),
-                [
-                    (
-                        x.original,
-                        x.swapped,
-                        f"{_label(report, x.label_original)} → {_label(report, x.label_swapped)}",
-                        _num(x.p_original),
-                        _num(x.p_swapped),
-                        f"{x.delta:+.3f}",
-                    )
-                    for x in cf.examples
-                ],
-            )
-        )
-    if any(m.crows_pairs for m in models):
-        out.append("<h2>CrowS-Pairs: share of pairs whose labels differ</h2>")
-        per_model = [{t.bias_type: t for t in m.crows_pairs} for m in models]
-        types = sorted({t for d in per_model for t in d})
-        out.append(
-            _table(
-                ("bias type", "pairs", *(f"{m.model}: differ / mean |Δp|" for m in models)),
-                [
-                    (
-                        t,
-                        str(next(d[t].pairs for d in per_model if t in d)),
-                        *(
-                            f"{_num(d[t].differ_rate)} / {_num(d[t].mean_abs_delta)}"
-                            if t in d
-                            else "-"
-                            for d in per_model
-                        ),
-                    )
-                    for t in types
-                ],
-            )
-        )
-    out.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
+    (base probe and champion side by side when present), flipped examples, CrowS-Pairs.
+
+    See :func:`pipeline.reports.render_bias_page` (the Jinja2 template).
+    """
+    from pipeline.reports import render_bias_page
+
+    return render_bias_page(report, path)
 
 
 def _label(report: ModelBiasReport, label_id: int) -> str:
     return report.labels[label_id] if 0 <= label_id < len(report.labels) else str(label_id)
-
-
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], row_class: Sequence[str] = ()
-) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f" class='{e(row_class[i])}'" if i < len(row_class) and row_class[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _bar_chart(models: list[ModelBiasReport], metric: str) -> str:
-    """Grouped bars of one metric over the first model's groups; base64 PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
-
-    rows = models[0].groups.groups
-    x = np.arange(len(rows))
-    width = 0.8 / len(models)
-    fig = Figure(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.2))
-    ax = fig.subplots()
-    for k, model in enumerate(models):
-        by_name = {r.group: getattr(r, metric) for r in model.groups.groups}
-        heights = [by_name.get(r.group, math.nan) for r in rows]
-        ax.bar(x + (k - (len(models) - 1) / 2) * width, heights, width, label=model.model)
-    ax.set_xticks(
-        x,
-        [f"{r.group}\n(n={r.rows}{', too small' if r.too_small else ''})" for r in rows],
-        fontsize=8,
-    )
-    ax.set(ylim=(0, 1.05), title=METRIC_TITLES[metric])
-    if len(models) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def measure_model_bias(
