@@ -213,7 +213,7 @@ def render_bias_page(report: ModelBiasReport, path: Path) -> Path:
             by_name = {r.group: getattr(r, metric) for r in model.groups.groups}
             series.append((model.model, [by_name.get(g.group, math.nan) for g in shown]))
         names = [f"{g.group} (n={g.rows}{', too small' if g.too_small else ''})" for g in shown]
-        charts.append((metric, title, group_bars_png(title, names, series)))
+        charts.append((metric, title, group_bars_png(title, names, series), names))
     return _write(
         "bias.html.j2",
         path,
