@@ -135,7 +135,7 @@ def group_bars_png(
     ax.invert_yaxis()  # first group on top, as in the tables
     ax.set(xlim=(0, 1.12), title=title)
     if k > 1:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     return _png(fig)
 
 
