@@ -519,7 +519,7 @@ def _data_groups_one_vs_rest(data_bias: dict[str, Any], groups: list[dict[str, A
                     g.get("group"),
                     _count(g.get("rows")),
                     _pct(g.get("share")),
-                    _code(g.get("label")),
+                    g.get("label"),
                     _num(g.get("positive_rate"), 3),
                     _num(g.get("rest_positive_rate"), 3),
                     _signed(g.get("rate_difference")),
@@ -722,7 +722,7 @@ def _label_disparities(per_label: list[dict[str, Any]]) -> str:
         ("label", "equalized odds difference", "demographic parity difference"),
         [
             (
-                _code(lb.get("label")),
+                lb.get("label"),
                 value(lb, "equalized_odds_difference"),
                 value(lb, "demographic_parity_difference"),
             )

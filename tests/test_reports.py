@@ -188,7 +188,7 @@ def test_formatters():
 def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does)")
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run installs it)")
     user_data.mkdir(parents=True, exist_ok=True)
     flags = [
         "--headless",
@@ -271,3 +271,36 @@ def test_every_report_reads_in_headless_chromium(failed_validation, tmp_path: Pa
         user_data=profile,
     )
     assert shot.stat().st_size > 10_000
+
+
+def test_card_names_the_label_of_each_bias_figure_with_three_labels():
+    from test_card import jsonable
+
+    from pipeline.bias import check_data_bias
+
+    body = reports()
+    model = three_label_report()
+    body["bias"] = jsonable(model.to_dict())
+    data_bias = check_data_bias(
+        ["t"] * 8,
+        [["x", "y", "z"][i] for i in [0, 0, 1, 2, 0, 1, 2, 2]],
+        None,
+        ["x", "y", "z"],
+        1,
+        membership=model_membership(),
+    )
+    body["data_bias"] = jsonable(data_bias.to_dict())
+    body["config"]["data"]["labels"] = ["x", "y", "z"]
+    md = render_card(CardInputs("retune-topics", "1", body, dict(TAGS), RUN_ID, "champion"))
+    assert "one-vs-rest for each of the 3 labels" in md
+    assert "FPR, FNR and selection rate are for label `z`, the worst of 3 labels" in md
+    assert "| z | 1.000 | 0.250 |" in md and "| x | 0.500 | 0.250 |" in md
+    # Data: group A (x, x, y, z) vs B (x, y, z, z): x +0.25, y 0, z -0.25; x comes first.
+    assert "| A | 4 | 50.0% | x | 0.500 | 0.250 | +0.250 |  |" in md
+    assert "| B | 4 | 50.0% | x | 0.250 | 0.500 | -0.250 |  |" in md
+
+
+def model_membership() -> pd.DataFrame:
+    from test_fairness import MEMBERSHIP3
+
+    return MEMBERSHIP3
