@@ -140,6 +140,13 @@ def render_forgetting_page(report: ForgettingReport, path: Path, model: str = "c
         if gate.passed
         else ("refused" if gate.refused else "warned")
     )
+    n = len(gate.failures)
+    verdict = {
+        "off": "off: the gate is not checked (forgetting.gate: off)",
+        "passed": "passed: the mean drop's upper bound and every task's drop are within limits",
+        "refused": f"refused: {n} limit{'s' * (n != 1)} exceeded",
+        "warned": f"warned: {n} limit{'s' * (n != 1)} exceeded (reported, not refused)",
+    }[status]
     scalars, tables = _mitigation_rows(report.mitigation)
     return _write(
         "forgetting.html.j2",
@@ -147,6 +154,7 @@ def render_forgetting_page(report: ForgettingReport, path: Path, model: str = "c
         report=report,
         model=model,
         gate_status=status,
+        verdict=verdict,
         gate_class={"refused": "failed", "warned": "warned", "passed": "passed"}.get(status, ""),
         header=TABLE_HEADER,
         rows=report.table_rows(),

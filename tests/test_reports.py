@@ -111,6 +111,7 @@ def test_forgetting_page_tasks_gate_champion_mitigations_and_cka(tmp_path: Path)
     assert topics[:5] == ("topics", "accuracy", "1.000", "0.800", "+0.200")
     assert " ".join(topics) in text
     assert "Gate: warned" in text and report.gate.failures[0] in text
+    assert "warned: 3 limits exceeded (reported, not refused)" in text  # mean, lee, topics
     assert "worst task topics (+0.200)" in text
     assert "Against champion v2: mean drop" in text
     assert "l2sp 0.0000" in text and "distill 5.0000" in text
