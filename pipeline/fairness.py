@@ -876,7 +876,13 @@ def _check_champion(
         return "not run", math.nan, limit, "no champion"
     pairs = {}
     if report.gate_groups is not None and champion.gate_groups is not None:
-        pairs["equalized odds difference"] = (
+        # One-vs-rest: each model's worst label, named (they may differ).
+        name = "equalized odds difference" + (
+            f" (worst label: '{report.positive_label}' vs '{champion.positive_label}')"
+            if report.per_label
+            else ""
+        )
+        pairs[name] = (
             report.gate_groups.equalized_odds_difference.value,
             champion.gate_groups.equalized_odds_difference.value,
         )

@@ -548,3 +548,18 @@ def test_two_labels_keep_a_single_positive_label():
     report = full_report()
     assert report.per_label == [] and report.positive_label == "fresh"
     assert "worst" not in report.summary()
+
+
+def test_three_labels_against_a_champion_name_each_worst_label():
+    config = BiasConfig(min_group_rows=2, min_gate_rows=2, bootstrap=100)
+    champion = check_model_bias(Y3_TRUE, Y3_TRUE, MEMBERSHIP3, config, LABELS3, model="champion")
+    report = evaluate_model_bias(
+        check_model_bias(Y3_TRUE, Y3_PRED, MEMBERSHIP3, config, LABELS3), config, None, champion
+    )
+    check = next(c for c in report.gate.checks if c.check == "champion_regression")
+    # The champion is perfect: every label's EO is 0, so its worst is the first, x.
+    assert champion.positive_label == "x"
+    assert check.status == "failed" and check.value == 1.0
+    assert "equalized odds difference (worst label: 'z' vs 'x') 1.000 vs 0.000" in check.detail
+    table = {r[0]: r for r in report.table_rows()}
+    assert table["equalized odds difference [z]"][4:] == ("0.000", "+1.000")
