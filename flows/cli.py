@@ -133,7 +133,7 @@ def print_bias_tables(
 
 
 def _rate_name(group: dict[str, Any]) -> str:
-    """ "positive rate", or with more than two labels the label the group's rate is of."""
+    """The group's rate by name: the positive rate, or (more than two labels) its label's."""
     return f"'{group['label']}' rate" if group.get("per_label") else "positive rate"
 
 
