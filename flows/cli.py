@@ -184,6 +184,11 @@ def print_bias_tables(
     console.print(f"bias gate: {report['gate']['status']}", soft_wrap=True)
 
 
+def _rate_name(group: dict[str, Any]) -> str:
+    """The group's rate by name: the positive rate, or (more than two labels) its label's."""
+    return f"'{group['label']}' rate" if group.get("per_label") else "positive rate"
+
+
 def print_summary(summary: Any, project_dir: Path) -> None:
     from rich.table import Table
 
@@ -207,8 +212,8 @@ def print_summary(summary: Any, project_dir: Path) -> None:
             continue
         table.add_row(
             f"group {g['group']}",
-            f"{g['rows']} rows ({g['share']:.1%}), positive rate {g['positive_rate']:.3f} vs rest "
-            f"{g['rest_positive_rate']:.3f} (diff {g['rate_difference']:+.3f})",
+            f"{g['rows']} rows ({g['share']:.1%}), {_rate_name(g)} {g['positive_rate']:.3f} "
+            f"vs rest {g['rest_positive_rate']:.3f} (diff {g['rate_difference']:+.3f})",
         )
     test, probe = summary.test, summary.probe
     table.add_row(

@@ -44,6 +44,7 @@ from pipeline import (
     worker,
 )
 from pipeline.config import RetuneConfig
+from pipeline.reports import render_forgetting_page, render_validation_page
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
@@ -582,6 +583,10 @@ def retrain(
     frames = prepare_data(config, root)
     docs_dir = root / "runs" / str(flow_run.id or "local") / "data_docs"
     report = validate_data(config, frames, docs_dir)
+    page = render_validation_page(
+        report, docs_dir.parent / "html" / "validation.html", config.data.source
+    )
+    logger.info("validation page (opens offline): %s", page)
     if not report.success:
         raise validation.DataValidationError(report, config.data.source)
     logger.info("validation: %s", report.summary())
@@ -671,6 +676,9 @@ def retrain(
             mitigations,
         )
         logger.info("forgetting gate: %s", kept.gate.summary())
+        render_forgetting_page(
+            kept, out_dir / "html" / "forgetting.html", config.registry.model_name
+        )
 
         reports = {
             "validation": report.to_dict(),

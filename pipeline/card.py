@@ -272,7 +272,11 @@ def _intended_use(inputs: CardInputs) -> list[str]:
             + ". Every input gets exactly one of them, even when none fits.",
             f"**Positive label:** {_code(labels[0])}, the first configured label: the bias "
             "figures (selection rate, false positive and false negative rates) count it as "
-            "positive, one-vs-rest.",
+            "positive, one-vs-rest."
+            if len(labels) <= 2
+            else f"**Bias figures:** one-vs-rest for each of the {len(labels)} labels (each "
+            "in turn positive, every other label negative); the per-group figures and the "
+            "bias gate read the worst label, named in the per-group section.",
         ]
     else:
         items.append(f"**Labels:** {NOT_RECORDED}.")
@@ -471,7 +475,9 @@ def _data(inputs: CardInputs) -> list[str]:
         blocks += ["Validation findings:", _bullets(warnings)]
     data_bias = _dict(inputs.reports.get("data_bias"))
     groups = [g for g in _list(data_bias.get("groups")) if isinstance(g, dict)]
-    if groups:
+    if groups and data_bias.get("one_vs_rest"):
+        blocks += _data_groups_one_vs_rest(data_bias, groups)
+    elif groups:
         positive = data_bias.get("positive_label")
         blocks.append(
             f"Identity groups over all splits ({_count(data_bias.get('total_rows'))} rows); "
@@ -498,6 +504,32 @@ def _data(inputs: CardInputs) -> list[str]:
     elif not data_bias:
         blocks.append(_not_recorded("Identity groups in the data"))
     return blocks
+
+
+def _data_groups_one_vs_rest(data_bias: dict[str, Any], groups: list[dict[str, Any]]) -> list[str]:
+    """More than two labels: each group's rate is of the label furthest from the rest's."""
+    return [
+        f"Identity groups over all splits ({_count(data_bias.get('total_rows'))} rows); every "
+        "label is measured one-vs-rest and each row shows the label whose share in the group "
+        "differs most from its share in the rest:",
+        _table(
+            ("group", "rows", "share", "label", "rate", "rest", "difference", "flags"),
+            [
+                (
+                    g.get("group"),
+                    _count(g.get("rows")),
+                    _pct(g.get("share")),
+                    g.get("label"),
+                    _num(g.get("positive_rate"), 3),
+                    _num(g.get("rest_positive_rate"), 3),
+                    _signed(g.get("rate_difference")),
+                    ", ".join(_group_flags(g)),
+                )
+                for g in groups
+            ],
+            align="lrrlrrrl",
+        ),
+    ]
 
 
 def _rows(inputs: CardInputs) -> str:
@@ -632,9 +664,16 @@ def _group_metrics(inputs: CardInputs) -> list[str]:
         return [*blocks, _not_recorded("Per-group metrics")]
     rows = [g for g in _list(groups.get("groups")) if isinstance(g, dict)]
     overall = _dict(groups.get("overall"))
+    per_label = [lb for lb in _list(bias.get("per_label")) if isinstance(lb, dict)]
+    which = (
+        f"for label {_code(_positive(bias))}, the worst of {len(per_label)} labels "
+        "one-vs-rest (largest equalized odds difference)"
+        if per_label
+        else f"for the positive label {_code(_positive(bias))}"
+    )
     blocks.append(
         "On the test split, by identity group (a text can be in several groups or none). "
-        f"FPR, FNR and selection rate are for the positive label {_code(_positive(bias))}. "
+        f"FPR, FNR and selection rate are {which}. "
         f"Groups with fewer than {_count(groups.get('min_group_rows'))} rows are too small: "
         "reported, not compared."
     )
@@ -670,7 +709,27 @@ def _group_metrics(inputs: CardInputs) -> list[str]:
         )
     else:
         blocks.append("Fewer than two groups are large enough to compare: no disparities.")
+    if per_label:
+        blocks += ["Every label one-vs-rest:", _label_disparities(per_label)]
     return blocks
+
+
+def _label_disparities(per_label: list[dict[str, Any]]) -> str:
+    def value(lb: dict[str, Any], key: str) -> str:
+        return _num(_dict(_dict(lb.get("groups")).get(key)).get("value"), 3)
+
+    return _table(
+        ("label", "equalized odds difference", "demographic parity difference"),
+        [
+            (
+                lb.get("label"),
+                value(lb, "equalized_odds_difference"),
+                value(lb, "demographic_parity_difference"),
+            )
+            for lb in per_label
+        ],
+        align="lrr",
+    )
 
 
 def _forgetting(inputs: CardInputs) -> list[str]:
@@ -796,7 +855,7 @@ def _bias(inputs: CardInputs) -> list[str]:
             f"{_count(cf.get('pairs'))} predictions changed label when identity terms were "
             f"swapped (flip rate {_num(rate.get('value'), 3)}, 95% CI "
             f"{_num(rate.get('ci_low'), 3)} to {_num(rate.get('ci_high'), 3)}); mean "
-            f"absolute change in the probability of {_code(_positive(report))} "
+            f"absolute change in the probability of {_code(_first_label(report))} "
             f"{_num(cf.get('mean_abs_delta'), 3)}."
         )
     else:
@@ -838,6 +897,12 @@ def _bias(inputs: CardInputs) -> list[str]:
             )
         )
     return blocks
+
+
+def _first_label(bias: dict[str, Any]) -> str:
+    """Label id 0 by name: the label whose probability the identity swaps follow."""
+    labels = _list(bias.get("labels"))
+    return str(labels[0]) if labels else "0"
 
 
 def _positive(bias: dict[str, Any]) -> str:
@@ -928,7 +993,8 @@ def _found_limitations(inputs: CardInputs) -> list[str]:
             )
         if g.get("label_gap_flagged"):
             found.append(
-                f"Group {g.get('group')} has a different '{data_bias.get('positive_label')}' "
+                f"Group {g.get('group')} has a different "
+                f"'{g.get('label') or data_bias.get('positive_label')}' "
                 f"rate in the data: {_num(g.get('positive_rate'), 3)} against "
                 f"{_num(g.get('rest_positive_rate'), 3)} for the rest."
             )

@@ -2,8 +2,10 @@
 
 Pure functions on arrays, run after training on the test split. The positive label is a
 label id (the first configured label, id 0, by default): "selection rate" is the share of
-rows predicted positive, and FPR/FNR are with respect to that label, so a task with more
-than two labels is read one-vs-rest.
+rows predicted positive, and FPR/FNR are with respect to that label. With more than two
+labels every label is in turn the positive one (one-vs-rest, ``ModelBiasReport.per_label``)
+and the report's headline figures and the gate read the worst label: the one with the
+largest equalized odds difference.
 
 Groups may overlap (a text can mention a woman and a religion) or leave a row in no
 group, so each group is evaluated on its own rows: the rows are stacked once per group
@@ -26,9 +28,6 @@ intervals are percentile bootstraps over rows (a resampled row keeps its groups)
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -502,6 +501,15 @@ class BiasVerdict:
 
 
 @dataclass(frozen=True)
+class LabelBias:
+    """One label's figures one-vs-rest: that label is positive, every other negative."""
+
+    label: str
+    groups: GroupMetrics
+    gate_groups: GroupMetrics | None = None
+
+
+@dataclass(frozen=True)
 class ModelBiasReport:
     """One model's bias figures on the test split; the candidate's also holds the comparisons.
 
@@ -520,6 +528,23 @@ class ModelBiasReport:
     # The same figures over only the groups large enough to gate on (min_gate_rows), or
     # None when fewer than two are: what the equalized-odds and champion checks read.
     gate_groups: GroupMetrics | None = None
+    # More than two labels: every label one-vs-rest, in label order; ``groups`` and
+    # ``gate_groups`` are then the worst label's (see :func:`worst_label`). Empty otherwise.
+    per_label: list[LabelBias] = field(default_factory=list)
+
+    @property
+    def positive_label(self) -> str:
+        """The label the headline FPR/FNR/selection figures describe."""
+        return _label(self, self.groups.positive)
+
+    def label_note(self) -> str:
+        """Which label the headline figures describe, in words."""
+        if self.per_label:
+            return (
+                f"label '{self.positive_label}', the worst of {len(self.per_label)} labels "
+                "one-vs-rest (largest equalized odds difference)"
+            )
+        return f"positive label '{self.positive_label}'"
 
     @property
     def flip_rate(self) -> float:
@@ -550,6 +575,7 @@ class ModelBiasReport:
             f"{self.model}: equalized odds difference {_num(eo.value)} "
             f"(95% CI {_num(eo.ci_low)} to {_num(eo.ci_high)}) over "
             f"{len(self.groups.compared)} groups"
+            + (f" for {self.label_note()}" if self.per_label else "")
         ]
         if self.counterfactual and self.counterfactual.pairs:
             cf = self.counterfactual
@@ -570,6 +596,13 @@ class ModelBiasReport:
         for row in g.groups:
             for metric in METRICS:
                 out[f"bias_group_{_metric_key(row.group)}_{metric}"] = getattr(row, metric)
+        for lb in self.per_label:
+            for name, est in lb.groups.disparities().items():
+                out[f"bias_label_{_metric_key(lb.label)}_{name}"] = est.value
+            eo = lb.groups.equalized_odds_difference
+            out[f"bias_label_{_metric_key(lb.label)}_equalized_odds_difference_ci_high"] = (
+                eo.ci_high
+            )
         if self.counterfactual:
             out["bias_flip_rate"] = self.counterfactual.flip_rate.value
             out["bias_flip_rate_ci_high"] = self.counterfactual.flip_rate.ci_high
@@ -593,7 +626,7 @@ class ModelBiasReport:
             return {
                 "accuracy (all rows)": g.overall.accuracy,
                 "macro-F1 (all rows)": g.overall.macro_f1,
-                **{n.replace("_", " "): e.value for n, e in g.disparities().items()},
+                **{n: e.value for n, e in self._disparity_rows(r).items()},
                 "counterfactual flip rate": r.flip_rate,
                 "counterfactual mean |dp|": (
                     r.counterfactual.mean_abs_delta if r.counterfactual else math.nan
@@ -602,7 +635,7 @@ class ModelBiasReport:
             }
 
         mine = figures(self)
-        intervals = {n.replace("_", " "): e for n, e in self.groups.disparities().items()}
+        intervals: dict[str, Estimate] = self._disparity_rows(self)
         if self.counterfactual:
             intervals["counterfactual flip rate"] = self.counterfactual.flip_rate
         base = figures(self.base_probe) if self.base_probe else {}
@@ -623,16 +656,33 @@ class ModelBiasReport:
             )
         return rows
 
+    def _disparity_rows(self, r: ModelBiasReport) -> dict[str, Estimate]:
+        """Table row name -> disparity; one row per label (``name [label]``) when
+        ``self`` is one-vs-rest, looked up by label name in ``r`` (base probe, champion)."""
+        if not self.per_label:
+            return {n.replace("_", " "): e for n, e in r.groups.disparities().items()}
+        theirs = {lb.label: lb.groups for lb in r.per_label}
+        out = {}
+        for name in DISPARITIES:
+            for lb in self.per_label:
+                g = theirs.get(lb.label)
+                est = getattr(g, name) if g is not None else Estimate(math.nan)
+                out[f"{name.replace('_', ' ')} [{lb.label}]"] = est
+        return out
+
     def group_rows(self) -> list[tuple[str, ...]]:
-        """Per group (and all rows) under :data:`GROUP_TABLE_HEADER`."""
+        """Per group (and all rows) under :data:`GROUP_TABLE_HEADER`; one-vs-rest, one
+        block per label with the group named ``group [label]``."""
+        blocks = [(lb.label, lb.groups) for lb in self.per_label] or [("", self.groups)]
         return [
             (
-                row.group,
+                f"{row.group} [{label}]" if label else row.group,
                 str(row.rows),
                 *(_num(getattr(row, m)) for m in METRICS),
                 "too small" if row.too_small else "",
             )
-            for row in [*self.groups.groups, self.groups.overall]
+            for label, g in blocks
+            for row in [*g.groups, g.overall]
         ]
 
 
@@ -661,9 +711,36 @@ def check_model_bias(
     model: str = "candidate",
     positive: int = 0,
 ) -> ModelBiasReport:
-    """One model's figures: :func:`group_metrics` with the config's limits, plus the rest."""
+    """One model's figures: :func:`group_metrics` with the config's limits, plus the rest.
+
+    With more than two labels every label is positive in turn (``positive`` is then
+    ignored) and the report's ``groups``/``gate_groups`` are the worst label's.
+    """
     if not 0 <= positive < len(labels):
         raise ValueError(f"positive label id {positive} outside the {len(labels)} labels")
+    ids = list(range(len(labels))) if len(labels) > 2 else [positive]
+    per_label = [_label_bias(y_true, y_pred, membership, config, i, str(labels[i])) for i in ids]
+    worst = worst_label(per_label)
+    return ModelBiasReport(
+        model,
+        list(labels),
+        worst.groups,
+        counterfactual,
+        list(crows_pairs or []),
+        gate_groups=worst.gate_groups,
+        per_label=per_label if len(labels) > 2 else [],
+    )
+
+
+def _label_bias(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    membership: pd.DataFrame,
+    config: BiasConfig,
+    positive: int,
+    label: str,
+) -> LabelBias:
+    """Every group, and the groups large enough to gate on, with ``positive`` positive."""
     groups = group_metrics(
         y_true, y_pred, membership, positive, config.min_group_rows, config.bootstrap, config.seed
     )
@@ -676,14 +753,22 @@ def check_model_bias(
         if len(large) >= 2
         else None
     )
-    return ModelBiasReport(
-        model,
-        list(labels),
-        groups,
-        counterfactual,
-        list(crows_pairs or []),
-        gate_groups=gate_groups,
-    )
+    return LabelBias(label, groups, gate_groups)
+
+
+def worst_label(per_label: Sequence[LabelBias]) -> LabelBias:
+    """The label with the largest equalized odds difference over the gated groups (over
+    all compared groups where none can be gated); the first on ties or if none is defined."""
+
+    def key(lb: LabelBias) -> tuple[float, float]:
+        gated = lb.gate_groups.equalized_odds_difference.value if lb.gate_groups else math.nan
+        shown = lb.groups.equalized_odds_difference.value
+        return (
+            gated if math.isfinite(gated) else -math.inf,
+            shown if math.isfinite(shown) else -math.inf,
+        )
+
+    return max(per_label, key=key)
 
 
 def evaluate_model_bias(
@@ -720,6 +805,7 @@ def bias_gate(
             report.gate_groups,
             config.max_equalized_odds,
             max(config.min_group_rows, config.min_gate_rows),
+            report.label_note() if report.per_label else "",
         ),
         "counterfactual_flips": _check_flips(report.counterfactual, config.max_flip_rate),
         "champion_regression": _check_champion(report, champion, config.max_champion_regression),
@@ -740,7 +826,9 @@ def bias_gate(
 _Outcome = tuple[CheckStatus, float, float, str]
 
 
-def _check_equalized_odds(g: GroupMetrics | None, limit: float, least: int) -> _Outcome:
+def _check_equalized_odds(
+    g: GroupMetrics | None, limit: float, least: int, label: str = ""
+) -> _Outcome:
     if g is None:
         return (
             "not run",
@@ -761,8 +849,9 @@ def _check_equalized_odds(g: GroupMetrics | None, limit: float, least: int) -> _
     failed = bound > limit
     detail = (
         f"equalized odds difference {eo.value:.3f} (95% CI {_num(eo.ci_low)} to "
-        f"{_num(eo.ci_high)}) over {', '.join(g.compared)}: upper bound "
-        f"{'above' if failed else 'within'} {limit:.2f}"
+        f"{_num(eo.ci_high)}) over {', '.join(g.compared)}"
+        + (f" for {label}" if label else "")
+        + f": upper bound {'above' if failed else 'within'} {limit:.2f}"
     )
     return ("failed" if failed else "passed"), bound, limit, detail
 
@@ -787,7 +876,13 @@ def _check_champion(
         return "not run", math.nan, limit, "no champion"
     pairs = {}
     if report.gate_groups is not None and champion.gate_groups is not None:
-        pairs["equalized odds difference"] = (
+        # One-vs-rest: each model's worst label, named (they may differ).
+        name = "equalized odds difference" + (
+            f" (worst label: '{report.positive_label}' vs '{champion.positive_label}')"
+            if report.per_label
+            else ""
+        )
+        pairs[name] = (
             report.gate_groups.equalized_odds_difference.value,
             champion.gate_groups.equalized_odds_difference.value,
         )
@@ -854,136 +949,17 @@ def _json_safe(value: Any) -> Any:
 
 def render_html(report: ModelBiasReport, path: Path) -> Path:
     """A self-contained page: gate, headline table, one bar chart per metric over groups
-    (base probe and champion side by side when present), flipped examples, CrowS-Pairs."""
-    e = html.escape
-    models = [r for r in (report, report.base_probe, report.champion) if r is not None]
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Bias report: {e(report.model)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:.25em .5em;text-align:left;vertical-align:top}"
-        ".failed{background:#fdd}.passed{background:#dfd}</style></head><body>",
-        f"<h1>Bias report: {e(report.model)}</h1>",
-        f"<p>{e(report.summary())}</p>",
-        f"<p>Positive label: {e(_label(report, report.groups.positive))}; groups with fewer "
-        f"than {report.groups.min_group_rows} rows are shown but not compared.</p>",
-    ]
-    if report.gate is not None:
-        out.append(f"<h2>Gate: {e(report.gate.status)}</h2>")
-        out.append(
-            _table(
-                ("check", "severity", "status", "value", "limit", "detail"),
-                [
-                    (c.check, c.severity, c.status, _num(c.value), _num(c.limit), c.detail)
-                    for c in report.gate.checks
-                ],
-                row_class=[c.status if c.status != "not run" else "" for c in report.gate.checks],
-            )
-        )
-    out.append("<h2>Headline figures</h2>")
-    out.append(_table(TABLE_HEADER, report.table_rows()))
-    out.append("<h2>Per group</h2>")
-    out.append(_table(GROUP_TABLE_HEADER, report.group_rows()))
-    for metric in METRICS:
-        out.append(f"<h3>{e(METRIC_TITLES[metric])}</h3>")
-        png = _bar_chart(models, metric)
-        out.append(f"<img alt='{e(metric)} by group' src='data:image/png;base64,{png}'>")
-    cf = report.counterfactual
-    out.append("<h2>Counterfactual identity swaps</h2>")
-    if cf is None or cf.pairs == 0:
-        out.append("<p>Not run: no test text holds a swappable identity term.</p>")
-    else:
-        out.append(
-            f"<p>{cf.flips} of {cf.pairs} predictions flipped ({_pct(cf.flip_rate.value)}, "
-            f"95% CI {_pct(cf.flip_rate.ci_low)} to {_pct(cf.flip_rate.ci_high)}); mean "
-            f"|&Delta;p| of the positive label {_num(cf.mean_abs_delta)}.</p>"
-        )
-        out.append(
-            _table(
-                ("original", "swapped", "label", "p before", "p after", "Δp"),
-                [
-                    (
-                        x.original,
-                        x.swapped,
-                        f"{_label(report, x.label_original)} → {_label(report, x.label_swapped)}",
-                        _num(x.p_original),
-                        _num(x.p_swapped),
-                        f"{x.delta:+.3f}",
-                    )
-                    for x in cf.examples
-                ],
-            )
-        )
-    if any(m.crows_pairs for m in models):
-        out.append("<h2>CrowS-Pairs: share of pairs whose labels differ</h2>")
-        per_model = [{t.bias_type: t for t in m.crows_pairs} for m in models]
-        types = sorted({t for d in per_model for t in d})
-        out.append(
-            _table(
-                ("bias type", "pairs", *(f"{m.model}: differ / mean |Δp|" for m in models)),
-                [
-                    (
-                        t,
-                        str(next(d[t].pairs for d in per_model if t in d)),
-                        *(
-                            f"{_num(d[t].differ_rate)} / {_num(d[t].mean_abs_delta)}"
-                            if t in d
-                            else "-"
-                            for d in per_model
-                        ),
-                    )
-                    for t in types
-                ],
-            )
-        )
-    out.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
+    (base probe and champion side by side when present), flipped examples, CrowS-Pairs.
+
+    See :func:`pipeline.reports.render_bias_page` (the Jinja2 template).
+    """
+    from pipeline.reports import render_bias_page
+
+    return render_bias_page(report, path)
 
 
 def _label(report: ModelBiasReport, label_id: int) -> str:
     return report.labels[label_id] if 0 <= label_id < len(report.labels) else str(label_id)
-
-
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], row_class: Sequence[str] = ()
-) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f" class='{e(row_class[i])}'" if i < len(row_class) and row_class[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _bar_chart(models: list[ModelBiasReport], metric: str) -> str:
-    """Grouped bars of one metric over the first model's groups; base64 PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
-
-    rows = models[0].groups.groups
-    x = np.arange(len(rows))
-    width = 0.8 / len(models)
-    fig = Figure(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.2))
-    ax = fig.subplots()
-    for k, model in enumerate(models):
-        by_name = {r.group: getattr(r, metric) for r in model.groups.groups}
-        heights = [by_name.get(r.group, math.nan) for r in rows]
-        ax.bar(x + (k - (len(models) - 1) / 2) * width, heights, width, label=model.model)
-    ax.set_xticks(
-        x,
-        [f"{r.group}\n(n={r.rows}{', too small' if r.too_small else ''})" for r in rows],
-        fontsize=8,
-    )
-    ax.set(ylim=(0, 1.05), title=METRIC_TITLES[metric])
-    if len(models) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def measure_model_bias(

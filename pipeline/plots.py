@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import math
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.finetune import FineTuneResult
-
 if TYPE_CHECKING:
+    from pipeline.finetune import FineTuneResult
     from pipeline.forgetting import ForgettingReport
     from pipeline.mitigation import AlphaChoice
 
@@ -95,3 +99,59 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- charts embedded in the HTML reports (base64 PNG, no pyplot state) --------------------
+
+
+def group_bars_png(
+    title: str, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]
+) -> str:
+    """Horizontal grouped bars of rates in [0, 1], one row per group; base64 PNG.
+
+    Horizontal so that any number of long group names stays readable (each name on its
+    own row, wrapped at 28 characters); a NaN draws no bar and is labelled "n/a".
+
+    Args:
+        groups: the row labels, top to bottom.
+        series: (name, one value per group) per model, drawn side by side in each row.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
+
+    k = max(1, len(series))
+    bar = 0.8 / k
+    fig = Figure(figsize=(7.5, max(1.8, 0.22 * k * len(groups) + 0.35 * len(groups) + 1.0)))
+    ax = fig.subplots()
+    for j, (name, values) in enumerate(series):
+        y = [i + (j - (k - 1) / 2) * bar for i in range(len(groups))]
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.barh(y, heights, bar, label=name, color=f"C{j}")
+        for yi, v in zip(y, values, strict=True):
+            text = f"{v:.3f}" if math.isfinite(v) else "n/a"
+            ax.text(
+                min(v, 1.0) + 0.01 if math.isfinite(v) else 0.01, yi, text, va="center", fontsize=7
+            )
+    ax.set_yticks(range(len(groups)), [textwrap.fill(g, 28) for g in groups], fontsize=8)
+    ax.invert_yaxis()  # first group on top, as in the tables
+    ax.set(xlim=(0, 1.12), title=title)
+    if k > 1:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
+    return _png(fig)
+
+
+def forgetting_chart_png(report: ForgettingReport) -> str:
+    """Base vs tuned score per retention task as horizontal bars; base64 PNG."""
+    rows = report.base.tasks
+    names = [f"{r.task} ({r.metric})" for r in rows]
+    return group_bars_png(
+        "retention: base vs tuned score",
+        names,
+        [("base", [r.reference for r in rows]), ("tuned", [r.candidate for r in rows])],
+    )
+
+
+def _png(fig: Any) -> str:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -358,3 +358,67 @@ def test_membership_and_lexicon_errors(lexicon: Lexicon):
         )
     with pytest.raises(ValueError, match="pass a lexicon or a membership frame"):
         check_data_bias(["a"], ["fresh"], None, LABELS, 1)
+
+
+# --- more than two labels: each label one-vs-rest ---------------------------------------------
+
+
+def test_three_labels_each_label_against_the_rest_by_hand():
+    # Rows 0-2 in G1 (a, b, a), row 3 in G2 (c), rows 4-5 in neither (c, c); E is empty.
+    labels = ["a", "b", "a", "c", "c", "c"]
+    membership = pd.DataFrame(
+        {
+            "G1": [True, True, True, False, False, False],
+            "G2": [False, False, False, True, False, False],
+            "E": [False] * 6,
+        }
+    )
+    report = check_data_bias(
+        ["t"] * 6, labels, None, ["a", "b", "c"], 1, max_label_rate_gap=0.5, membership=membership
+    )
+    assert report.one_vs_rest and report.positive_label == ""
+    g1, g2, empty = report.groups
+    # G1: a 2/3 vs 0/3, b 1/3 vs 0/3, c 0/3 vs 3/3 -> c differs most (-1.0).
+    rates = {r.label: (r.rate, r.rest_rate, r.difference) for r in g1.per_label}
+    assert rates["a"] == pytest.approx((2 / 3, 0.0, 2 / 3))
+    assert rates["b"] == pytest.approx((1 / 3, 0.0, 1 / 3))
+    assert rates["c"] == (0.0, 1.0, -1.0)
+    assert [r.ratio for r in g1.per_label] == [None, None, 0.0]  # rest rate 0: no ratio
+    assert (g1.label, g1.positive_rate, g1.rest_positive_rate, g1.rate_difference) == (
+        "c",
+        0.0,
+        1.0,
+        -1.0,
+    )
+    assert g1.label_gap_flagged
+    # G2 (one row, c): a 0 vs 2/5, b 0 vs 1/5, c 1 vs 2/5 -> c, +0.6, ratio 2.5.
+    assert g2.label == "c" and g2.rate_difference == pytest.approx(0.6)
+    assert g2.rate_ratio == pytest.approx(2.5) and g2.label_gap_flagged
+    assert {r.label: r.difference for r in g2.per_label} == pytest.approx(
+        {"a": -0.4, "b": -0.2, "c": 0.6}
+    )
+    # E: no rows, nothing defined; the rest's rates are still reported; never flagged.
+    assert empty.rows == 0 and empty.too_small and not empty.label_gap_flagged
+    assert [r.rate for r in empty.per_label] == [None, None, None]
+    assert [r.rest_rate for r in empty.per_label] == pytest.approx([1 / 3, 1 / 6, 1 / 2])
+    assert empty.label == "a" and empty.positive_rate is None
+    flags = report.flags()
+    assert flags[0] == (
+        "G1: 'c' (the label furthest from the rest's) rate 0.000 vs 1.000 for the rest "
+        "(difference -1.000, ratio 0.00), beyond the limit 0.500"
+    )
+    json.dumps(report.to_dict())
+
+
+def test_two_labels_describe_the_first_label_only():
+    report = check_data_bias(
+        ["she", "he", "she"],
+        ["fresh", "rotten", "rotten"],
+        Lexicon({"female": frozenset({"she"})}),
+        LABELS,
+        1,
+    )
+    g = report.groups[0]
+    assert not report.one_vs_rest and report.positive_label == "fresh"
+    assert g.label == "fresh" and g.per_label == []
+    assert (g.positive_rate, g.rest_positive_rate) == (0.5, 0.0)

@@ -462,3 +462,104 @@ def test_html_without_comparisons_or_swaps(tmp_path: Path):
     assert page.count("<img ") == len(METRICS)
     assert "Not run: no test text holds a swappable identity term." in page
     assert "Gate:" not in page
+
+
+# --- more than two labels: one-vs-rest -------------------------------------------------------
+
+# Labels x, y, z (ids 0, 1, 2); groups A and B of four rows, E empty.
+#  row  true pred  group
+#   0    x    x    A
+#   1    x    y    A
+#   2    y    y    A
+#   3    z    z    A
+#   4    x    x    B
+#   5    y    y    B
+#   6    z    x    B
+#   7    z    y    B
+# x positive: A FNR 1/2 (row 1), FPR 0 (rows 2, 3), selection 1/4; B FNR 0, FPR 1/3 (row 6
+#   of 5, 6, 7), selection 2/4 -> EO max(1/3, 1/2) = 0.5, DP 1/4.
+# y positive: A FNR 0, FPR 1/3 (row 1 of 0, 1, 3), selection 2/4; B FNR 0, FPR 1/3 (row 7),
+#   selection 2/4 -> EO 0, DP 0.
+# z positive: A FNR 0, FPR 0, selection 1/4; B FNR 1 (rows 6, 7), FPR 0, selection 0
+#   -> EO 1.0, DP 1/4: the worst label.
+Y3_TRUE = np.array([0, 0, 1, 2, 0, 1, 2, 2])
+Y3_PRED = np.array([0, 1, 1, 2, 0, 1, 0, 1])
+MEMBERSHIP3 = pd.DataFrame(
+    {"A": [True] * 4 + [False] * 4, "B": [False] * 4 + [True] * 4, "E": [False] * 8}
+)
+LABELS3 = ["x", "y", "z"]
+
+
+def three_label_report() -> ModelBiasReport:
+    config = BiasConfig(min_group_rows=2, min_gate_rows=2, bootstrap=100)
+    report = check_model_bias(Y3_TRUE, Y3_PRED, MEMBERSHIP3, config, LABELS3)
+    return evaluate_model_bias(report, config)
+
+
+def test_three_labels_are_read_one_vs_rest_by_hand():
+    report = three_label_report()
+    by_label = {lb.label: lb.groups for lb in report.per_label}
+    assert list(by_label) == LABELS3
+    rows = {k: {r.group: r for r in g.groups} for k, g in by_label.items()}
+    assert (rows["x"]["A"].fnr, rows["x"]["A"].fpr, rows["x"]["A"].selection_rate) == (
+        0.5,
+        0.0,
+        0.25,
+    )
+    assert rows["x"]["B"].fpr == pytest.approx(1 / 3) and rows["x"]["B"].fnr == 0.0
+    assert rows["y"]["A"].fpr == pytest.approx(1 / 3) and rows["y"]["B"].selection_rate == 0.5
+    assert (rows["z"]["B"].fnr, rows["z"]["B"].selection_rate) == (1.0, 0.0)
+    assert rows["z"]["E"].rows == 0 and math.isnan(rows["z"]["E"].fpr)  # empty: no figures
+    eo = {k: g.equalized_odds_difference.value for k, g in by_label.items()}
+    dp = {k: g.demographic_parity_difference.value for k, g in by_label.items()}
+    assert eo == pytest.approx({"x": 0.5, "y": 0.0, "z": 1.0})
+    assert dp == pytest.approx({"x": 0.25, "y": 0.0, "z": 0.25})
+    # The headline and the gate read the worst label, z, and say so.
+    assert report.positive_label == "z" and report.groups.positive == 2
+    assert report.gate_groups is not None and report.gate_groups.positive == 2
+    assert report.groups.equalized_odds_difference.value == 1.0
+    assert report.gate is not None and report.gate.refused
+    assert "for label 'z', the worst of 3 labels one-vs-rest" in report.gate.failures[0]
+    assert "label 'z', the worst of 3 labels" in report.summary()
+
+
+def test_three_labels_in_tables_json_and_metrics():
+    report = three_label_report()
+    table = {r[0]: r for r in report.table_rows()}
+    assert all(len(r) == len(TABLE_HEADER) for r in table.values())
+    assert table["equalized odds difference [x]"][1] == "0.500"
+    assert table["equalized odds difference [y]"][1] == "0.000"
+    assert table["equalized odds difference [z]"][1] == "1.000"
+    assert table["demographic parity difference [z]"][1] == "0.250"
+    assert "equalized odds difference" not in table  # every figure names its label
+    groups = {r[0]: r for r in report.group_rows()}
+    assert groups["B [z]"][5] == "1.000" and groups["A [x]"][5] == "0.500"  # FNR column
+    assert groups["E [y]"][1] == "0" and groups["E [y]"][2] == "n/a"
+    metrics = report.metrics()
+    assert metrics["bias_label_z_equalized_odds_difference"] == 1.0
+    assert metrics["bias_label_x_demographic_parity_difference"] == 0.25
+    body = report.to_dict()
+    json.dumps(body, allow_nan=False)
+    assert [lb["label"] for lb in body["per_label"]] == LABELS3
+    assert body["groups"]["positive"] == 2
+
+
+def test_two_labels_keep_a_single_positive_label():
+    report = full_report()
+    assert report.per_label == [] and report.positive_label == "fresh"
+    assert "worst" not in report.summary()
+
+
+def test_three_labels_against_a_champion_name_each_worst_label():
+    config = BiasConfig(min_group_rows=2, min_gate_rows=2, bootstrap=100)
+    champion = check_model_bias(Y3_TRUE, Y3_TRUE, MEMBERSHIP3, config, LABELS3, model="champion")
+    report = evaluate_model_bias(
+        check_model_bias(Y3_TRUE, Y3_PRED, MEMBERSHIP3, config, LABELS3), config, None, champion
+    )
+    check = next(c for c in report.gate.checks if c.check == "champion_regression")
+    # The champion is perfect: every label's EO is 0, so its worst is the first, x.
+    assert champion.positive_label == "x"
+    assert check.status == "failed" and check.value == 1.0
+    assert "equalized odds difference (worst label: 'z' vs 'x') 1.000 vs 0.000" in check.detail
+    table = {r[0]: r for r in report.table_rows()}
+    assert table["equalized odds difference [z]"][4:] == ("0.000", "+1.000")

@@ -149,6 +149,10 @@ def test_labels_outside_the_set_fail_validation_with_counts(prefect_harness, pro
     ]
     assert sum(counts) == 3
     assert_untouched(project, before)
+    # retune's own validation page is written even though the run stops: offline-readable.
+    (page,) = project.glob("runs/*/html/validation.html")
+    html = page.read_text(encoding="utf-8")
+    assert "Verdict: failed" in html and "label_set" in html and "meh" in html
 
 
 def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, tiny_base_model):
@@ -204,6 +208,8 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "reports/forgetting.json",
         "reports/bias.json",
         "reports/bias.html",
+        "reports/validation.html",
+        "reports/forgetting.html",
     } <= artifacts
     bias_report = tracking.read_report(run.info.run_id, "reports/bias.json")
     assert bias_report["model"] == "candidate"
