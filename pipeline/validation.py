@@ -553,13 +553,17 @@ def _ceil(share: float, digits: int = 2) -> float:
     return math.ceil(share * scale - 1e-9) / scale
 
 
-def _suggested(outcome: ExpectationOutcome, asset: _Asset, res: dict[str, Any]) -> dict[str, Any]:
+def _suggested(
+    outcome: ExpectationOutcome, asset: _Asset, res: dict[str, Any], values: dict[str, Any]
+) -> dict[str, Any]:
     """Values of the check's keys under which this outcome would pass (where one exists)."""
     check, frame = outcome.check, asset.frame
     share = (outcome.unexpected_count or 0) / max(outcome.element_count, 1)
     found = [v for v in res.get("partial_unexpected_list") or [] if isinstance(v, int | float)]
     if check == "label_set" and "label" in frame:
-        return {"data.labels": sorted({str(v) for v in frame["label"].dropna()})}
+        configured = list(values["data.labels"])
+        new = sorted({str(v) for v in frame["label"].dropna()} - set(configured))
+        return {"data.labels": configured + new}
     if check == "min_rows_per_label" and found:
         return {"validation.min_rows_per_label": int(min(found))}
     finite = [v for v in found if math.isfinite(v)]
@@ -597,7 +601,7 @@ def _explain(
         )
     changes = [
         f"--set {key}={_format_value(value)}"
-        for key, value in _suggested(outcome, asset, result.result or {}).items()
+        for key, value in _suggested(outcome, asset, result.result or {}, values).items()
     ]
     if outcome.check == "truncated":
         changes.insert(0, f"--set train.max_length={min(2 * values[keys[0]], 512)}")

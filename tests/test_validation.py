@@ -11,9 +11,11 @@ import pytest
 from pipeline.config import DEFAULT_SEVERITY, ValidationConfig
 from pipeline.data import SPLITS
 from pipeline.validation import (
+    CHECK_KEYS,
     TABLE_HEADER,
     DataValidationError,
     ExpectationOutcome,
+    TokenCounts,
     ValidationReport,
     normalise_text,
     validate_dataset,
@@ -22,10 +24,10 @@ from pipeline.validation import (
 LABELS = ["fresh", "rotten"]
 PER_LABEL = 8  # rows per label and split in the good frames: 16 per split, 48 in all
 # Expectations on the good frames: per split schema 4 (columns + 3 types), null_text,
-# empty_text, text_length, label_set 2, labels_in_every_split; validation and test add
-# leakage and leakage_normalized; "all" has duplicates, conflicting_labels, mojibake;
-# the two summary tables one each.
-N_EXPECTATIONS = 10 + 12 + 12 + 3 + 1 + 1
+# empty_text, text_length, truncated, label_set 2, labels_in_every_split; validation and
+# test add leakage and leakage_normalized; "all" has duplicates, conflicting_labels,
+# mojibake; the two summary tables one each.
+N_EXPECTATIONS = 11 + 13 + 13 + 3 + 1 + 1
 WORDS = ["warm", "dull", "sharp", "messy", "brave", "flat", "lovely", "tedious"]
 
 
@@ -43,8 +45,20 @@ def good_frames() -> dict[str, pd.DataFrame]:
     return frames
 
 
-def validate(frames: dict[str, pd.DataFrame], **config) -> ValidationReport:
-    return validate_dataset(frames, ValidationConfig(**config), LABELS)
+def word_tokens(frames: dict[str, pd.DataFrame], max_length: int = 128) -> TokenCounts:
+    """Hand-countable token counts: words plus the two special tokens."""
+    return TokenCounts(
+        {
+            s: [len(t.split()) + 2 if isinstance(t, str) else 0 for t in f["text"]]
+            for s, f in frames.items()
+        },
+        max_length,
+    )
+
+
+def validate(frames: dict[str, pd.DataFrame], max_length: int = 128, **config) -> ValidationReport:
+    tokens = word_tokens(frames, max_length) if all("text" in f for f in frames.values()) else None
+    return validate_dataset(frames, ValidationConfig(**config), LABELS, tokens=tokens)
 
 
 def outcome(report: ValidationReport, split: str, check: str, expectation: str | None = None):
@@ -75,7 +89,7 @@ def test_good_frames_pass_every_check():
     assert len(report.outcomes) == N_EXPECTATIONS
     assert report.summary() == f"all {N_EXPECTATIONS} expectations passed"
     per_split = {s: sum(o.split == s for o in report.outcomes) for s in [*SPLITS, "all"]}
-    assert per_split == {"train": 10, "validation": 12, "test": 12, "all": 5}
+    assert per_split == {"train": 11, "validation": 13, "test": 13, "all": 5}
     assert counts(outcome(report, "train", "label_set", "expect_column_values_to_be_in_set")) == (
         True,
         0,
@@ -157,7 +171,7 @@ def test_label_missing_from_one_split_fails_that_split_and_the_label_tables():
     assert (missing.unexpected_count, missing.detail) == (None, "missing ['rotten']")
     rows = outcome(report, "all", "min_rows_per_label")
     assert counts(rows) == (False, 1, 6)
-    assert rows.detail == "validation/rotten: 0"
+    assert rows.detail == "validation/rotten: 0 rows"
     imbalance = outcome(report, "all", "class_imbalance")
     assert (imbalance.severity, imbalance.unexpected_count, imbalance.detail) == (
         "warn",
@@ -174,7 +188,7 @@ def test_too_few_rows_per_label_are_counted_per_split_and_label():
     assert failed(report) == {("all", "min_rows_per_label")}
     rows = outcome(report, "all", "min_rows_per_label")
     assert (rows.unexpected_count, rows.element_count, rows.unit) == (1, 6, "split/label pairs")
-    assert rows.detail == "test/rotten: 4"
+    assert rows.detail == "test/rotten: 4 rows"
     # 8 fresh / 4 rotten = 2.0: within the default 10, over a limit of 1.5.
     report = validate(frames, min_rows_per_label=4, max_imbalance_ratio=1.5)
     assert failed(report) == {("all", "class_imbalance")}
@@ -353,7 +367,7 @@ def test_an_empty_split_fails_the_label_checks():
     report = validate(frames)
     assert failed(report) == {("test", "labels_in_every_split"), ("all", "min_rows_per_label")}
     rows = outcome(report, "all", "min_rows_per_label")
-    assert (rows.unexpected_count, rows.detail) == (2, "test/fresh: 0, test/rotten: 0")
+    assert (rows.unexpected_count, rows.detail) == (2, "test/fresh: 0 rows, test/rotten: 0 rows")
 
 
 # --- report: summary, dict, table, error --------------------------------------------------------
@@ -368,9 +382,12 @@ def test_summary_and_to_dict_name_split_check_expectation_and_counts():
     assert report.summary().splitlines() == [
         f"2 of {N_EXPECTATIONS} expectations failed (1 error, 1 warning):",
         "  - validation: label_set (expect_column_values_to_be_in_set on 'label') failed on 1 of"
-        " 16 rows [error]: e.g. ['meh']",
+        " 16 rows [error]: e.g. ['meh']; limit data.labels=[fresh, rotten] (change: --set"
+        " data.labels=[fresh, rotten, meh], or --set validation.severity.label_set=warn)",
         "  - all: duplicates (expect_column_values_to_be_null on '_repeated_text') failed on 2 of"
-        f" 48 rows [warn]: e.g. ['{text}', '{text}']",
+        f" 48 rows [warn]: e.g. ['{text}', '{text}']; limit validation.max_duplicate_rate=0.02"
+        " (change: --set validation.max_duplicate_rate=0.05, or"
+        " --set validation.severity.duplicates=off)",
     ]
     as_dict = report.to_dict()
     assert (as_dict["success"], as_dict["expectations"], as_dict["failed"]) == (
