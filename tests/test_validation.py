@@ -489,3 +489,108 @@ def test_empty_report_is_a_success():
     assert report.success
     assert report.summary() == "all 0 expectations passed"
     assert report.table_rows() == []
+
+
+# --- length as the model sees it, and messages that say how to change a limit -----------------
+
+
+def test_truncated_texts_warn_with_their_share_by_default():
+    frames = good_frames()
+    frames["train"].loc[[0, 1, 2], "text"] = [f"word{i} " * 20 for i in range(3)]  # 22 tokens
+    frames["train"].loc[3, "text"] = "one two three four five six"  # 8 tokens: exactly the max
+    report = validate(frames, max_length=8)
+    assert report.success  # max_truncated_share 1.0: a warning only
+    truncated = outcome(report, "train", "truncated")
+    assert (truncated.success, truncated.severity, truncated.unexpected_count) == (False, "warn", 3)
+    assert truncated.detail == (
+        "3 of 16 texts (18.8%) have more than 8 tokens: the model sees only their first 8"
+    )
+    assert truncated.limit == "train.max_length=8, validation.max_truncated_share=1.0"
+    assert "--set train.max_length=16" in truncated.fix
+    assert outcome(report, "validation", "truncated").success
+
+
+def test_truncated_share_above_the_limit_is_an_error_naming_its_keys():
+    frames = good_frames()
+    frames["train"].loc[[0, 1, 2], "text"] = [f"word{i} " * 20 for i in range(3)]
+    report = validate(frames, max_length=8, max_truncated_share=0.1)
+    assert not report.success
+    truncated = outcome(report, "train", "truncated")
+    assert (truncated.severity, truncated.unexpected_count) == ("error", 3)
+    assert truncated.line().endswith(
+        "; limit train.max_length=8, validation.max_truncated_share=0.1 (change: --set "
+        "train.max_length=16, or --set validation.max_truncated_share=0.19, or "
+        "--set validation.severity.truncated=warn)"
+    )
+    # At exactly the limit's share it passes at error level and still warns.
+    at_limit = validate(frames, max_length=8, max_truncated_share=0.1875)
+    assert at_limit.success and outcome(at_limit, "train", "truncated").severity == "warn"
+
+
+def test_without_token_counts_truncated_does_not_run_and_long_articles_pass_text_length():
+    frames = good_frames()
+    frames["train"].loc[0, "text"] = "a long article " * 1700  # 25,500 characters
+    report = validate_dataset(frames, ValidationConfig(), LABELS)
+    assert report.success
+    assert report.check_status()["truncated"]["status"] == "not run"
+    assert outcome(report, "train", "text_length").success
+
+
+def everything_wrong() -> dict[str, pd.DataFrame]:
+    """Frames failing every check at once (with a confidence column, without group)."""
+    frames = good_frames()
+    train, validation, test = frames["train"], frames["validation"], frames["test"]
+    train.loc[0, "text"] = None  # null_text
+    train.loc[1, "text"] = "   "  # empty_text
+    train.loc[2, "text"] = "ab"  # text_length
+    train.loc[3, "text"] = "word " * 30  # truncated
+    train.loc[4, "label"] = "meh"  # label_set
+    train.loc[[5, 7, 9], "text"] = "the same film"  # duplicates and, with labels, conflicts
+    train.loc[6, "text"] = "the same film"
+    train.loc[8, "text"] = "caf\u00c3\u00a9 noir"  # mojibake
+    validation["label"] = "fresh"  # labels_in_every_split, min_rows_per_label, imbalance
+    test.loc[0, "text"] = train.loc[10, "text"]  # leakage
+    test.loc[1, "text"] = train.loc[11, "text"].upper()  # leakage_normalized
+    for split, f in frames.items():
+        f["confidence"] = [1.5] + [None] * 3 + [0.5] * (len(f) - 4)  # range and missing
+        frames[split] = f.drop(columns=["group"])  # schema
+    return frames
+
+
+def test_every_check_names_its_keys_values_and_the_commands_that_change_them():
+    assert set(CHECK_KEYS) == set(DEFAULT_SEVERITY)
+    frames = everything_wrong()
+    report = validate_dataset(
+        frames,
+        ValidationConfig(max_truncated_share=0.0),
+        LABELS,
+        tokens=word_tokens(frames, max_length=16),
+    )
+    values = {
+        "validation.min_text_chars": "3",
+        "validation.max_text_chars": "1000000",
+        "train.max_length": "16",
+        "validation.max_truncated_share": "0.0",
+        "data.labels": "[fresh, rotten]",
+        "validation.min_rows_per_label": "5",
+        "validation.max_duplicate_rate": "0.02",
+        "validation.max_mojibake_rate": "0.01",
+        "validation.max_imbalance_ratio": "10.0",
+        "validation.confidence_min": "0.0",
+        "validation.confidence_max": "1.0",
+        "validation.max_confidence_missing_rate": "0.05",
+    }
+    for check, keys in CHECK_KEYS.items():
+        mine = [o for o in report.failures if o.check == check]
+        assert mine, f"{check} did not fail"
+        for o in mine:
+            level = "warn" if o.severity == "error" else "off"
+            assert f"--set validation.severity.{check}={level}" in o.line(), o.line()
+            assert o.limit == ", ".join(f"{k}={values[k]}" for k in keys), o.line()
+            if not keys:
+                assert o.fix.startswith("fix these rows"), o.line()
+    rows = next(o for o in report.failures if o.check == "min_rows_per_label")
+    assert rows.line().endswith(
+        "validation/rotten: 0 rows; limit validation.min_rows_per_label=5 (change: --set "
+        "validation.min_rows_per_label=0, or --set validation.severity.min_rows_per_label=warn)"
+    )
