@@ -50,7 +50,12 @@ CONFIG_NAMES: dict[str, str] = {
         "identity_column",
     )
 }
-DROP_CROSS_SPLIT = "cross-split near-duplicate (same text, normalised, as in an earlier split)"
+# Why a row was dropped: a short key (recorded in data.dvc; DVC rewraps long YAML keys)
+# and what it means (printed).
+DROP_CROSS_SPLIT = "cross-split near-duplicate"
+DROP_REASONS = {
+    DROP_CROSS_SPLIT: "its text, lower-cased and whitespace folded, is in an earlier split"
+}
 
 
 def _name(names: Mapping[str, str] | None, key: str) -> str:
@@ -434,8 +439,11 @@ class PreparedData:
     rows_read: int = 0
 
     def dropped_lines(self) -> list[str]:
-        """``"2 rows: cross-split near-duplicate (...)"``, one per reason."""
-        return [f"{n} row{'s' * (n != 1)}: {why}" for why, n in self.dropped.items()]
+        """``"2 rows: cross-split near-duplicate (its text, ...)"``, one per reason."""
+        return [
+            f"{n} row{'s' * (n != 1)}: {why} ({DROP_REASONS.get(why, why)})"
+            for why, n in self.dropped.items()
+        ]
 
 
 def prepare_dataset(

@@ -550,7 +550,10 @@ def test_cross_split_duplicates_are_counted_with_their_reason(tmp_path: Path):
     assert prepared.rows_read == 242
     assert sum(len(f) for f in prepared.frames.values()) == 240
     assert prepared.dropped == {DROP_CROSS_SPLIT: 2}
-    assert prepared.dropped_lines() == [f"2 rows: {DROP_CROSS_SPLIT}"]
+    assert prepared.dropped_lines() == [
+        "2 rows: cross-split near-duplicate (its text, lower-cased and whitespace folded, "
+        "is in an earlier split)"
+    ]
 
 
 def _split_of(group: str) -> str:

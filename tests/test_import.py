@@ -410,7 +410,7 @@ def test_a_news_corpus_of_long_articles_imports_from_outside_with_warnings(
     )
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
-    assert f"read 2225 rows; dropped 2: - 2 rows: {DROP_CROSS_SPLIT}" in out
+    assert f"read 2225 rows; dropped 2: - 2 rows: {DROP_CROSS_SPLIT} (its text" in out
     assert "truncated" in out and "tokens: the model sees only their first 128" in out
     assert "[warn]" in out and "train on it: retune run --set data.source=dataset:news" in out
     record = recorded_datasets(project / "data.dvc")["news"]
