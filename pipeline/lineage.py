@@ -35,9 +35,12 @@ RETENTION_SUITE_MD5 = "retune.retention_suite_md5"  # DVC md5 of data/retention-
 
 
 # Untracked files that can change what a run does; other untracked files (data copied in,
-# reports, notes) leave the tree clean: the data is identified by its DVC md5.
-CODE_SUFFIXES = (".py", ".pyi", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sh", ".json", ".j2")
-CODE_NAMES = ("Makefile", "Dockerfile")
+# reports, notes) leave the tree clean: the data is identified by its DVC md5 and the
+# config by its hash. What retune itself writes (stores, caches, run folders, with copies
+# of code among the model artefacts) is never code, even where no .gitignore says so.
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".sh")
+CODE_NAMES = ("Makefile", "Dockerfile", "pyproject.toml", "setup.cfg")
+OUTPUT_DIRS = ("runs/", "mlflow/", "mlruns/", "mlartifacts/", "reports/", "data/", ".retune/")
 MAX_DIRTY_FILES_SHOWN = 20
 
 
@@ -57,7 +60,10 @@ class GitState:
 
 
 def is_code(path: str) -> bool:
-    """Whether an untracked file can change a run: source, config, build files."""
+    """Whether an untracked file can change a run: source and build files outside
+    retune's own output folders and hidden tool folders (``.prefect/``, ``.dvc/``)."""
+    if path.startswith(OUTPUT_DIRS) or path.startswith("."):
+        return False
     name = Path(path).name
     return name in CODE_NAMES or Path(path).suffix in CODE_SUFFIXES
 

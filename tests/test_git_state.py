@@ -18,8 +18,13 @@ def test_untracked_data_and_dvc_pointers_leave_the_tree_clean(tmp_path: Path):
     project = make_project(tmp_path / "p")
     (project / "downloaded.csv").write_text("text,label\nhi,a\n", encoding="utf-8")
     (project / "notes.md").write_text("# notes\n", encoding="utf-8")
-    (project / "runs").mkdir()
-    (project / "runs" / "report.html").write_text("<p>x</p>", encoding="utf-8")
+    for output in (
+        "runs/r1/report.json",
+        "mlflow/1/m/artifacts/code/pipeline/x.py",
+        ".prefect/p.toml",
+    ):
+        (project / output).parent.mkdir(parents=True)
+        (project / output).write_text("{}", encoding="utf-8")
     (project / "data.dvc").write_text("outs: []\n", encoding="utf-8")  # tracked: an import
     with (project / ".gitignore").open("a", encoding="utf-8") as f:
         f.write("/data\n")
@@ -31,6 +36,7 @@ def test_code_untracked_or_changed_makes_it_dirty_and_is_named(tmp_path: Path):
     project = make_project(tmp_path / "p")
     (project / "flows").mkdir()
     (project / "flows" / "extra.py").write_text("x = 1\n", encoding="utf-8")
+    (project / "extra.yaml").write_text("an untracked config: not code\n", encoding="utf-8")
     (project / "retune.yaml").write_text("train: {epochs: 1}\n", encoding="utf-8")
     git(project, "add", "retune.yaml")
     git(project, "commit", "-qm", "config")
