@@ -78,7 +78,9 @@ def print_validation_table(rows: list[tuple[str, str, str, str]]) -> None:
 
     table = Table(*TABLE_HEADER, title="data validation", title_justify="left")
     for check, severity, status, flagged in rows:
-        style = {"failed": "red" if severity == "error" else "yellow"}.get(status, "")
+        style = {"failed": "red" if severity == "error" else "yellow", "warned": "yellow"}.get(
+            status, ""
+        )
         table.add_row(check, severity, f"[{style}]{status}[/{style}]" if style else status, flagged)
     _console().print(table)
 

@@ -101,6 +101,11 @@ CHECK_KEYS: dict[str, tuple[str, ...]] = {
     "confidence_range": ("validation.confidence_min", "validation.confidence_max"),
     "confidence_missing": ("validation.max_confidence_missing_rate",),
 }
+# What to do where no limit would make sense (or there is none to change).
+ROW_FIXES = {
+    "min_rows_per_label": "add rows for these labels (or groups, which decide the split)",
+    "labels_in_every_split": "add rows with the missing labels",
+}
 # Checks that pass up to a share and still warn about what they counted below it.
 WARN_BELOW_LIMIT = ("truncated",)
 
@@ -180,7 +185,7 @@ class ValidationReport:
         return "\n".join(lines)
 
     def check_status(self) -> dict[str, dict[str, Any]]:
-        """Per check: severity, status (passed/failed/off/not run) and row counts.
+        """Per check: severity, status (passed/warned/failed/off/not run) and row counts.
 
         ``unexpected`` adds up the rows the check's expectations flagged (also where a
         rate check passed under its threshold), ``failing`` only those of failed ones, and
@@ -200,8 +205,12 @@ class ValidationReport:
                 state = "off"
             elif not mine:
                 state = "not run"
+            elif all(o.success for o in mine):
+                state = "passed"
             else:
-                state = "passed" if all(o.success for o in mine) else "failed"
+                # "warned": only warnings below the check's limit (truncated under its share).
+                failed_levels = {o.severity for o in mine if not o.success}
+                state = "warned" if failed_levels == {"warn"} != {severity} else "failed"
             status[check] = {
                 "severity": severity,
                 "status": state,
@@ -564,7 +573,7 @@ def _suggested(
         configured = list(values["data.labels"])
         new = sorted({str(v) for v in frame["label"].dropna()} - set(configured))
         return {"data.labels": configured + new}
-    if check == "min_rows_per_label" and found:
+    if check == "min_rows_per_label" and found and min(found) > 0:  # 0 would turn it off
         return {"validation.min_rows_per_label": int(min(found))}
     finite = [v for v in found if math.isfinite(v)]
     if check == "class_imbalance" and finite:
@@ -605,8 +614,8 @@ def _explain(
     ]
     if outcome.check == "truncated":
         changes.insert(0, f"--set train.max_length={min(2 * values[keys[0]], 512)}")
-    if not keys:
-        changes.insert(0, "fix these rows")
+    if not changes:
+        changes.append(ROW_FIXES.get(outcome.check, "fix these rows"))
     level = "warn" if outcome.severity == "error" else "off"
     changes.append(f"--set validation.severity.{outcome.check}={level}")
     limit = ", ".join(f"{key}={_format_value(values[key])}" for key in keys)

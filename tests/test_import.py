@@ -302,9 +302,8 @@ def test_a_file_failing_error_checks_is_refused_and_nothing_changes(project: Pat
     assert f"error: {project / 'small.csv'} was not imported: " in out
     assert "nothing was written" in out and "--allow-invalid" in out
     assert "min_rows_per_label" in out and "validation/neg: 0 rows" in out
-    assert (
-        "limit validation.min_rows_per_label=5 (change: --set validation.min_rows_per_label=0"
-        in (" ".join(out.split()))
+    assert "limit validation.min_rows_per_label=5 (change: add rows for these labels" in (
+        " ".join(out.split())
     )
     assert "train on it" not in out and "as dataset 'reviews'" not in out
 

@@ -508,6 +508,8 @@ def test_truncated_texts_warn_with_their_share_by_default():
     assert truncated.limit == "train.max_length=8, validation.max_truncated_share=1.0"
     assert "--set train.max_length=16" in truncated.fix
     assert outcome(report, "validation", "truncated").success
+    assert report.check_status()["truncated"]["status"] == "warned"
+    assert ("truncated", "error", "warned", "3 of 48") in report.table_rows()
 
 
 def test_truncated_share_above_the_limit_is_an_error_naming_its_keys():
@@ -517,6 +519,7 @@ def test_truncated_share_above_the_limit_is_an_error_naming_its_keys():
     assert not report.success
     truncated = outcome(report, "train", "truncated")
     assert (truncated.severity, truncated.unexpected_count) == ("error", 3)
+    assert report.check_status()["truncated"]["status"] == "failed"
     assert truncated.line().endswith(
         "; limit train.max_length=8, validation.max_truncated_share=0.1 (change: --set "
         "train.max_length=16, or --set validation.max_truncated_share=0.19, or "
@@ -591,6 +594,18 @@ def test_every_check_names_its_keys_values_and_the_commands_that_change_them():
                 assert o.fix.startswith("fix these rows"), o.line()
     rows = next(o for o in report.failures if o.check == "min_rows_per_label")
     assert rows.line().endswith(
-        "validation/rotten: 0 rows; limit validation.min_rows_per_label=5 (change: --set "
-        "validation.min_rows_per_label=0, or --set validation.severity.min_rows_per_label=warn)"
+        "validation/rotten: 0 rows; limit validation.min_rows_per_label=5 (change: add rows for "
+        "these labels (or groups, which decide the split), or "
+        "--set validation.severity.min_rows_per_label=warn)"
+    )
+
+
+def test_too_few_rows_suggest_the_smallest_count_as_the_limit():
+    frames = good_frames()
+    frames["test"] = frames["test"].drop(index=[1, 3, 5, 7])  # 4 rotten rows left
+    report = validate(frames)
+    rows = outcome(report, "all", "min_rows_per_label")
+    assert rows.line().endswith(
+        "[error]: test/rotten: 4 rows; limit validation.min_rows_per_label=5 (change: --set "
+        "validation.min_rows_per_label=4, or --set validation.severity.min_rows_per_label=warn)"
     )
