@@ -130,7 +130,9 @@ def print_validation_table(rows: list[tuple[str, str, str, str]]) -> None:
 
     table = Table(*TABLE_HEADER, title="data validation", title_justify="left")
     for check, severity, status, flagged in rows:
-        style = {"failed": "red" if severity == "error" else "yellow"}.get(status, "")
+        style = {"failed": "red" if severity == "error" else "yellow", "warned": "yellow"}.get(
+            status, ""
+        )
         table.add_row(check, severity, f"[{style}]{status}[/{style}]" if style else status, flagged)
     _console().print(table)
 
@@ -334,9 +336,26 @@ def _load(project_dir: Path, config: Path | None, overrides: list[str]) -> Any:
         _fail(str(err))
 
 
+# How `retune data import` names the data settings in its messages: its own flags.
+IMPORT_FLAGS = {
+    "source": "the FILE argument",
+    "encoding": "--encoding",
+    "max_text_bytes": "--max-text-bytes",
+    "text_column": "--text-col",
+    "label_column": "--label-col",
+    "group_column": "--group-col",
+    "split_column": "--split-col",
+    "confidence_column": "--confidence-col",
+    "identity_column": "--identity-col",
+}
+
+
 @data_app.command("import")
 def data_import(
-    path: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file inside the project.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="CSV, JSONL or Parquet file, anywhere (relative to --project-dir)."),
+    ],
     name: Annotated[str, typer.Option(help="Dataset name: the folder under data/.")],
     text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     label_col: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
@@ -351,54 +370,133 @@ def data_import(
         str | None, typer.Option(help="Identity group per row (e.g. gender), for bias checks.")
     ] = None,
     encoding: Annotated[str, typer.Option(help="Text encoding of the file.")] = "utf-8",
-    max_text_bytes: Annotated[int, typer.Option(help="Refuse texts longer than this.")] = 20_000,
+    max_text_bytes: Annotated[
+        int | None,
+        typer.Option(help="Safety limit: refuse a text longer than this (default 1,000,000)."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="The allowed labels, comma-separated (e.g. business,sport,tech); default: "
+            "those of --config/--set data.labels, else the labels found."
+        ),
+    ] = None,
+    allow_invalid: Annotated[
+        bool,
+        typer.Option(help="Version the data even if error-level checks fail (recorded)."),
+    ] = False,
     config: Annotated[Path | None, typer.Option(help="YAML config (validation settings).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set validation.min_rows_per_label=3."),
+    ] = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """Import a CSV/JSONL/Parquet file as a new version of dataset NAME.
+    """Validate a CSV/JSONL/Parquet file, then import it as a new version of dataset NAME.
 
-    Checks the file's shape, writes it normalised and split under data/NAME/, versions it
-    with DVC (data.dvc), pushes it to the DVC remote and prints its md5. All or nothing.
+    Reads and splits the file, tokenises the texts with the base model, runs the validation
+    suite and only then writes data/NAME/, versions it with DVC (data.dvc), pushes it to
+    the DVC remote and prints its md5. An error-level failure changes nothing (exit 1)
+    unless --allow-invalid. Every dropped row is counted with its reason.
     """
     project_dir = project_dir.resolve()
-    cfg = _load(project_dir, config, [])
-    data_cfg = cfg.data.model_copy(
-        update={
-            "source": str(path),
-            "name": name,
-            "text_column": text_col,
-            "label_column": label_col,
-            "group_column": group_col,
-            "split_column": split_col,
-            "confidence_column": confidence_col,
-            "identity_column": identity_col,
-            "encoding": encoding,
-            "max_text_bytes": max_text_bytes,
-        }
-    )
-    from pipeline.data import DataError, dataset_name, prepare_frames
-    from pipeline.datasets import import_dataset
+    cfg = _load(project_dir, config, set_ or [])
+    update: dict[str, Any] = {
+        "source": str(path),
+        "name": name,
+        "text_column": text_col,
+        "label_column": label_col,
+        "group_column": group_col,
+        "split_column": split_col,
+        "confidence_column": confidence_col,
+        "identity_column": identity_col,
+        "encoding": encoding,
+    }
+    if max_text_bytes is not None:
+        update["max_text_bytes"] = max_text_bytes
+    data_cfg = cfg.data.model_copy(update=update)
+    from pipeline.data import DataError, dataset_name, prepare_dataset, source_path
+    from pipeline.datasets import count_tokens, forced_meta, import_dataset
     from pipeline.validation import validate_dataset
     from pipeline.versioning import DataVersionError
 
     try:
         dataset_name(data_cfg)
-        frames = prepare_frames(data_cfg, project_dir)
-        version = import_dataset(frames, data_cfg, project_dir)
+        prepared = prepare_dataset(data_cfg, project_dir, IMPORT_FLAGS)
+        allowed = _import_labels(labels, cfg, config, set_ or [], name, prepared.frames)
+        tokens = count_tokens(prepared.frames, cfg.train.base_model, cfg.train.max_length)
+    except (DataError, FileNotFoundError) as err:
+        _fail(str(err))
+    source = source_path(str(path), project_dir)
+    _print_dropped(prepared)
+    report = validate_dataset(prepared.frames, cfg.validation, allowed, tokens=tokens)
+    print_validation_table(report.table_rows())
+    typer.echo(f"validation (labels {', '.join(allowed)}): {report.summary()}")
+    if not report.success and not allow_invalid:
+        _fail(
+            f"{source} was not imported: {len(report.errors)} error-level check"
+            f"{'s' * (len(report.errors) != 1)} failed (listed above); nothing was written. "
+            f"Fix the data, change the limits named above, or pass --allow-invalid to version "
+            f"it anyway (recorded in data.dvc)"
+        )
+    extra = forced_meta(report) if not report.success else {}
+    try:
+        version = import_dataset(
+            prepared.frames, data_cfg, project_dir, dropped=prepared.dropped, extra=extra
+        )
     except (DataError, DataVersionError) as err:
         _fail(str(err))
-    rows = ", ".join(f"{k} {v}" for k, v in version.dataset.rows.items())
-    typer.echo(f"imported {path} as dataset '{version.dataset.name}' ({rows})")
-    typer.echo(f"labels: {', '.join(version.dataset.labels)}")
+    _print_imported(source, version, forced=bool(extra))
+
+
+def _import_labels(
+    given: str | None,
+    cfg: Any,
+    config: Path | None,
+    overrides: list[str],
+    name: str,
+    frames: dict[str, Any],
+) -> list[str]:
+    """The labels an import is checked against: --labels, else the config's when the user
+    gave them for this data (--config, --set data.labels or a config whose source is this
+    dataset; the project's example config does not count), else the labels found."""
+    if given is not None:
+        return [x.strip() for x in given.split(",") if x.strip()]
+    mine = config is not None or any(o.startswith("data.labels=") for o in overrides)
+    mine = mine or cfg.data.source == f"dataset:{name}" or cfg.data.name == name
+    if mine and "labels" in cfg.data.model_fields_set:
+        return list(cfg.data.labels)
+    return sorted({str(x) for f in frames.values() for x in f["label"] if isinstance(x, str)})
+
+
+def _print_dropped(prepared: Any) -> None:
+    total = sum(prepared.dropped.values())
+    if not total:
+        typer.echo(f"read {prepared.rows_read} rows; none dropped")
+        return
+    typer.echo(f"read {prepared.rows_read} rows; dropped {total}:")
+    for line in prepared.dropped_lines():
+        typer.echo(f"  - {line}")
+
+
+def _print_imported(source: Path, version: Any, forced: bool) -> None:
+    record = version.dataset
+    rows = ", ".join(f"{k} {v}" for k, v in record.rows.items())
+    typer.echo(f"imported {source} as dataset '{record.name}' ({rows})")
+    typer.echo(f"labels: {', '.join(record.labels)}")
     typer.echo(f"md5: {version.md5}   (data/ as a whole: {version.data_md5}, in data.dvc)")
     if version.pushed:
         typer.echo(f"pushed to the DVC remote {version.remote_url}")
-    report = validate_dataset(frames, cfg.validation, version.dataset.labels)
-    print_validation_table(report.table_rows())
-    typer.echo(f"validation (labels as found): {report.summary()}")
+    if forced:
+        typer.echo(
+            "warning: versioned despite failed error-level checks (--allow-invalid); "
+            "data.dvc records them under allow_invalid/failed_checks",
+            err=True,
+        )
+        return
     typer.echo(
-        f"train on it: retune run --set data.source=dataset:{version.dataset.name} "
-        f'--set "data.labels=[{", ".join(version.dataset.labels)}]"; commit data.dvc to keep it'
+        f"train on it: retune run --set data.source=dataset:{record.name} "
+        f'--set "data.labels=[{", ".join(record.labels)}]"; commit data.dvc to keep it'
     )
 
 
@@ -514,7 +612,8 @@ def _print_lineage(trace: Any) -> None:
         ("data/ version", f"{trace.data_dvc_md5}  (DVC remote {trace.dvc_remote})"),
         (
             "code",
-            f"git {trace.git_commit}" + ("  (dirty tree)" if trace.git_dirty == "true" else ""),
+            f"git {trace.git_commit}"
+            + (f"  (dirty tree: {trace.git_dirty_files})" if trace.git_dirty == "true" else ""),
         ),
         ("config", f"hash {trace.config_hash}"),
         ("base model", f"{trace.base_model}  sha256 {trace.base_model_sha256[:16]}..."),

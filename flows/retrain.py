@@ -105,22 +105,28 @@ class RunSummary:
 
 
 @task(**TASK_OPTIONS)
-def prepare_data(config: RetuneConfig, project_dir: Path) -> dict[str, pd.DataFrame]:
-    return data.prepare_frames(config.data, project_dir)
+def prepare_data(config: RetuneConfig, project_dir: Path) -> data.PreparedData:
+    return data.prepare_dataset(config.data, project_dir)
 
 
 @task(**TASK_OPTIONS)
 def validate_data(
     config: RetuneConfig, frames: dict[str, pd.DataFrame], docs_dir: Path | None = None
 ) -> validation.ValidationReport:
-    return validation.validate_dataset(frames, config.validation, config.data.labels, docs_dir)
+    tokens = datasets.count_tokens(frames, config.train.base_model, config.train.max_length)
+    return validation.validate_dataset(
+        frames, config.validation, config.data.labels, docs_dir, tokens=tokens
+    )
 
 
 @task(**TASK_OPTIONS)
 def version_data(
-    config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path
+    config: RetuneConfig,
+    frames: dict[str, pd.DataFrame],
+    project_dir: Path,
+    dropped: dict[str, int] | None = None,
 ) -> versioning.DataVersion:
-    return datasets.import_dataset(frames, config.data, project_dir)
+    return datasets.import_dataset(frames, config.data, project_dir, dropped=dropped)
 
 
 def load_lexicon(config: RetuneConfig, project_dir: Path) -> identity.Lexicon:
@@ -580,7 +586,10 @@ def retrain(
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    frames = prepare_data(config, root)
+    prepared = prepare_data(config, root)
+    frames = prepared.frames
+    for line in prepared.dropped_lines():
+        logger.warning("dropped %s", line)
     docs_dir = root / "runs" / str(flow_run.id or "local") / "data_docs"
     report = validate_data(config, frames, docs_dir)
     page = render_validation_page(
@@ -594,7 +603,7 @@ def retrain(
         logger.warning("validation warning: %s", warning.line())
     if report.docs_index:
         logger.info("validation Data Docs: %s", report.docs_index)
-    version = version_data(config, frames, root)
+    version = version_data(config, frames, root, prepared.dropped)
     logger.info("data versioned: md5 %s", version.md5)
     lexicon = load_lexicon(config, root)
     data_bias = check_data_bias(config, frames, lexicon)

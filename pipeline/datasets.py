@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -19,16 +20,30 @@ from pipeline.data import (
     prepare_frames,
     write_splits,
 )
+from pipeline.validation import TokenCounts, ValidationReport
+
+# A text is tokenised up to this many characters per token of max_length: no natural text
+# packs that many characters into max_length tokens, so "over the limit" is exact while a
+# 25,000-character article costs no more than a short one.
+CHARS_PER_TOKEN_READ = 16
 
 
 def import_dataset(
-    frames: dict[str, pd.DataFrame], config: DataConfig, project_dir: Path
+    frames: dict[str, pd.DataFrame],
+    config: DataConfig,
+    project_dir: Path,
+    dropped: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> versioning.DataVersion:
     """Write ``frames`` as ``data/<name>/`` and version them with DVC, all or nothing.
 
     For ``source: dataset:NAME`` nothing is written: the folder must still hash to its
     recorded md5. For the example, the rebuilt data must hash to the md5 recorded in
     ``data.dvc`` (if any): the example is pinned.
+
+    Args:
+        dropped: rows left out while preparing, by reason (recorded in the manifest).
+        extra: more manifest fields, e.g. from :func:`forced_meta`.
 
     Raises:
         DataVersionError: a hash mismatch or a DVC failure (nothing changed).
@@ -43,7 +58,9 @@ def import_dataset(
         md5="",  # computed from the staged files
         rows={split: len(frames[split]) for split in SPLITS},
         labels=sorted({str(x) for f in frames.values() for x in f["label"] if isinstance(x, str)}),
-        source=describe_source(config),
+        source=describe_source(config, project_dir),
+        extra=dict(extra or {}),
+        dropped=dict(dropped or {}),
     )
     staged = versioning.stage_folder(project_dir)
     write_splits(frames, staged)
@@ -57,6 +74,39 @@ def import_dataset(
         push=config.dvc_push,
         rebuild=rebuild_example,
     )
+
+
+def count_tokens(frames: dict[str, pd.DataFrame], base_model: str, max_length: int) -> TokenCounts:
+    """Tokens per text (special tokens included) as the base model's tokenizer counts them.
+
+    Counts are exact up to ``CHARS_PER_TOKEN_READ * max_length`` characters of a text, which
+    is all the truncation check needs; a missing text counts 0.
+
+    Raises:
+        FileNotFoundError: the packaged base model is not installed.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.finetune import resolve_base_model
+
+    hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum" is the point
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+    read = CHARS_PER_TOKEN_READ * max_length
+    counts: dict[str, list[int]] = {}
+    for split, frame in frames.items():
+        texts = [t[:read] if isinstance(t, str) else "" for t in frame.get("text", [])]
+        if not texts:
+            counts[split] = []
+            continue
+        ids = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        counts[split] = [len(x) if t else 0 for x, t in zip(ids, texts, strict=True)]
+    return TokenCounts(counts, max_length)
+
+
+def forced_meta(report: ValidationReport) -> dict[str, Any]:
+    """Manifest fields of a dataset versioned past error-level failures (``--allow-invalid``)."""
+    return {"allow_invalid": True, "failed_checks": [o.line() for o in report.errors]}
 
 
 def rebuild_example(name: str, folder: Path) -> bool:

@@ -24,6 +24,7 @@ DATA_DVC_MD5 = "retune.data_dvc_md5"  # DVC md5 of the whole data/ (data.dvc out
 DVC_REMOTE = "retune.dvc_remote"
 GIT_COMMIT = "retune.git_commit"
 GIT_DIRTY = "retune.git_dirty"
+GIT_DIRTY_FILES = "retune.git_dirty_files"  # the files that made it dirty, or "none"
 CONFIG_HASH = "retune.config_hash"
 BASE_MODEL = "retune.base_model"
 BASE_MODEL_SHA256 = "retune.base_model_sha256"
@@ -33,26 +34,78 @@ FLAGGED = "retune.flagged"
 RETENTION_SUITE_MD5 = "retune.retention_suite_md5"  # DVC md5 of data/retention-suite
 
 
+# Untracked files that can change what a run does; other untracked files (data copied in,
+# reports, notes) leave the tree clean: the data is identified by its DVC md5 and the
+# config by its hash. What retune itself writes (stores, caches, run folders, with copies
+# of code among the model artefacts) is never code, even where no .gitignore says so.
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".sh")
+CODE_NAMES = ("Makefile", "Dockerfile", "pyproject.toml", "setup.cfg")
+OUTPUT_DIRS = ("runs/", "mlflow/", "mlruns/", "mlartifacts/", "reports/", "data/", ".retune/")
+MAX_DIRTY_FILES_SHOWN = 20
+
+
 @dataclass(frozen=True)
 class GitState:
     commit: str
     dirty: bool
+    dirty_files: tuple[str, ...] = ()  # what made it dirty, relative to the repo root
+
+    def dirty_files_tag(self) -> str:
+        """``"flows/x.py, retune.yaml"`` (at most 20 names, then "(+N more)"), or "none"."""
+        if not self.dirty_files:
+            return "none"
+        shown = ", ".join(self.dirty_files[:MAX_DIRTY_FILES_SHOWN])
+        more = len(self.dirty_files) - MAX_DIRTY_FILES_SHOWN
+        return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def is_code(path: str) -> bool:
+    """Whether an untracked file can change a run: source and build files outside
+    retune's own output folders and hidden tool folders (``.prefect/``, ``.dvc/``)."""
+    if path.startswith(OUTPUT_DIRS) or path.startswith("."):
+        return False
+    name = Path(path).name
+    return name in CODE_NAMES or Path(path).suffix in CODE_SUFFIXES
+
+
+def dirty_files(porcelain: str) -> list[str]:
+    """The files of ``git status --porcelain -z --untracked-files=all`` that make a tree
+    dirty: every changed tracked file except DVC's pointers (``*.dvc``, ``.gitignore``: the
+    data is identified by its md5), and untracked code (:func:`is_code`)."""
+    entries = porcelain.split("\0")
+    found, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        status, path = entry[:2], entry[3:]
+        if "R" in status or "C" in status:
+            i += 1  # a rename/copy is followed by its source path
+        if status == "!!":
+            continue
+        if status == "??":
+            if is_code(path):
+                found.append(path)
+        elif not (path.endswith(".dvc") or Path(path).name == ".gitignore"):
+            found.append(path)
+    return sorted(found)
 
 
 def git_state(project_dir: Path) -> GitState:
-    """HEAD and whether tracked files differ from it ("unknown" outside a git repo)."""
+    """HEAD and the files that make the tree dirty ("unknown" outside a git repo)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(project_dir), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        ).stdout
 
     try:
-        return GitState(
-            git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
-        )
+        commit = git("rev-parse", "HEAD").strip()
+        files = dirty_files(git("status", "--porcelain", "-z", "--untracked-files=all"))
     except (OSError, subprocess.CalledProcessError):
         return GitState("unknown", False)
+    return GitState(commit, bool(files), tuple(files))
 
 
 def config_hash(config: RetuneConfig) -> str:
@@ -93,6 +146,7 @@ def lineage_tags(project_dir: Path, config: RetuneConfig, version: DataVersion) 
         DVC_REMOTE: version.remote_url or "none",
         GIT_COMMIT: git.commit,
         GIT_DIRTY: str(git.dirty).lower(),
+        GIT_DIRTY_FILES: git.dirty_files_tag(),
         CONFIG_HASH: config_hash(config),
         BASE_MODEL: config.train.base_model,
         BASE_MODEL_SHA256: weights_sha256(config.train.base_model),
@@ -122,6 +176,7 @@ class Lineage:
     reports: dict[str, str]  # name -> artifact URI
     metrics: dict[str, float]
     flagged: str | None
+    git_dirty_files: str = "unknown"
 
 
 REPORTS = ("validation", "data_bias", "test_metrics", "forgetting", "config")
@@ -165,6 +220,7 @@ def trace(ref: str) -> Lineage:
         else {},
         metrics=run.metrics if run else {},
         flagged=tags.get(FLAGGED),
+        git_dirty_files=tags.get(GIT_DIRTY_FILES, "unknown"),
     )
 
 

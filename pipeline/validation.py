@@ -6,8 +6,8 @@ the report unsuccessful (the flow stops), ``warn`` is reported only, ``off`` rem
 check from the suite. Where a check runs (the ``split`` of each outcome):
 
 - each split (train, validation, test): schema, null_text, empty_text, text_length,
-  label_set, labels_in_every_split; validation and test also leakage and
-  leakage_normalized (their texts against train's);
+  truncated (only when the caller passes token counts), label_set, labels_in_every_split;
+  validation and test also leakage and leakage_normalized (their texts against train's);
 - ``all`` splits concatenated (train, validation, test order): duplicates,
   conflicting_labels, mojibake, confidence_range and confidence_missing (the last two only
   if a ``confidence`` column exists);
@@ -25,7 +25,15 @@ so GX counts the offending rows and lists their texts:
 - ``_conflicting_text``: the text occurs with two or more labels (conflicting_labels);
 - ``_leaked_text``: the exact text is also in train (leakage);
 - ``_leaked_norm_text``: the normalised text (:func:`normalise_text`) is also among train's
-  normalised texts (leakage_normalized; it includes the exact leaks).
+  normalised texts (leakage_normalized; it includes the exact leaks);
+- ``_truncated_text``: the text has more tokens than ``train.max_length`` (truncated).
+
+``truncated`` measures length as the model sees it: its expectation passes up to
+``validation.max_truncated_share`` of a split (``mostly``) and fails at the check's severity
+above it; below it, truncated texts are still reported, as a warning with their share.
+
+Every failed outcome names the config keys that decide it, their values and the
+``--set`` commands that change them (:data:`CHECK_KEYS`).
 
 Rate checks (duplicates, mojibake, confidence_missing) use GX's ``mostly = 1 - max rate``,
 so they pass up to that share and still report the count.
@@ -47,7 +55,8 @@ count (9 of 12,805 rows, below the default 1% rate).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +81,34 @@ DOCS_SITE = "retune"  # `local_site` already exists in an ephemeral context
 NUMERIC_TYPES = ["int", "float", "int32", "float32", "Int64Dtype", "Float64Dtype"]
 TABLE_HEADER = ("check", "severity", "status", "flagged")
 
+# The config keys that set each check's limits (the severity key
+# validation.severity.CHECK applies to all). Checks with none fail on the rows themselves.
+CHECK_KEYS: dict[str, tuple[str, ...]] = {
+    "schema": (),
+    "null_text": (),
+    "empty_text": (),
+    "text_length": ("validation.min_text_chars", "validation.max_text_chars"),
+    "truncated": ("train.max_length", "validation.max_truncated_share"),
+    "label_set": ("data.labels",),
+    "labels_in_every_split": ("data.labels",),
+    "min_rows_per_label": ("validation.min_rows_per_label",),
+    "duplicates": ("validation.max_duplicate_rate",),
+    "conflicting_labels": (),
+    "leakage": (),
+    "leakage_normalized": (),
+    "mojibake": ("validation.max_mojibake_rate",),
+    "class_imbalance": ("validation.max_imbalance_ratio",),
+    "confidence_range": ("validation.confidence_min", "validation.confidence_max"),
+    "confidence_missing": ("validation.max_confidence_missing_rate",),
+}
+# What to do where no limit would make sense (or there is none to change).
+ROW_FIXES = {
+    "min_rows_per_label": "add rows for these labels (or groups, which decide the split)",
+    "labels_in_every_split": "add rows with the missing labels",
+}
+# Checks that pass up to a share and still warn about what they counted below it.
+WARN_BELOW_LIMIT = ("truncated",)
+
 
 @dataclass(frozen=True)
 class ExpectationOutcome:
@@ -87,15 +124,23 @@ class ExpectationOutcome:
     element_count: int
     detail: str = ""
     unit: str = "rows"  # what element_count counts: rows, split/label pairs or splits
+    limit: str = ""  # the deciding config keys and values, e.g. "validation.min_rows_per_label=5"
+    fix: str = ""  # the commands that change the outcome, e.g. "--set validation.x=3, or ..."
 
     def line(self) -> str:
-        """``test: leakage (expect_... on '_leaked_text') failed on 3 of 1818 rows [error]``."""
+        """``test: leakage (expect_... on '_leaked_text') failed on 3 of 1818 rows [error]:
+        e.g. [...]; limit ... (change: ...)``; limit and change only where they are set."""
         on = f" on '{self.column}'" if self.column else ""
         head = f"{self.split}: {self.check} ({self.expectation}{on})"
         status = "passed" if self.success else "failed"
         if self.unexpected_count is not None:
             status += f" on {self.unexpected_count} of {self.element_count} {self.unit}"
-        return f"{head} {status} [{self.severity}]" + (f": {self.detail}" if self.detail else "")
+        text = f"{head} {status} [{self.severity}]" + (f": {self.detail}" if self.detail else "")
+        if self.limit:
+            text += f"; limit {self.limit}"
+        if self.fix:
+            text += f" (change: {self.fix})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -140,7 +185,7 @@ class ValidationReport:
         return "\n".join(lines)
 
     def check_status(self) -> dict[str, dict[str, Any]]:
-        """Per check: severity, status (passed/failed/off/not run) and row counts.
+        """Per check: severity, status (passed/warned/failed/off/not run) and row counts.
 
         ``unexpected`` adds up the rows the check's expectations flagged (also where a
         rate check passed under its threshold), ``failing`` only those of failed ones, and
@@ -160,8 +205,12 @@ class ValidationReport:
                 state = "off"
             elif not mine:
                 state = "not run"
+            elif all(o.success for o in mine):
+                state = "passed"
             else:
-                state = "passed" if all(o.success for o in mine) else "failed"
+                # "warned": only warnings below the check's limit (truncated under its share).
+                failed_levels = {o.severity for o in mine if not o.success}
+                state = "warned" if failed_levels == {"warn"} != {severity} else "failed"
             status[check] = {
                 "severity": severity,
                 "status": state,
@@ -203,6 +252,19 @@ class DataValidationError(RuntimeError):
         self.report = report
         docs = f"\nGX Data Docs: {report.docs_index}" if report.docs_index else ""
         super().__init__(f"data from {source} failed validation: {report.summary()}{docs}")
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Tokens per text as the base model's tokenizer counts them, and the model's limit.
+
+    Attributes:
+        counts: split -> one count per row of that split's frame, in row order.
+        max_length: ``train.max_length``: the model sees at most this many tokens.
+    """
+
+    counts: dict[str, list[int]]
+    max_length: int
 
 
 def normalise_text(text: str) -> str:
@@ -265,6 +327,7 @@ def _split_asset(
     labels: list[str],
     train_texts: pd.Series,
     train_norm: pd.Series,
+    tokens: TokenCounts | None = None,
 ) -> _Asset:
     import great_expectations as gx
 
@@ -294,6 +357,15 @@ def _split_asset(
             min_value=config.min_text_chars,
             max_value=config.max_text_chars,
         )
+        if tokens is not None and checks.active("truncated"):
+            over = pd.Series(tokens.counts[split], index=frame.index) > tokens.max_length
+            derived["_truncated_text"] = text.where(over)
+            exps += checks(
+                "truncated",
+                E.ExpectColumnValuesToBeNull,
+                column="_truncated_text",
+                mostly=1 - config.max_truncated_share,
+            )
         if split != "train" and checks.active("leakage"):
             derived["_leaked_text"] = text.where(_isin(text, train_texts))
             exps += checks("leakage", E.ExpectColumnValuesToBeNull, column="_leaked_text")
@@ -445,7 +517,8 @@ def _detail(asset: _Asset, result: Any) -> str:
     if unexpected and asset.unit != "rows":
         # Summary tables: name the split (and label) from the row index.
         where = res.get("partial_unexpected_index_list") or []
-        return ", ".join(f"{w}: {v}" for w, v in zip(where, unexpected, strict=False))
+        unit = " rows" if asset.name == "label_counts" else ""
+        return ", ".join(f"{w}: {v}{unit}" for w, v in zip(where, unexpected, strict=False))
     # Nulls are left out: a not-null check would otherwise show "e.g. [nan, nan, nan]".
     shown = [v for v in unexpected if v is not None and v == v]
     if shown:
@@ -459,7 +532,7 @@ def _outcome(asset: _Asset, result: Any) -> ExpectationOutcome:
     cfg = result.expectation_config
     res = result.result or {}
     unexpected = res.get("unexpected_count")
-    return ExpectationOutcome(
+    outcome = ExpectationOutcome(
         split=asset.split,
         check=cfg.meta["retune_check"],
         expectation=cfg.type,
@@ -471,6 +544,82 @@ def _outcome(asset: _Asset, result: Any) -> ExpectationOutcome:
         detail=_detail(asset, result),
         unit=asset.unit,
     )
+    if outcome.check in WARN_BELOW_LIMIT and outcome.success and outcome.unexpected_count:
+        # Under the limit: still worth a warning (what the model will not see).
+        outcome = replace(outcome, success=False, severity="warn")
+    return outcome
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _ceil(share: float, digits: int = 2) -> float:
+    """The smallest value with ``digits`` decimals not below ``share``."""
+    scale = 10**digits
+    return math.ceil(share * scale - 1e-9) / scale
+
+
+def _suggested(
+    outcome: ExpectationOutcome, asset: _Asset, res: dict[str, Any], values: dict[str, Any]
+) -> dict[str, Any]:
+    """Values of the check's keys under which this outcome would pass (where one exists)."""
+    check, frame = outcome.check, asset.frame
+    share = (outcome.unexpected_count or 0) / max(outcome.element_count, 1)
+    found = [v for v in res.get("partial_unexpected_list") or [] if isinstance(v, int | float)]
+    if check == "label_set" and "label" in frame:
+        configured = list(values["data.labels"])
+        new = sorted({str(v) for v in frame["label"].dropna()} - set(configured))
+        return {"data.labels": configured + new}
+    if check == "min_rows_per_label" and found and min(found) > 0:  # 0 would turn it off
+        return {"validation.min_rows_per_label": int(min(found))}
+    finite = [v for v in found if math.isfinite(v)]
+    if check == "class_imbalance" and finite:
+        return {"validation.max_imbalance_ratio": _ceil(max(finite), 1)}
+    if check in ("duplicates", "mojibake", "confidence_missing"):
+        key = {"duplicates": "max_duplicate_rate", "mojibake": "max_mojibake_rate"}.get(
+            check, "max_confidence_missing_rate"
+        )
+        return {f"validation.{key}": _ceil(share)}
+    if check == "truncated":
+        return {"validation.max_truncated_share": _ceil(share)}
+    if check == "text_length" and "text" in frame:
+        lengths = frame["text"].dropna().map(len)
+        return {
+            "validation.min_text_chars": max(1, int(lengths.min())),
+            "validation.max_text_chars": int(lengths.max()),
+        }
+    return {}
+
+
+def _explain(
+    outcome: ExpectationOutcome, asset: _Asset, result: Any, values: dict[str, Any]
+) -> ExpectationOutcome:
+    """A failed outcome with its limit (keys and values) and the commands that change it."""
+    if outcome.success:
+        return outcome
+    keys = CHECK_KEYS[outcome.check]
+    if outcome.check == "truncated":
+        count, rows, n = outcome.unexpected_count or 0, outcome.element_count, values[keys[0]]
+        outcome = replace(
+            outcome,
+            detail=f"{count} of {rows} texts ({count / max(rows, 1):.1%}) have more than {n} "
+            f"tokens: the model sees only their first {n}",
+        )
+    changes = [
+        f"--set {key}={_format_value(value)}"
+        for key, value in _suggested(outcome, asset, result.result or {}, values).items()
+    ]
+    if outcome.check == "truncated":
+        changes.insert(0, f"--set train.max_length={min(2 * values[keys[0]], 512)}")
+    if not changes:
+        changes.append(ROW_FIXES.get(outcome.check, "fix these rows"))
+    level = "warn" if outcome.severity == "error" else "off"
+    changes.append(f"--set validation.severity.{outcome.check}={level}")
+    limit = ", ".join(f"{key}={_format_value(values[key])}" for key in keys)
+    return replace(outcome, limit=limit, fix=", or ".join(changes))
 
 
 def _quiet_gx() -> None:
@@ -518,6 +667,7 @@ def validate_dataset(
     config: ValidationConfig,
     labels: list[str],
     docs_dir: Path | None = None,
+    tokens: TokenCounts | None = None,
 ) -> ValidationReport:
     """Run the suite on the splits in an ephemeral GX context (no network).
 
@@ -527,6 +677,8 @@ def validate_dataset(
         labels: the allowed labels.
         docs_dir: if given and ``config.data_docs``, a GX Data Docs site with the results
             is built there (``docs_dir/index.html``, recorded as ``report.docs_index``).
+        tokens: token counts per split from the base model's tokenizer; without them the
+            ``truncated`` check does not run.
 
     Returns:
         The report; the caller decides whether a failure stops the flow.
@@ -540,9 +692,12 @@ def validate_dataset(
     train_texts = train["text"].dropna() if "text" in train else pd.Series(dtype=str)
     train_norm = _normalised(train_texts) if checks.active("leakage_normalized") else train_texts
     assets = [
-        _split_asset(split, frames[split], checks, labels, train_texts, train_norm)
+        _split_asset(split, frames[split], checks, labels, train_texts, train_norm, tokens)
         for split in SPLITS
     ]
+    values: dict[str, Any] = {
+        f"validation.{key}": value for key, value in config.model_dump().items()
+    } | {"data.labels": labels, "train.max_length": tokens.max_length if tokens else None}
     assets += [_all_asset(frames, checks), *_summary_assets(frames, checks, labels)]
 
     context = _context()
@@ -568,7 +723,7 @@ def validate_dataset(
         result = definition.run(
             batch_parameters={"dataframe": asset.frame}, result_format="SUMMARY", run_id=run_id
         )
-        outcomes += [_outcome(asset, r) for r in result.results]
+        outcomes += [_explain(_outcome(asset, r), asset, r, values) for r in result.results]
     docs_index = (
         _build_docs(context, docs_dir) if docs_dir is not None and config.data_docs else None
     )

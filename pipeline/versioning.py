@@ -3,8 +3,10 @@
 ``data/`` holds one folder per dataset (``data/<name>/{train,validation,test}.csv``) and is
 tracked as a whole by the committed ``data.dvc``. Next to DVC's own hash of ``data/``,
 ``data.dvc`` carries a ``meta.datasets`` manifest (DVC keeps ``meta`` on re-add): for each
-dataset its own DVC md5, rows per split, labels and source. So a fresh clone knows what
-every dataset must hash to, and git history of ``data.dvc`` is the history of the data.
+dataset its own DVC md5, rows per split, labels, source (a file's absolute path), the rows
+dropped on import by reason, and, for an import forced past failed checks, those checks.
+So a fresh clone knows what every dataset must hash to, and git history of ``data.dvc`` is
+the history of the data.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +43,19 @@ class DatasetRecord:
     rows: dict[str, int]
     labels: list[str]
     source: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. allow_invalid, failed_checks
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out
 
     def to_meta(self) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {
             "md5": self.md5,
             "rows": self.rows,
             "labels": self.labels,
             "source": self.source,
-        } | self.extra
+        }
+        if self.dropped:  # absent, not {}, where nothing was dropped
+            meta["dropped"] = self.dropped
+        return meta | self.extra
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ def _datasets_from_meta(meta: dict[str, Any]) -> dict[str, DatasetRecord]:
             rows={k: int(v) for k, v in (entry.pop("rows", {}) or {}).items()},
             labels=[str(x) for x in entry.pop("labels", [])],
             source=str(entry.pop("source", "")),
+            dropped={str(k): int(v) for k, v in (entry.pop("dropped", {}) or {}).items()},
             extra=entry,
         )
     return records
@@ -285,9 +292,7 @@ def commit_dataset(
                 f"or commit the new {dvc_file.name} if the change is intended."
             )
         _check_other_datasets_present(project_dir, data_dir, record.name, rebuild)
-        record = DatasetRecord(
-            record.name, md5, record.rows, record.labels, record.source, record.extra
-        )
+        record = replace(record, md5=md5)
         with _rollback_on_error(project_dir, data_dir, record.name):
             target = project_dir / data_dir / record.name
             shutil.rmtree(target, ignore_errors=True)

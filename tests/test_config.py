@@ -26,7 +26,9 @@ def test_defaults_load_without_a_file():
     assert config.train.strategy == "partial"
     assert config.train.frozen_layers == 3
     assert config.train.epochs == 2
-    assert config.validation.min_text_chars == 3 and config.validation.max_text_chars == 2000
+    assert config.validation.min_text_chars == 3
+    assert config.validation.max_text_chars == 1_000_000
+    assert config.validation.max_truncated_share == 1.0 and config.data.max_text_bytes == 1_000_000
     assert config.bias.min_group_rows == 30
     assert config.registry.primary_metric == "macro_f1"
 

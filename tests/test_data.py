@@ -150,7 +150,9 @@ def test_drop_cross_split_duplicates_without_overlap_drops_nothing():
 
 def test_read_table_missing_file(tmp_path: Path):
     path = tmp_path / "absent.csv"
-    with pytest.raises(DataError, match=r"file .*absent\.csv does not exist; set data\.source"):
+    with pytest.raises(
+        DataError, match=r"file .*absent\.csv does not exist; point data\.source at"
+    ):
         read_table(path)
 
 
@@ -357,7 +359,8 @@ def test_prepare_frames_bad_split_value(tmp_path: Path):
         {"text": ["a", "b", "c"], "label": ["p", "n", "p"], "part": ["train", "dev", "test"]}
     ).to_csv(path, index=False)
     with pytest.raises(
-        DataError, match=r"column 'part' holds \['dev'\]; allowed: train, validation, test"
+        DataError,
+        match=r"column 'part' \(data\.split_column\) holds \['dev'\]; allowed: train, valid",
     ):
         prepare_frames(DataConfig(source=str(path), split_column="part"), tmp_path)
 
@@ -507,3 +510,71 @@ def test_null_text_in_jsonl_is_kept_for_validation_to_count(tmp_path: Path):
     texts = pd.concat(frames.values())["text"].tolist()
     assert [t for t in texts if isinstance(t, str)] == ["ok"]
     assert sum(bool(pd.isna(t)) for t in texts) == 2
+
+
+# --- any readable path, dropped rows counted, messages in the caller's words -----------------
+
+
+def test_a_source_outside_the_project_is_read_and_described_by_its_absolute_path(tmp_path: Path):
+    from pipeline.data import describe_source, prepare_dataset
+
+    (tmp_path / "elsewhere").mkdir()
+    write_user_csv(tmp_path / "elsewhere" / "reviews.csv")
+    project = tmp_path / "project"
+    project.mkdir()
+    config = DataConfig(
+        source="../elsewhere/reviews.csv", text_column="review", label_column="stars"
+    )
+    prepared = prepare_dataset(config, project)
+    assert sum(len(f) for f in prepared.frames.values()) == 240 == prepared.rows_read
+    assert prepared.dropped == {} and prepared.dropped_lines() == []
+    assert describe_source(config, project) == str(tmp_path / "elsewhere" / "reviews.csv")
+
+
+def test_cross_split_duplicates_are_counted_with_their_reason(tmp_path: Path):
+    from pipeline.data import DROP_CROSS_SPLIT, prepare_dataset, split_by_group
+
+    frame = write_user_csv(tmp_path / "reviews.csv")
+    splits = split_by_group(frame.rename(columns={"movie": "group"}), 0.15, 0.15)
+    train_text = splits.loc[splits["split"] == "train", "review"].iloc[0]
+    # Two new movies that land outside train, each quoting a train review (case changed).
+    outside = [m for m in (f"new {i}" for i in range(200)) if _split_of(m) != "train"][:2]
+    extra = pd.DataFrame(
+        {"review": [train_text.upper()] * 2, "stars": ["pos", "neg"], "movie": outside}
+    )
+    pd.concat([frame, extra]).to_csv(tmp_path / "reviews.csv", index=False)
+    config = DataConfig(
+        source="reviews.csv", text_column="review", label_column="stars", group_column="movie"
+    )
+    prepared = prepare_dataset(config, tmp_path)
+    assert prepared.rows_read == 242
+    assert sum(len(f) for f in prepared.frames.values()) == 240
+    assert prepared.dropped == {DROP_CROSS_SPLIT: 2}
+    assert prepared.dropped_lines() == [
+        "2 rows: cross-split near-duplicate (its text, lower-cased and whitespace folded, "
+        "is in an earlier split)"
+    ]
+
+
+def _split_of(group: str) -> str:
+    from pipeline.data import split_by_group
+
+    one = pd.DataFrame({"group": [group]})
+    return str(split_by_group(one, 0.15, 0.15)["split"].iloc[0])
+
+
+def test_messages_name_config_keys_by_default_and_the_callers_flags_when_given(tmp_path: Path):
+    from pipeline.data import prepare_dataset
+
+    write_user_csv(tmp_path / "reviews.csv")
+    config = DataConfig(source="reviews.csv", text_column="reveiw", label_column="stars")
+    with pytest.raises(DataError, match=r"Did you mean 'review'\? Set data\.text_column to"):
+        prepare_dataset(config, tmp_path)
+    with pytest.raises(DataError, match=r"Did you mean 'review'\? Set --text-col to"):
+        prepare_dataset(config, tmp_path, {"text_column": "--text-col"})
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\u00e9,a\n".encode("latin-1"))
+    latin = DataConfig(source="latin.csv")
+    with pytest.raises(DataError, match=r"e\.g\. --set data\.encoding=latin-1$"):
+        prepare_dataset(latin, tmp_path)
+    with pytest.raises(DataError, match=r"e\.g\. --encoding latin-1$"):
+        prepare_dataset(latin, tmp_path, {"encoding": "--encoding"})

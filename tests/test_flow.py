@@ -155,6 +155,23 @@ def test_labels_outside_the_set_fail_validation_with_counts(prefect_harness, pro
     assert "Verdict: failed" in html and "label_set" in html and "meh" in html
 
 
+def test_rows_dropped_from_a_source_path_are_logged_with_their_reason(prefect_harness, project):
+    from pipeline.data import split_by_group
+
+    rows = reviews()
+    films = pd.DataFrame({"group": [f"copy-{i}" for i in range(200)]})
+    outside = split_by_group(films, 0.15, 0.15).query("split != 'train'")["group"].head(2)
+    train = split_by_group(pd.DataFrame({"group": [r["film"] for r in rows]}), 0.15, 0.15)
+    quoted = rows[int(train.index[train["split"] == "train"][0])]
+    rows += [quoted | {"film": film, "review": quoted["review"].upper()} for film in outside]
+    write_csv(project / "reviews.csv", rows)
+    # A limit nothing meets stops the flow right after validation: no training needed.
+    result = run_cli(prefect_harness, project, *USER_DATA, "validation.min_rows_per_label=1000")
+    assert result.returncode == 1
+    logged = result.stdout + result.stderr
+    assert "dropped 2 rows: cross-split near-duplicate (its text" in logged, logged[-3000:]
+
+
 def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, tiny_base_model):
     write_csv(project / "reviews.csv", reviews())
     result = run_cli(

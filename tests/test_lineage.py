@@ -56,6 +56,7 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
     write_reviews(project / "reviews.csv", 40)
     md5_v1 = train(api, project, tiny_base_model)
     write_reviews(project / "reviews.csv", 50, word="movie")  # the data moves on
+    (project / "tweak.py").write_text("x = 1\n", encoding="utf-8")  # untracked code: dirty
     md5_v2 = train(api, project, tiny_base_model)
     assert md5_v1 != md5_v2
 
@@ -64,7 +65,11 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
     chain = json.loads(traced.stdout)
     assert chain["dataset"] == "reviews" and chain["data_md5"] == md5_v1
     assert chain["base_model_sha256"] == weights_sha256(str(tiny_base_model))
-    assert chain["git_commit"] != "unknown" and chain["git_dirty"] in {"true", "false"}
+    # reviews.csv (untracked data), data.dvc and .gitignore (changed by DVC) leave it clean.
+    assert chain["git_commit"] != "unknown" and chain["git_dirty"] == "false"
+    assert chain["git_dirty_files"] == "none"
+    second = run(api, project, "lineage", "retune-sentiment/2")
+    assert "dirty tree" in second.stdout and "tweak.py" in second.stdout, second.stdout
     assert chain["config"]["train"]["epochs"] == 2 and len(chain["config_hash"]) == 16
     assert chain["validation"].startswith("passed")
     assert Path(chain["reports"]["validation"].removeprefix("file://")).is_file()

@@ -11,9 +11,11 @@ import pytest
 from pipeline.config import DEFAULT_SEVERITY, ValidationConfig
 from pipeline.data import SPLITS
 from pipeline.validation import (
+    CHECK_KEYS,
     TABLE_HEADER,
     DataValidationError,
     ExpectationOutcome,
+    TokenCounts,
     ValidationReport,
     normalise_text,
     validate_dataset,
@@ -22,10 +24,10 @@ from pipeline.validation import (
 LABELS = ["fresh", "rotten"]
 PER_LABEL = 8  # rows per label and split in the good frames: 16 per split, 48 in all
 # Expectations on the good frames: per split schema 4 (columns + 3 types), null_text,
-# empty_text, text_length, label_set 2, labels_in_every_split; validation and test add
-# leakage and leakage_normalized; "all" has duplicates, conflicting_labels, mojibake;
-# the two summary tables one each.
-N_EXPECTATIONS = 10 + 12 + 12 + 3 + 1 + 1
+# empty_text, text_length, truncated, label_set 2, labels_in_every_split; validation and
+# test add leakage and leakage_normalized; "all" has duplicates, conflicting_labels,
+# mojibake; the two summary tables one each.
+N_EXPECTATIONS = 11 + 13 + 13 + 3 + 1 + 1
 WORDS = ["warm", "dull", "sharp", "messy", "brave", "flat", "lovely", "tedious"]
 
 
@@ -43,8 +45,20 @@ def good_frames() -> dict[str, pd.DataFrame]:
     return frames
 
 
-def validate(frames: dict[str, pd.DataFrame], **config) -> ValidationReport:
-    return validate_dataset(frames, ValidationConfig(**config), LABELS)
+def word_tokens(frames: dict[str, pd.DataFrame], max_length: int = 128) -> TokenCounts:
+    """Hand-countable token counts: words plus the two special tokens."""
+    return TokenCounts(
+        {
+            s: [len(t.split()) + 2 if isinstance(t, str) else 0 for t in f["text"]]
+            for s, f in frames.items()
+        },
+        max_length,
+    )
+
+
+def validate(frames: dict[str, pd.DataFrame], max_length: int = 128, **config) -> ValidationReport:
+    tokens = word_tokens(frames, max_length) if all("text" in f for f in frames.values()) else None
+    return validate_dataset(frames, ValidationConfig(**config), LABELS, tokens=tokens)
 
 
 def outcome(report: ValidationReport, split: str, check: str, expectation: str | None = None):
@@ -75,7 +89,7 @@ def test_good_frames_pass_every_check():
     assert len(report.outcomes) == N_EXPECTATIONS
     assert report.summary() == f"all {N_EXPECTATIONS} expectations passed"
     per_split = {s: sum(o.split == s for o in report.outcomes) for s in [*SPLITS, "all"]}
-    assert per_split == {"train": 10, "validation": 12, "test": 12, "all": 5}
+    assert per_split == {"train": 11, "validation": 13, "test": 13, "all": 5}
     assert counts(outcome(report, "train", "label_set", "expect_column_values_to_be_in_set")) == (
         True,
         0,
@@ -157,7 +171,7 @@ def test_label_missing_from_one_split_fails_that_split_and_the_label_tables():
     assert (missing.unexpected_count, missing.detail) == (None, "missing ['rotten']")
     rows = outcome(report, "all", "min_rows_per_label")
     assert counts(rows) == (False, 1, 6)
-    assert rows.detail == "validation/rotten: 0"
+    assert rows.detail == "validation/rotten: 0 rows"
     imbalance = outcome(report, "all", "class_imbalance")
     assert (imbalance.severity, imbalance.unexpected_count, imbalance.detail) == (
         "warn",
@@ -174,7 +188,7 @@ def test_too_few_rows_per_label_are_counted_per_split_and_label():
     assert failed(report) == {("all", "min_rows_per_label")}
     rows = outcome(report, "all", "min_rows_per_label")
     assert (rows.unexpected_count, rows.element_count, rows.unit) == (1, 6, "split/label pairs")
-    assert rows.detail == "test/rotten: 4"
+    assert rows.detail == "test/rotten: 4 rows"
     # 8 fresh / 4 rotten = 2.0: within the default 10, over a limit of 1.5.
     report = validate(frames, min_rows_per_label=4, max_imbalance_ratio=1.5)
     assert failed(report) == {("all", "class_imbalance")}
@@ -353,7 +367,7 @@ def test_an_empty_split_fails_the_label_checks():
     report = validate(frames)
     assert failed(report) == {("test", "labels_in_every_split"), ("all", "min_rows_per_label")}
     rows = outcome(report, "all", "min_rows_per_label")
-    assert (rows.unexpected_count, rows.detail) == (2, "test/fresh: 0, test/rotten: 0")
+    assert (rows.unexpected_count, rows.detail) == (2, "test/fresh: 0 rows, test/rotten: 0 rows")
 
 
 # --- report: summary, dict, table, error --------------------------------------------------------
@@ -368,9 +382,12 @@ def test_summary_and_to_dict_name_split_check_expectation_and_counts():
     assert report.summary().splitlines() == [
         f"2 of {N_EXPECTATIONS} expectations failed (1 error, 1 warning):",
         "  - validation: label_set (expect_column_values_to_be_in_set on 'label') failed on 1 of"
-        " 16 rows [error]: e.g. ['meh']",
+        " 16 rows [error]: e.g. ['meh']; limit data.labels=[fresh, rotten] (change: --set"
+        " data.labels=[fresh, rotten, meh], or --set validation.severity.label_set=warn)",
         "  - all: duplicates (expect_column_values_to_be_null on '_repeated_text') failed on 2 of"
-        f" 48 rows [warn]: e.g. ['{text}', '{text}']",
+        f" 48 rows [warn]: e.g. ['{text}', '{text}']; limit validation.max_duplicate_rate=0.02"
+        " (change: --set validation.max_duplicate_rate=0.05, or"
+        " --set validation.severity.duplicates=off)",
     ]
     as_dict = report.to_dict()
     assert (as_dict["success"], as_dict["expectations"], as_dict["failed"]) == (
@@ -472,3 +489,123 @@ def test_empty_report_is_a_success():
     assert report.success
     assert report.summary() == "all 0 expectations passed"
     assert report.table_rows() == []
+
+
+# --- length as the model sees it, and messages that say how to change a limit -----------------
+
+
+def test_truncated_texts_warn_with_their_share_by_default():
+    frames = good_frames()
+    frames["train"].loc[[0, 1, 2], "text"] = [f"word{i} " * 20 for i in range(3)]  # 22 tokens
+    frames["train"].loc[3, "text"] = "one two three four five six"  # 8 tokens: exactly the max
+    report = validate(frames, max_length=8)
+    assert report.success  # max_truncated_share 1.0: a warning only
+    truncated = outcome(report, "train", "truncated")
+    assert (truncated.success, truncated.severity, truncated.unexpected_count) == (False, "warn", 3)
+    assert truncated.detail == (
+        "3 of 16 texts (18.8%) have more than 8 tokens: the model sees only their first 8"
+    )
+    assert truncated.limit == "train.max_length=8, validation.max_truncated_share=1.0"
+    assert "--set train.max_length=16" in truncated.fix
+    assert outcome(report, "validation", "truncated").success
+    assert report.check_status()["truncated"]["status"] == "warned"
+    assert ("truncated", "error", "warned", "3 of 48") in report.table_rows()
+
+
+def test_truncated_share_above_the_limit_is_an_error_naming_its_keys():
+    frames = good_frames()
+    frames["train"].loc[[0, 1, 2], "text"] = [f"word{i} " * 20 for i in range(3)]
+    report = validate(frames, max_length=8, max_truncated_share=0.1)
+    assert not report.success
+    truncated = outcome(report, "train", "truncated")
+    assert (truncated.severity, truncated.unexpected_count) == ("error", 3)
+    assert report.check_status()["truncated"]["status"] == "failed"
+    assert truncated.line().endswith(
+        "; limit train.max_length=8, validation.max_truncated_share=0.1 (change: --set "
+        "train.max_length=16, or --set validation.max_truncated_share=0.19, or "
+        "--set validation.severity.truncated=warn)"
+    )
+    # At exactly the limit's share it passes at error level and still warns.
+    at_limit = validate(frames, max_length=8, max_truncated_share=0.1875)
+    assert at_limit.success and outcome(at_limit, "train", "truncated").severity == "warn"
+
+
+def test_without_token_counts_truncated_does_not_run_and_long_articles_pass_text_length():
+    frames = good_frames()
+    frames["train"].loc[0, "text"] = "a long article " * 1700  # 25,500 characters
+    report = validate_dataset(frames, ValidationConfig(), LABELS)
+    assert report.success
+    assert report.check_status()["truncated"]["status"] == "not run"
+    assert outcome(report, "train", "text_length").success
+
+
+def everything_wrong() -> dict[str, pd.DataFrame]:
+    """Frames failing every check at once (with a confidence column, without group)."""
+    frames = good_frames()
+    train, validation, test = frames["train"], frames["validation"], frames["test"]
+    train.loc[0, "text"] = None  # null_text
+    train.loc[1, "text"] = "   "  # empty_text
+    train.loc[2, "text"] = "ab"  # text_length
+    train.loc[3, "text"] = "word " * 30  # truncated
+    train.loc[4, "label"] = "meh"  # label_set
+    train.loc[[5, 7, 9], "text"] = "the same film"  # duplicates and, with labels, conflicts
+    train.loc[6, "text"] = "the same film"
+    train.loc[8, "text"] = "caf\u00c3\u00a9 noir"  # mojibake
+    validation["label"] = "fresh"  # labels_in_every_split, min_rows_per_label, imbalance
+    test.loc[0, "text"] = train.loc[10, "text"]  # leakage
+    test.loc[1, "text"] = train.loc[11, "text"].upper()  # leakage_normalized
+    for split, f in frames.items():
+        f["confidence"] = [1.5] + [None] * 3 + [0.5] * (len(f) - 4)  # range and missing
+        frames[split] = f.drop(columns=["group"])  # schema
+    return frames
+
+
+def test_every_check_names_its_keys_values_and_the_commands_that_change_them():
+    assert set(CHECK_KEYS) == set(DEFAULT_SEVERITY)
+    frames = everything_wrong()
+    report = validate_dataset(
+        frames,
+        ValidationConfig(max_truncated_share=0.0),
+        LABELS,
+        tokens=word_tokens(frames, max_length=16),
+    )
+    values = {
+        "validation.min_text_chars": "3",
+        "validation.max_text_chars": "1000000",
+        "train.max_length": "16",
+        "validation.max_truncated_share": "0.0",
+        "data.labels": "[fresh, rotten]",
+        "validation.min_rows_per_label": "5",
+        "validation.max_duplicate_rate": "0.02",
+        "validation.max_mojibake_rate": "0.01",
+        "validation.max_imbalance_ratio": "10.0",
+        "validation.confidence_min": "0.0",
+        "validation.confidence_max": "1.0",
+        "validation.max_confidence_missing_rate": "0.05",
+    }
+    for check, keys in CHECK_KEYS.items():
+        mine = [o for o in report.failures if o.check == check]
+        assert mine, f"{check} did not fail"
+        for o in mine:
+            level = "warn" if o.severity == "error" else "off"
+            assert f"--set validation.severity.{check}={level}" in o.line(), o.line()
+            assert o.limit == ", ".join(f"{k}={values[k]}" for k in keys), o.line()
+            if not keys:
+                assert o.fix.startswith("fix these rows"), o.line()
+    rows = next(o for o in report.failures if o.check == "min_rows_per_label")
+    assert rows.line().endswith(
+        "validation/rotten: 0 rows; limit validation.min_rows_per_label=5 (change: add rows for "
+        "these labels (or groups, which decide the split), or "
+        "--set validation.severity.min_rows_per_label=warn)"
+    )
+
+
+def test_too_few_rows_suggest_the_smallest_count_as_the_limit():
+    frames = good_frames()
+    frames["test"] = frames["test"].drop(index=[1, 3, 5, 7])  # 4 rotten rows left
+    report = validate(frames)
+    rows = outcome(report, "all", "min_rows_per_label")
+    assert rows.line().endswith(
+        "[error]: test/rotten: 4 rows; limit validation.min_rows_per_label=5 (change: --set "
+        "validation.min_rows_per_label=4, or --set validation.severity.min_rows_per_label=warn)"
+    )

@@ -133,4 +133,24 @@ def test_committed_example_manifest():
     example = datasets["rotten-tomatoes"]
     assert example.labels == ["fresh", "rotten"]
     assert sum(example.rows.values()) == 12805  # 12,808 minus 3 cross-split duplicates
+    assert example.dropped == {"cross-split near-duplicate": 3}
     assert recorded_md5(REPO_ROOT / "missing.dvc") is None
+
+
+def test_dropped_rows_and_a_forced_import_round_trip_through_data_dvc(project: Path):
+    forced = DatasetRecord(
+        name="d",
+        md5="",
+        rows={"train": 1},
+        labels=["a"],
+        source="/somewhere/else/d.csv",
+        extra={"allow_invalid": True, "failed_checks": ["all: min_rows_per_label failed " * 8]},
+        dropped={"cross-split near-duplicate": 2},
+    )
+    commit_dataset(project, "data", staged(project, "one"), forced)
+    # A second import re-adds data/ (DVC rewrites data.dvc): the first record survives it.
+    commit_dataset(project, "data", staged(project, "two"), record("e"))
+    back = recorded_datasets(project / "data.dvc")
+    assert back["d"].dropped == {"cross-split near-duplicate": 2}
+    assert back["d"].extra == forced.extra and back["d"].source == "/somewhere/else/d.csv"
+    assert back["e"].dropped == {} and "dropped" not in back["e"].to_meta()
