@@ -432,6 +432,10 @@ def data_import(
     report = validate_dataset(prepared.frames, cfg.validation, allowed, tokens=tokens)
     print_validation_table(report.table_rows())
     typer.echo(f"validation (labels {', '.join(allowed)}): {report.summary()}")
+    from pipeline.reports import render_validation_page
+
+    page = project_dir / "reports" / "import" / name / "validation.html"
+    typer.echo(f"validation report: {render_validation_page(report, page, str(source))}")
     if not report.success and not allow_invalid:
         _fail(
             f"{source} was not imported: {len(report.errors)} error-level check"

@@ -416,12 +416,16 @@ def dataset_name(config: DataConfig) -> str:
 
 
 def describe_source(config: DataConfig, project_dir: Path | None = None) -> str:
-    """What the manifest records as a dataset's source: the file's absolute path for a file."""
+    """What the manifest records as a dataset's source: a file inside the project by its
+    path relative to the project (data.dvc stays the same on every clone), any other file
+    by its absolute path."""
     if config.source == EXAMPLE_SOURCE:
         return f"example: {EXAMPLE_PACKAGE} {EXAMPLE_FILE}"
     if config.source.startswith(DATASET_PREFIX) or project_dir is None:
         return config.source
-    return str(source_path(config.source, project_dir))
+    path = source_path(config.source, project_dir)
+    root = project_dir.resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 @dataclass(frozen=True)

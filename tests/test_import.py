@@ -76,7 +76,7 @@ def test_import_versions_pushes_and_lists(project: Path):
     assert record.md5 == folder_md5(project / "data" / "reviews")
     assert f"md5: {record.md5}" in result.output
     assert sum(record.rows.values()) == 160 and record.labels == ["neg", "pos"]
-    assert record.source == str(project / "reviews.csv") and record.dropped == {}
+    assert record.source == "reviews.csv" and record.dropped == {}  # inside: relative
     assert "read 160 rows; none dropped" in result.output
     assert sorted(p.name for p in (project / "data" / "reviews").iterdir()) == [
         "test.csv",
@@ -306,6 +306,11 @@ def test_a_file_failing_error_checks_is_refused_and_nothing_changes(project: Pat
         " ".join(out.split())
     )
     assert "train on it" not in out and "as dataset 'reviews'" not in out
+    # The page a user opens offline shows the failed check with its rows.
+    page = project / "reports" / "import" / "reviews" / "validation.html"
+    assert f"validation report: {page}" in " ".join(out.split())
+    html = page.read_text(encoding="utf-8")
+    assert "min_rows_per_label" in html and "validation/neg: 0 rows" in html
 
 
 def test_allow_invalid_versions_it_and_records_the_failed_checks(project: Path):
