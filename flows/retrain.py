@@ -44,6 +44,7 @@ from pipeline import (
     worker,
 )
 from pipeline.config import RetuneConfig
+from pipeline.cpu import set_cpu_threads
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
@@ -572,6 +573,8 @@ def retrain(
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
+    threads = set_cpu_threads(config.train.num_threads)  # every task's torch work
+    logger.info("torch CPU threads: %d (train.num_threads overrides)", threads)
     frames = prepare_data(config, root)
     docs_dir = root / "runs" / str(flow_run.id or "local") / "data_docs"
     report = validate_data(config, frames, docs_dir)
