@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 PROC_SELF = Path("/proc/self")
@@ -91,11 +91,11 @@ def _own_cgroups(proc_self: Path) -> tuple[str | None, str | None]:
     return v2, v1
 
 
-def _limits_up_to(folder: Path, root: Path, read: object) -> list[float]:
+def _limits_up_to(folder: Path, root: Path, read: Callable[[Path], float | None]) -> list[float]:
     """Quotas of ``folder`` and each parent up to ``root``: a parent's limit binds too."""
     found = []
     while True:
-        limit = read(folder)  # type: ignore[operator]
+        limit = read(folder)
         if limit is not None:
             found.append(limit)
         if folder == root or root not in folder.parents:
