@@ -26,6 +26,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Measured by bench/threads.py (bench/README.md): two trainings on the same cores keep
 # the whole machine busy instead of a third of it; a user's own value wins.
 WAIT_POLICY_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+BYPASS = "set train.num_threads (or OMP_NUM_THREADS) to skip reading the cgroup"
 
 
 def _read(path: Path) -> str | None:
@@ -50,7 +51,9 @@ def read_cpu_max(path: Path) -> float | None:
         or not fields[1].isdigit()
         or not (fields[0] == "max" or fields[0].isdigit())
     ):
-        raise ValueError(f"{path}: expected 'max PERIOD' or 'QUOTA PERIOD' (µs), found {text!r}")
+        raise ValueError(
+            f"{path}: expected 'max PERIOD' or 'QUOTA PERIOD' (µs), found {text!r}; {BYPASS}"
+        )
     if fields[0] == "max" or int(fields[1]) == 0:
         return None
     return int(fields[0]) / int(fields[1])
@@ -70,7 +73,7 @@ def read_cfs_quota(folder: Path) -> float | None:
     except ValueError:
         raise ValueError(
             f"{folder}: cpu.cfs_quota_us and cpu.cfs_period_us must be integers (µs), "
-            f"found {quota!r} and {period!r}"
+            f"found {quota!r} and {period!r}; {BYPASS}"
         ) from None
     if quota_us <= 0 or period_us <= 0:  # -1: no quota
         return None
@@ -177,11 +180,11 @@ def thread_count(
         return override
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
-        value = environ["OMP_NUM_THREADS"]
+        value = environ["OMP_NUM_THREADS"].split(",")[0].strip()  # "4,2": outer level first
         if not value.isdigit() or int(value) < 1:
             raise ValueError(
-                f"OMP_NUM_THREADS={value!r} is not a positive integer; unset it or set e.g. "
-                "OMP_NUM_THREADS=2 (or train.num_threads)"
+                f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']!r} is not a positive integer; "
+                "unset it or set e.g. OMP_NUM_THREADS=2 (or train.num_threads)"
             )
         return int(value)
     cores = usable_cores() if cores is None else cores

@@ -109,6 +109,8 @@ def test_a_malformed_cpu_max_names_the_file(tmp_path):
     path = write(tmp_path / "cpu.max", "lots\n")
     with pytest.raises(ValueError, match=r"cpu\.max: expected 'max PERIOD' or 'QUOTA PERIOD'"):
         read_cpu_max(path)
+    with pytest.raises(ValueError, match=r"set train\.num_threads \(or OMP_NUM_THREADS\)"):
+        read_cpu_max(path)
 
 
 # --- cgroup v1 ---------------------------------------------------------------------------
@@ -155,6 +157,7 @@ def test_thread_count_order_override_then_omp_num_threads_then_cores_per_worker(
     assert thread_count(None, environ={}, cores=8) == 8
     assert thread_count(None, workers=3, environ={}, cores=8) == 2
     assert thread_count(None, workers=4, environ={}, cores=2) == 1
+    assert thread_count(None, environ={"OMP_NUM_THREADS": "4,2"}, cores=8) == 4  # nested
 
 
 def test_a_bad_omp_num_threads_says_how_to_fix_it():
