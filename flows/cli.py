@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.config import ConfigError, describe_config, load_config
+from pipeline.cpu import WAIT_POLICY_ENV
 
 app = typer.Typer(
     help="retune: fine-tune pretrained transformers through an audited pipeline.",
@@ -94,6 +95,8 @@ RUNTIME_DEFAULTS = {
     # is retried 6 times with exponential backoff (0, 2, 4, 8, 16, 32 s); longer, the run fails.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    # OpenMP threads sleep rather than spin while waiting: read once, when torch loads.
+    **WAIT_POLICY_ENV,
 }
 
 

@@ -44,6 +44,7 @@ from pipeline import (
     worker,
 )
 from pipeline.config import RetuneConfig
+from pipeline.cpu import set_cpu_threads
 from pipeline.reports import render_forgetting_page, render_validation_page
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -586,6 +587,8 @@ def retrain(
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
+    threads = set_cpu_threads(config.train.num_threads)  # every task's torch work
+    logger.info("torch CPU threads: %d (train.num_threads overrides)", threads)
     prepared = prepare_data(config, root)
     frames = prepared.frames
     for line in prepared.dropped_lines():

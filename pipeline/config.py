@@ -284,7 +284,13 @@ class TrainConfig(_Section):
         "torch's cost; drop probability exact to 2**-17). No effect on CUDA or MPS.",
     )
     seed: int = 0
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores).")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per process (None: OMP_NUM_THREADS if set, else the "
+        "cores this process may use: CPU affinity and cgroup quota, shared among torchrun "
+        "workers). Applies to training, evaluation and the retention suite.",
+    )
     max_train_samples: int | None = Field(
         None, ge=2, description="Train on the first N shuffled training rows (for quick runs)."
     )

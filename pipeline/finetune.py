@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.cpu import set_cpu_threads
 from pipeline.fast_dropout import fast_cpu_dropout
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
@@ -568,8 +569,7 @@ def _train(
     logger = logger or NullLogger()
     rank, world = rank_and_world()
     torch.manual_seed(config.seed)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    set_cpu_threads(config.num_threads)  # usable cores, unless train.num_threads
     device = pick_device()
     bf16 = use_bf16(config.bf16, device)
     model.to(device)

@@ -18,6 +18,8 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd  # already imported by mlflow.pyfunc
 
+from pipeline.cpu import set_cpu_threads
+
 ARTIFACT_KEY = "classifier"  # the classifier folder inside the logged model's artifacts
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
@@ -277,6 +279,7 @@ def predict_file(
     if out.resolve() == path.resolve():
         raise ServingInputError(f"output {out} is the input file; write somewhere else")
     frame = read_table(path, text_column).reset_index(drop=True)
+    set_cpu_threads()  # the cores this process may use, before the model's first forward
     with tempfile.TemporaryDirectory(prefix="retune-model-") as local:
         # Load from a copy that is removed afterwards: a server's download would otherwise stay.
         model = mlflow.pyfunc.load_model(model_uri, dst_path=local)

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import ForgettingConfig, TrainConfig
+from pipeline.cpu import set_cpu_threads, worker_env
 from pipeline.finetune import (
     EpochRecord,
     FineTuneResult,
@@ -69,6 +70,7 @@ def run(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     config = TrainConfig.model_validate(spec["config"])
     labels: list[str] = spec["labels"]
+    set_cpu_threads(config.num_threads)  # this node's usable cores shared by its processes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -166,7 +168,9 @@ def launch(
         "pipeline.worker",
         str(spec_path),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # The wait policy and a thread count per process, which torchrun would otherwise set to 1.
+    env = worker_env(nproc_per_node)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"torchrun exited with {done.returncode}: {done.stderr[-2000:]}")
 

@@ -201,3 +201,23 @@ def test_saved_model_is_safetensors_with_tokenizer_and_label_map(tokenizer, tmp_
     assert (out / "tokenizer.json").is_file()
     reloaded = BertForSequenceClassification.from_pretrained(out)
     assert reloaded.config.id2label == {0: "fresh", 1: "rotten"}
+
+
+def test_fine_tune_sizes_torch_threads_and_train_num_threads_overrides(tokenizer, monkeypatch):
+    from pipeline.cpu import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    texts, labels = toy_data(1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(7)  # as if something else had sized the pool from the host
+        fine_tune(
+            tiny_model(tokenizer), tokenizer, texts, labels, texts, labels, train_config(epochs=1)
+        )
+        assert torch.get_num_threads() == usable_cores()
+        config = train_config(epochs=1, num_threads=1)
+        fine_tune(tiny_model(tokenizer), tokenizer, texts, labels, texts, labels, config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
