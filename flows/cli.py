@@ -55,6 +55,42 @@ def set_runtime_defaults(project_dir: Path) -> None:
         os.environ.setdefault(key, value)
 
 
+PREFECT_START_LOCK = "server-start.lock"
+
+
+def start_embedded_prefect() -> None:
+    """Start this process's temporary Prefect API now, one process at a time per PREFECT_HOME.
+
+    Without PREFECT_API_URL every ``retune run`` starts its own temporary server on the
+    project's database (PREFECT_HOME/prefect.db), and each server migrates the database as
+    it starts: two runs started together both ran the migrations and one failed with
+    "duplicate column name". Under an exclusive file lock in PREFECT_HOME the first server
+    migrates; the next one finds the schema current. The flow reuses this server.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from pipeline.registry import file_lock
+
+    with file_lock(Path(os.environ["PREFECT_HOME"]) / PREFECT_START_LOCK):
+        SubprocessASGIServer().start()
+
+
+def stopped_by_signal(err: BaseException) -> None:
+    """A run stopped by SIGTERM or Ctrl-C: one line, exit 128 + the signal (no traceback).
+    Its MLflow run was ended KILLED and nothing half-registered stays in the registry."""
+    import signal
+
+    number = int(getattr(err, "signal", signal.SIGINT))
+    typer.echo(
+        f"stopped by {signal.Signals(number).name}: the MLflow run is marked KILLED and the "
+        "registry is unchanged unless the run had already registered its version",
+        err=True,
+    )
+    raise typer.Exit(code=128 + number)
+
+
 def ui_commands(project_dir: Path, tracking_uri: str) -> dict[str, str]:
     """Exact shell commands that open the UIs on what a run stored."""
     venv_bin = Path(sys.executable).parent
@@ -217,6 +253,8 @@ def run(
     """Run the retraining flow: prepare, validate, version, bias, fine-tune, evaluate, register."""
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
+    from prefect.exceptions import TerminationSignal
+
     from flows.retrain import (
         ModelRefused,
         retrain,  # imports Prefect: after the env defaults are set
@@ -225,14 +263,19 @@ def run(
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
+    start_embedded_prefect()
     try:
         summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
+    except (TerminationSignal, KeyboardInterrupt) as err:
+        stopped_by_signal(err)
     except ModelRefused as refused:
         kept, bias = refused.forgetting, refused.bias
-        print_forgetting_table(kept.table_rows(), kept.to_dict())
-        print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
+        if kept is not None:
+            print_forgetting_table(kept.table_rows(), kept.to_dict())
+        if bias is not None:
+            print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
         typer.echo(f"refused: {refused}", err=True)
         raise typer.Exit(code=REFUSED_EXIT) from None
     print_summary(summary, project_dir)
@@ -530,18 +573,39 @@ def _registry(project_dir: Path) -> None:
 
 @app.command()
 def models(
-    name: Annotated[str, typer.Argument(help="Registered model name.")] = "retune-sentiment",
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Registered model name (default: the config's, retune-<dataset>)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set data.name=x.")
+    ] = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time."""
+    """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time.
+
+    Also marks runs left RUNNING by a killed ``retune run`` on this machine as FAILED.
+    """
     from datetime import UTC, datetime
 
     from rich.table import Table
 
     project_dir = project_dir.resolve()
+    cfg = _load(project_dir, config, set_ or [])
     _registry(project_dir)
     from flows.retrain import BIAS_GATE, FORGETTING_GATE, POLICY
     from pipeline import lineage, registry, tracking
+
+    for orphan in tracking.mark_orphans(cfg.registry.experiment):
+        typer.echo(f"MLflow run {orphan.run_id}: its process {orphan.pid} is gone; marked FAILED")
+    if name is None:
+        try:
+            name = registry.model_name(cfg)
+        except ValueError as err:  # DataError: the dataset name is not a valid slug
+            _fail(str(err))
 
     versions = registry.list_versions(name)
     if not versions:
@@ -606,7 +670,7 @@ def promote(
 
     try:
         verdict, entry = promote_version(name, version, reason, force, project_dir)
-    except PromotionRefused as refused:
+    except PromotionRefused as refused:  # (IncompatibleModel is a PromotionError: exit 1 below)
         for c in refused.verdict.criteria:
             typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}", err=True)
         _fail(f"{name}/{version}: {refused} (use --force with a --reason to override)")
@@ -827,8 +891,9 @@ def deploy(
     if worker_code_dir:
         _set_working_directory(deployment_id, worker_code_dir)
     from flows.retrain import ensure_promotion_limit
+    from pipeline.registry import model_name
 
-    limit = ensure_promotion_limit(loaded.registry.model_name)
+    limit = ensure_promotion_limit(model_name(loaded))
     typer.echo(f"deployment scheduled-retrain/{name} ({deployment_id}) on pool {pool}: {schedule}")
     if job_variables:
         typer.echo(f"job variables: {job_variables}")
