@@ -77,6 +77,28 @@ def start_embedded_prefect() -> None:
         SubprocessASGIServer().start()
 
 
+class Stopped(BaseException):
+    """SIGTERM reached ``retune run`` (raised by the handler :func:`stop_on_sigterm` sets)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"signal {signal_number}")
+        self.signal = signal_number
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Stopped`, so that the CLI ends with a message and its
+    cleanup (the temporary Prefect server) runs. Inside the flow Prefect's own handler
+    raises TerminationSignal, the flow ends its MLflow run KILLED, and Prefect sends the
+    signal again to the handler it found: this one (Python's default would kill the
+    process without cleanup)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def stopped_by_signal(err: BaseException) -> None:
     """A run stopped by SIGTERM or Ctrl-C: one line, exit 128 + the signal (no traceback).
     Its MLflow run was ended KILLED and nothing half-registered stays in the registry."""
@@ -263,12 +285,13 @@ def run(
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
-    start_embedded_prefect()
+    stop_on_sigterm()
     try:
+        start_embedded_prefect()
         summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
-    except (TerminationSignal, KeyboardInterrupt) as err:
+    except (Stopped, TerminationSignal, KeyboardInterrupt) as err:
         stopped_by_signal(err)
     except ModelRefused as refused:
         kept, bias = refused.forgetting, refused.bias

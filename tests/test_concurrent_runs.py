@@ -24,28 +24,36 @@ POLICY = "retune.promotion_verdict"
 
 
 def start(project: Path, *args: str) -> subprocess.Popen[str]:
-    """`retune ARGS` on the embedded Prefect (its own temporary server), in its own group."""
+    """`retune ARGS` on the embedded Prefect (its own temporary server), in its own group.
+
+    Output goes to a file, not a pipe: after a SIGKILL the temporary server would hold a
+    pipe open."""
     env = os.environ | {"PREFECT_HOME": str(project / ".prefect")}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     script = Path(sys.executable).parent / "retune"
-    return subprocess.Popen(
-        [str(script), *args, "--project-dir", str(project)],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log = project.parent / f"retune-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(script), *args, "--project-dir", str(project)],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 600) -> str:
+    """Wait for the process, clean up its group; its output."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         kill_group(proc)
-    return out
+    return proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:
