@@ -51,7 +51,32 @@ def configure(project_dir: Path, uri: str | None = None) -> str:
         (project_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):
+        create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Create (migrate) a SQLite tracking and registry store one process at a time.
+
+    MLflow creates its tables when a process first opens the store; two ``retune run``s
+    started together on a fresh project both did, and one failed with "table ... already
+    exists". Under an exclusive lock beside the database the first creates it, the next
+    finds it current.
+    """
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient()
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:

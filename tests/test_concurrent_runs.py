@@ -113,9 +113,7 @@ def test_two_runs_at_once_both_end_with_the_alias_they_earn(project, tiny_base_m
     assert [e.alias for e in entries if e.status == "done"].count("champion") == 1
 
 
-def test_sigterm_ends_the_run_killed_and_sigkill_leaves_an_orphan_the_next_command_marks(
-    project, tiny_base_model
-):
+def test_sigterm_ends_the_run_killed_without_a_traceback(project, tiny_base_model):
     write_tiny_config(project, tiny_base_model)
     write_csv(project / "reviews.csv", reviews())
     proc = start(project, "run")
@@ -126,18 +124,51 @@ def test_sigterm_ends_the_run_killed_and_sigkill_leaves_an_orphan_the_next_comma
     assert "stopped by SIGTERM: the MLflow run is marked KILLED" in out
     assert "Traceback" not in out, out[-4000:]
     tracking.configure(project)
-    client = MlflowClient()
-    assert client.get_run(run_id).info.status == "KILLED"
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
     assert registry.list_versions(NAME) == []
 
+
+def flow_run_state(project: Path, flow_run_id: str) -> str:
+    """A flow run's state type, read from the project's Prefect database."""
+    db = project / ".prefect" / "prefect.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+        ids = (flow_run_id, flow_run_id.replace("-", ""))
+        row = conn.execute("SELECT state_type FROM flow_run WHERE id IN (?, ?)", ids).fetchone()
+    return row[0] if row else "missing"
+
+
+def test_after_a_sigkill_the_next_commands_mark_the_orphan_failed(project, tiny_base_model):
+    write_tiny_config(project, tiny_base_model)
+    write_csv(project / "reviews.csv", reviews())
     proc = start(project, "run")
     run_id = wait_for_running_run(project, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     kill_group(proc)
-    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
-    listed = finish(start(project, "models"), timeout=300)
-    assert f"MLflow run {run_id}: its process {proc.pid} is gone; marked FAILED" in listed
+    tracking.configure(project)
+    client = MlflowClient()
+    killed = client.get_run(run_id)
+    assert killed.info.status == "RUNNING"  # nobody could end it
+    flow_run_id = killed.data.tags["retune.prefect_flow_run_id"]
+    assert flow_run_state(project, flow_run_id) == "RUNNING"
+
+    after = start(project, "run")
+    out = finish(after, timeout=600)
+    assert after.returncode == 0, out[-4000:]
+    assert f"MLflow run {run_id}: its process {proc.pid} is gone; marked FAILED" in out
     orphan = client.get_run(run_id)
     assert orphan.info.status == "FAILED"
     assert orphan.data.tags[tracking.ORPHANED].startswith(f"process {proc.pid} on ")
+    assert flow_run_state(project, flow_run_id) == "CRASHED"
+    assert [v.version for v in registry.list_versions(NAME)] == ["1"]
+
+    # `retune models` marks them too (an orphan recorded by a process that is gone).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = tracking.process_tags()[tracking.HOST]
+    tags = {tracking.HOST: host, tracking.PID: str(gone.pid)}
+    left = tracking.start_run(project, "retune", "killed elsewhere", tags)
+    listed = finish(start(project, "models"), timeout=300)
+    assert f"MLflow run {left}: its process {gone.pid} is gone; marked FAILED" in listed
+    assert "champion" in listed
+    assert client.get_run(left).info.status == "FAILED"
