@@ -282,6 +282,7 @@ def run(
         retrain,  # imports Prefect: after the env defaults are set
     )
     from pipeline.data import DataError
+    from pipeline.registry import StaleChampionError
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
@@ -293,6 +294,8 @@ def run(
         _fail(str(err))
     except (Stopped, TerminationSignal, KeyboardInterrupt) as err:
         stopped_by_signal(err)
+    except StaleChampionError as err:  # the champion kept changing while this run promoted
+        _fail(str(err))
     except ModelRefused as refused:
         kept, bias = refused.forgetting, refused.bias
         if kept is not None:
@@ -610,7 +613,7 @@ def models(
 ) -> None:
     """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time.
 
-    Also marks runs left RUNNING by a killed ``retune run`` on this machine as FAILED.
+    Also marks MLflow runs left RUNNING by a killed retune run on this machine as FAILED.
     """
     from datetime import UTC, datetime
 

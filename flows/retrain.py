@@ -783,7 +783,7 @@ def retrain(
         logger.warning(
             "MLflow run %s: its process %s is gone; marked FAILED", orphan.run_id, orphan.pid
         )
-    name = registry.model_name(config)
+    model_name = registry.model_name(config)
     model_identity = promotion.text_classifier_identity(config.data.labels)
     run_key = str(flow_run.id or "local")
     out_dir = root / "runs" / run_key
@@ -808,8 +808,11 @@ def retrain(
         tracking.log_dataset(
             run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
         )
-        actor, lock = registry.default_actor(run_key), partial(promotion_lock, root, uri, name)
-        incompatible = check_compatibility(config, name, model_identity, run_id, actor, lock)
+        actor, lock = (
+            registry.default_actor(run_key),
+            partial(promotion_lock, root, uri, model_name),
+        )
+        incompatible = check_compatibility(config, model_name, model_identity, run_id, actor, lock)
         if incompatible is not None:
             logger.error("promotion: %s", incompatible.summary())
             tracking.end_run(run_id)
@@ -949,7 +952,7 @@ def retrain(
                 champion_version,
                 actor,
                 lock,
-                decide_again(config, name, candidate, version.md5, test, out_dir),
+                decide_again(config, model_name, candidate, version.md5, test, out_dir),
             )
             verdict = registered.verdict  # decided again if the champion changed meanwhile
             tracking.set_tags(
@@ -958,7 +961,7 @@ def retrain(
             )
         shutil.rmtree(out_dir / "model")  # a registered copy lives in MLflow's artifacts
         card_inputs = card.CardInputs(
-            model_name=name,
+            model_name=model_name,
             version=registered.version if registered else None,
             reports=reports | {"rows": {s: len(frames[s]) for s in data.SPLITS}},
             tags=tags,
@@ -969,7 +972,7 @@ def retrain(
         (out_dir / "card").mkdir(parents=True, exist_ok=True)
         (out_dir / "card" / "model_card.md").write_text(markdown, encoding="utf-8")
         (out_dir / "card" / "model_card.html").write_text(
-            card.card_html(markdown, f"{name} model card"), encoding="utf-8"
+            card.card_html(markdown, f"{model_name} model card"), encoding="utf-8"
         )
         tracking.log_folder(run_id, out_dir / "card", "card")
     except ModelRefused:
