@@ -104,7 +104,8 @@ def stopped_by_signal(err: BaseException) -> None:
     Its MLflow run was ended KILLED and nothing half-registered stays in the registry."""
     import signal
 
-    number = int(getattr(err, "signal", signal.SIGINT))
+    default = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+    number = int(getattr(err, "signal", default))
     typer.echo(
         f"stopped by {signal.Signals(number).name}: the MLflow run is marked KILLED and the "
         "registry is unchanged unless the run had already registered its version",
@@ -282,6 +283,7 @@ def run(
         retrain,  # imports Prefect: after the env defaults are set
     )
     from pipeline.data import DataError
+    from pipeline.finetune import TrainingInterrupted
     from pipeline.registry import StaleChampionError
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
@@ -292,7 +294,7 @@ def run(
         summary = retrain(cfg, str(project_dir), os.environ.get("MLFLOW_TRACKING_URI"))
     except (DataError, DataValidationError, DataVersionError, FileNotFoundError) as err:
         _fail(str(err))
-    except (Stopped, TerminationSignal, KeyboardInterrupt) as err:
+    except (Stopped, TerminationSignal, TrainingInterrupted, KeyboardInterrupt) as err:
         stopped_by_signal(err)
     except StaleChampionError as err:  # the champion kept changing while this run promoted
         _fail(str(err))

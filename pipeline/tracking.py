@@ -24,6 +24,8 @@ HOST = "retune.host"  # the machine and process that run a run, to find orphans 
 PID = "retune.pid"
 ORPHANED = "retune.orphaned"
 KILLED = "KILLED"  # MLflow's status for a run that was stopped (SIGTERM, Ctrl-C)
+# By name: importing Prefect or torch here would make tracking heavy.
+SIGNAL_EXCEPTIONS = ("TerminationSignal", "TrainingInterrupted")
 
 
 def embedded_uri(project_dir: Path) -> str:
@@ -104,9 +106,10 @@ def process_tags() -> dict[str, str]:
 
 def end_status(err: BaseException) -> str:
     """The status a run ends with when ``err`` stops it: KILLED for a signal or Ctrl-C
-    (Prefect raises TerminationSignal on SIGTERM), FAILED for anything else."""
+    (Prefect raises TerminationSignal on SIGTERM; the training loop checkpoints and raises
+    TrainingInterrupted), FAILED for anything else."""
     signal_like = isinstance(err, KeyboardInterrupt | SystemExit) or any(
-        cls.__name__ == "TerminationSignal" for cls in type(err).__mro__
+        cls.__name__ in SIGNAL_EXCEPTIONS for cls in type(err).__mro__
     )
     return KILLED if signal_like else "FAILED"
 

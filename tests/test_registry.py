@@ -466,4 +466,7 @@ def test_a_signal_ends_a_run_killed_anything_else_failed():
 
     assert tracking.end_status(TerminationSignal(15)) == "KILLED"
     assert tracking.end_status(KeyboardInterrupt()) == "KILLED"
+    from pipeline.finetune import TrainingInterrupted
+
+    assert tracking.end_status(TrainingInterrupted("checkpoint written")) == "KILLED"
     assert tracking.end_status(ValueError("bad")) == "FAILED"
