@@ -110,6 +110,65 @@ def set_runtime_defaults(project_dir: Path) -> None:
         os.environ.setdefault(key, value)
 
 
+PREFECT_START_LOCK = "server-start.lock"
+
+
+def start_embedded_prefect() -> None:
+    """Start this process's temporary Prefect API now, one process at a time per PREFECT_HOME.
+
+    Without PREFECT_API_URL every ``retune run`` starts its own temporary server on the
+    project's database (PREFECT_HOME/prefect.db), and each server migrates the database as
+    it starts: two runs started together both ran the migrations and one failed with
+    "duplicate column name". Under an exclusive file lock in PREFECT_HOME the first server
+    migrates; the next one finds the schema current. The flow reuses this server.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from pipeline.registry import file_lock
+
+    with file_lock(Path(os.environ["PREFECT_HOME"]) / PREFECT_START_LOCK):
+        SubprocessASGIServer().start()
+
+
+class Stopped(BaseException):
+    """SIGTERM reached ``retune run`` (raised by the handler :func:`stop_on_sigterm` sets)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"signal {signal_number}")
+        self.signal = signal_number
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Stopped`, so that the CLI ends with a message and its
+    cleanup (the temporary Prefect server) runs. Inside the flow Prefect's own handler
+    raises TerminationSignal, the flow ends its MLflow run KILLED, and Prefect sends the
+    signal again to the handler it found: this one (Python's default would kill the
+    process without cleanup)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stopped_by_signal(err: BaseException) -> None:
+    """A run stopped by SIGTERM or Ctrl-C: one line, exit 128 + the signal (no traceback).
+    Its MLflow run was ended KILLED and nothing half-registered stays in the registry."""
+    import signal
+
+    default = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+    number = int(getattr(err, "signal", default))
+    typer.echo(
+        f"stopped by {signal.Signals(number).name}: the MLflow run is marked KILLED and the "
+        "registry is unchanged unless the run had already registered its version",
+        err=True,
+    )
+    raise typer.Exit(code=128 + number)
+
+
 def ui_commands(project_dir: Path, tracking_uri: str) -> dict[str, str]:
     """Exact shell commands that open the UIs on what a run stored."""
     venv_bin = Path(sys.executable).parent
@@ -291,26 +350,38 @@ def run(
     DEBUG["on"] = DEBUG["on"] or debug
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
+    from prefect.exceptions import TerminationSignal
+
     from flows.retrain import (
         ModelRefused,
         retrain,  # imports Prefect: after the env defaults are set
     )
     from pipeline.data import DataError
+    from pipeline.finetune import TrainingInterrupted
+    from pipeline.registry import StaleChampionError
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
     bad_input = (DataError, DataValidationError, DataVersionError, FileNotFoundError)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
+    stop_on_sigterm()
     try:
-        with quiet_expected_errors((*bad_input, ModelRefused)):
+        start_embedded_prefect()
+        with quiet_expected_errors((*bad_input, ModelRefused, StaleChampionError)):
             summary = retrain(cfg, str(project_dir), uri)
     except bad_input as err:
+        _fail(str(err))
+    except (Stopped, TerminationSignal, TrainingInterrupted, KeyboardInterrupt) as err:
+        stopped_by_signal(err)
+    except StaleChampionError as err:  # the champion kept changing while this run promoted
         _fail(str(err))
     except ModelRefused as refused:
         _debug_traceback()
         kept, bias = refused.forgetting, refused.bias
-        print_forgetting_table(kept.table_rows(), kept.to_dict())
-        print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
+        if kept is not None:
+            print_forgetting_table(kept.table_rows(), kept.to_dict())
+        if bias is not None:
+            print_bias_tables(bias.table_rows(), bias.group_rows(), bias.to_dict())
         from pipeline import tracking
 
         store = tracking.configure(project_dir, uri)
@@ -714,18 +785,39 @@ def _registry(project_dir: Path) -> None:
 
 @app.command()
 def models(
-    name: Annotated[str, typer.Argument(help="Registered model name.")] = "retune-sentiment",
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Registered model name (default: the config's, retune-<dataset>)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set data.name=x.")
+    ] = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time."""
+    """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time.
+
+    Also marks MLflow runs left RUNNING by a killed retune run on this machine as FAILED.
+    """
     from datetime import UTC, datetime
 
     from rich.table import Table
 
     project_dir = project_dir.resolve()
+    cfg = _load(project_dir, config, set_ or [])
     _registry(project_dir)
     from flows.retrain import BIAS_GATE, FORGETTING_GATE, POLICY
     from pipeline import lineage, registry, tracking
+
+    for orphan in tracking.mark_orphans(cfg.registry.experiment):
+        typer.echo(f"MLflow run {orphan.run_id}: its process {orphan.pid} is gone; marked FAILED")
+    if name is None:
+        try:
+            name = registry.model_name(cfg)
+        except ValueError as err:  # DataError: the dataset name is not a valid slug
+            _fail(str(err))
 
     versions = registry.list_versions(name)
     if not versions:
@@ -790,7 +882,7 @@ def promote(
 
     try:
         verdict, entry = promote_version(name, version, reason, force, project_dir)
-    except PromotionRefused as refused:
+    except PromotionRefused as refused:  # (IncompatibleModel is a PromotionError: exit 1 below)
         for c in refused.verdict.criteria:
             typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}", err=True)
         _fail(f"{name}/{version}: {refused} (use --force with a --reason to override)")
@@ -1011,8 +1103,9 @@ def deploy(
     if worker_code_dir:
         _set_working_directory(deployment_id, worker_code_dir)
     from flows.retrain import ensure_promotion_limit
+    from pipeline.registry import model_name
 
-    limit = ensure_promotion_limit(loaded.registry.model_name)
+    limit = ensure_promotion_limit(model_name(loaded))
     typer.echo(f"deployment scheduled-retrain/{name} ({deployment_id}) on pool {pool}: {schedule}")
     if job_variables:
         typer.echo(f"job variables: {job_variables}")

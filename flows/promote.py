@@ -25,6 +25,42 @@ class PromotionRefused(RuntimeError):
         super().__init__(f"the promotion policy refuses it: {verdict.summary()}")
 
 
+class IncompatibleModel(registry.PromotionError):
+    """The version is another kind of model than the champion; even --force refuses it."""
+
+
+def check_same_kind(name: str, version: str) -> None:
+    """Refuse ``name``/``version`` if its task, labels or input differ from the champion's.
+
+    Raises:
+        IncompatibleModel: they differ (nothing moved; the message names the fix).
+    """
+    from pipeline import data
+
+    candidate = registry.resolve_version(f"{name}/{version}")
+    try:
+        champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return
+    ours, theirs = registry.version_identity(candidate), registry.version_identity(champion)
+    if ours is None or theirs is None or champion.version == candidate.version:
+        return
+    differences = promotion.compare_identity(ours, theirs)
+    if not differences:
+        return
+    own_name = name
+    try:  # the name its own dataset gives it, for the fix
+        recorded = _recorded_config(candidate.run_id or "")
+        own_name = registry.MODEL_NAME_PREFIX + data.dataset_name(recorded.data)
+    except Exception:  # no recorded config: suggest NAME-2
+        pass
+    criterion = promotion.compatibility_criterion(differences, name, champion.version, own_name)
+    raise IncompatibleModel(
+        f"{name}/{version} cannot take champion, not even with --force: {criterion.detail}; "
+        "nothing was moved"
+    )
+
+
 def _recorded_config(run_id: str) -> RetuneConfig:
     return RetuneConfig.model_validate(tracking.read_report(run_id, "reports/config.json"))
 
@@ -134,9 +170,11 @@ def promote(
     Raises:
         PromotionRefused: the policy refuses and ``force`` is off.
         registry.PromotionError: the version does not load or predict, or already is champion.
+        IncompatibleModel: another kind of model than the champion (``force`` or not).
     """
     if not reason.strip():
         raise ValueError("a promotion needs a --reason")
+    check_same_kind(name, version)
     verdict = decide(name, version, project_dir)
     if not verdict.promote and not force:
         raise PromotionRefused(verdict)

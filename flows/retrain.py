@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,18 @@ class ModelRefused(RuntimeError):
     def __init__(
         self,
         run_id: str,
-        forgetting_report: forgetting.ForgettingReport,
-        bias_report: fairness.ModelBiasReport,
+        forgetting_report: forgetting.ForgettingReport | None,
+        bias_report: fairness.ModelBiasReport | None,
+        verdict: promotion.PromotionVerdict | None = None,
     ):
         self.run_id, self.forgetting, self.bias = run_id, forgetting_report, bias_report
+        self.verdict = verdict
         reasons = []
-        if forgetting_report.gate.refused:
+        if verdict is not None and verdict.incompatible:
+            reasons += [f"{c.name}: {c.detail}" for c in verdict.criteria if not c.passed]
+        if forgetting_report is not None and forgetting_report.gate.refused:
             reasons.append("forgetting: " + "; ".join(forgetting_report.gate.failures))
-        if bias_report.gate is not None and bias_report.gate.refused:
+        if bias_report is not None and bias_report.gate is not None and bias_report.gate.refused:
             reasons.append("bias: " + "; ".join(bias_report.gate.failures))
         super().__init__(
             f"model refused (recorded as MLflow run {run_id}, not registered): "
@@ -251,7 +256,7 @@ def measure_champion(
     """The current champion's retention scores (cached by its weights) and its predict
     function, or Nones when there is no champion."""
     try:
-        champion = registry.resolve_version(f"{config.registry.model_name}@{registry.CHAMPION}")
+        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
     except registry.ModelRefError:
         return None, None, None
     folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
@@ -513,6 +518,11 @@ def ensure_promotion_limit(model_name: str) -> str:
     return name
 
 
+Recompute = Callable[[], tuple[str, promotion.PromotionVerdict]]  # -> (champion, verdict)
+STALE_RETRIES = 3  # champion changes tolerated while one run takes its alias
+FLOW_RUN_TAG = "retune.prefect_flow_run_id"
+
+
 @task(**TASK_OPTIONS)
 def register(
     config: RetuneConfig,
@@ -523,34 +533,207 @@ def register(
     verdict: promotion.PromotionVerdict,
     champion_version: str | None,
     actor: str,
-    lock: Any,
+    lock: Callable[[], Any],
+    recompute: Recompute | None = None,
 ) -> Registered:
     """Log the model, register a version with its tags, then give it the alias the policy
-    chose (champion: all or nothing, audited). A failure deletes the version again."""
-    name = config.registry.model_name
+    chose (champion: all or nothing, audited). A failure deletes the version again.
+
+    Args:
+        lock: makes the lock each alias move holds (a fresh one per move).
+        recompute: decides again against the champion that now holds the alias, when it
+            changed while this run trained (see :func:`apply_verdict`).
+    """
+    name = registry.model_name(config)
     model_uri = serving.log_classifier(run_id, model_dir, example, config.train.max_length)
     version = registry.register_version(model_uri, name, run_id, tags)
     try:
-        reason = "promotion policy after retraining"
-        if verdict.promote:
-            registry.move_champion(
-                name,
-                version.version,
-                actor,
-                reason,
-                verdict.summary(),
-                lock=lock,
-                smoke_texts=example,
-                expected_champion=champion_version or "",
-            )
-        elif verdict.alias == registry.CHALLENGER:
-            registry.set_challenger(name, version.version, actor, reason, verdict.summary(), lock)
+        verdict = apply_verdict(
+            name,
+            version.version,
+            verdict,
+            champion_version or "",
+            actor,
+            lock,
+            example,
+            recompute,
+            get_run_logger(),
+        )
     except BaseException:
         registry.delete_version(name, version.version)
         raise
+    registry.tag_version(name, version.version, POLICY, verdict.summary()[:4000])
     current = registry.resolve_version(f"{name}/{version.version}")
     champion = registry.champion_metric(name, f"test_{config.registry.primary_metric}")[0]
     return Registered(name, version.version, current.aliases, verdict, str(champion))
+
+
+def apply_verdict(
+    name: str,
+    version: str,
+    verdict: promotion.PromotionVerdict,
+    champion_version: str,
+    actor: str,
+    lock: Callable[[], Any],
+    smoke_texts: list[str],
+    recompute: Recompute | None,
+    logger: Any,
+) -> promotion.PromotionVerdict:
+    """Give ``version`` the alias ``verdict`` earns; returns the verdict that was applied.
+
+    If the champion changed since the verdict (another run promoted meanwhile), the
+    verdict is recomputed against the champion that now holds the alias and applied
+    instead, up to STALE_RETRIES times; every move is audited by the registry.
+
+    Raises:
+        registry.StaleChampionError: the champion kept changing, or no ``recompute``.
+    """
+    reason = "promotion policy after retraining"
+    for _ in range(STALE_RETRIES):
+        try:
+            if verdict.promote:
+                registry.move_champion(
+                    name,
+                    version,
+                    actor,
+                    reason,
+                    verdict.summary(),
+                    lock=lock(),
+                    smoke_texts=smoke_texts,
+                    expected_champion=champion_version,
+                )
+            elif verdict.alias == registry.CHALLENGER:
+                registry.set_challenger(name, version, actor, reason, verdict.summary(), lock())
+            return verdict
+        except registry.StaleChampionError as err:
+            if recompute is None:
+                raise
+            logger.warning("%s: deciding again against the current champion", err)
+            champion_version, verdict = recompute()
+            against = f"v{champion_version}" if champion_version else "no champion"
+            reason = f"promotion policy after retraining, decided again against {against}"
+            logger.info("promotion (decided again): %s", verdict.summary())
+    raise registry.StaleChampionError(
+        f"{name}: the champion changed {STALE_RETRIES} times while v{version} took its alias; "
+        f"v{version} is not registered. Run again, or promote it by hand: "
+        f"retune promote {name} <version> --reason ..."
+    )
+
+
+def current_champion_figures(
+    config: RetuneConfig, name: str, data_md5: str, test: pd.DataFrame, work_dir: Path
+) -> promotion.ChampionFigures | None:
+    """The figures of the champion that holds the alias now, for a verdict decided again.
+
+    Its recorded test metric (and gated groups) when it was evaluated on the same data
+    version (same data md5); otherwise it is evaluated on ``test`` (groups not compared).
+    None when there is no champion.
+    """
+    from flows.promote import _gated_groups  # flows.promote imports this module
+
+    try:
+        champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return None
+    key = config.registry.primary_metric
+    assert champion.run_id is not None
+    record = tracking.get_run(champion.run_id)
+    if champion.tags.get(lineage.DATA_MD5) == data_md5 and f"test_{key}" in record.metrics:
+        metric = record.metrics[f"test_{key}"]
+        return promotion.ChampionFigures(champion.version, metric, _gated_groups(champion.run_id))
+    folder = serving.download_classifier(champion.name, champion.version, work_dir / "recheck")
+    try:
+        model, tokenizer = finetune.load_saved_classifier(folder)
+        probs = classifier_predict(config, model, tokenizer)(test["text"].tolist())
+    finally:
+        shutil.rmtree(work_dir / "recheck", ignore_errors=True)
+    report = evaluate.classification_metrics(
+        _label_ids(test, config), probs.argmax(1), config.data.labels
+    )
+    return promotion.ChampionFigures(champion.version, getattr(report, key), {})
+
+
+def decide_again(
+    config: RetuneConfig,
+    name: str,
+    candidate: promotion.CandidateFigures,
+    data_md5: str,
+    test: pd.DataFrame,
+    work_dir: Path,
+) -> Recompute:
+    """The ``recompute`` for :func:`register`: the policy against the champion of now."""
+
+    def recompute() -> tuple[str, promotion.PromotionVerdict]:
+        figures = current_champion_figures(config, name, data_md5, test, work_dir)
+        verdict = promotion.decide_promotion(candidate, figures, config.promotion)
+        return (figures.version if figures else ""), verdict
+
+    return recompute
+
+
+@task(**TASK_OPTIONS)
+def check_compatibility(
+    config: RetuneConfig,
+    name: str,
+    model_identity: promotion.ModelIdentity,
+    run_id: str,
+    actor: str,
+    lock: Callable[[], Any],
+) -> promotion.PromotionVerdict | None:
+    """Refuse a candidate of another kind (task, labels, input) than ``name``'s champion.
+
+    Returns None when there is no champion or it is the same kind of model; otherwise the
+    refusing verdict, recorded on the run (tagged refused) and in the audit trail.
+    """
+    try:
+        champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return None
+    recorded = registry.version_identity(champion)
+    if recorded is None:
+        return None
+    differences = promotion.compare_identity(model_identity, recorded)
+    if not differences:
+        return None
+    own_name = registry.MODEL_NAME_PREFIX + data.dataset_name(config.data)
+    verdict = promotion.refuse_incompatible(
+        promotion.compatibility_criterion(differences, name, champion.version, own_name)
+    )
+    tracking.set_tags(run_id, {VERDICT: "refused", POLICY: verdict.summary()[:4000]})
+    tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
+    registry.record_refusal(
+        name,
+        champion.version,
+        actor,
+        f"refused run {run_id}: not the same kind of model as champion v{champion.version}",
+        verdict.summary(),
+        lock(),
+    )
+    return verdict
+
+
+def mark_orphaned_runs(experiment: str) -> list[tracking.Orphan]:
+    """Runs of ``experiment`` left RUNNING by a killed process on this host: marked FAILED
+    in MLflow (tagged orphaned), and their Prefect flow run Crashed where it is reachable."""
+    orphans = tracking.mark_orphans(experiment)
+    for orphan in orphans:
+        flow_run_id = orphan.tags.get(FLOW_RUN_TAG, "local")
+        if flow_run_id != "local":
+            crash_flow_run(flow_run_id, f"process {orphan.pid} was gone (killed)")
+    return orphans
+
+
+def crash_flow_run(flow_run_id: str, message: str) -> None:
+    """Set a Prefect flow run Crashed, if it is still running; never raises."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        found = client.read_flow_run(flow_run_id)
+        if found.state is None or not found.state.is_final():
+            client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
 
 
 def gated_group_accuracy(report: fairness.ModelBiasReport | None) -> dict[str, float]:
@@ -620,12 +803,19 @@ def retrain(
         logger.warning("retention suite: %s", warning)
 
     uri = tracking.configure(root, tracking_uri)
+    for orphan in mark_orphaned_runs(config.registry.experiment):
+        logger.warning(
+            "MLflow run %s: its process %s is gone; marked FAILED", orphan.run_id, orphan.pid
+        )
+    model_name = registry.model_name(config)
+    model_identity = promotion.text_classifier_identity(config.data.labels)
     run_key = str(flow_run.id or "local")
     out_dir = root / "runs" / run_key
     tags = lineage.lineage_tags(root, config, version) | {
-        "retune.prefect_flow_run_id": run_key,
+        FLOW_RUN_TAG: run_key,
         lineage.RETENTION_SUITE_MD5: suite.md5,
     }
+    tags |= model_identity.to_tags() | tracking.process_tags()
     name = tracking.run_name(data.dataset_name(config.data), config.train.strategy, run_key)
     run_id = tracking.start_run(root, config.registry.experiment, name, tags)
     try:
@@ -643,6 +833,15 @@ def retrain(
         tracking.log_dataset(
             run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
         )
+        actor, lock = (
+            registry.default_actor(run_key),
+            partial(promotion_lock, root, uri, model_name),
+        )
+        incompatible = check_compatibility(config, model_name, model_identity, run_id, actor, lock)
+        if incompatible is not None:
+            logger.error("promotion: %s", incompatible.summary())
+            tracking.end_run(run_id)
+            raise ModelRefused(run_id, None, None, incompatible)
         probe, base, probe_predict = measure_base(config, train, test, suite, root)
         champion_version, champion, champion_predict = measure_champion(
             config, suite, root, out_dir
@@ -779,13 +978,18 @@ def retrain(
                 tags,
                 verdict,
                 champion_version,
-                registry.default_actor(run_key),
-                promotion_lock(root, tracking_uri, config.registry.model_name),
+                actor,
+                lock,
+                decide_again(config, model_name, candidate, version.md5, test, out_dir),
             )
-            tracking.set_tags(run_id, {"retune.registered_version": registered.version})
+            verdict = registered.verdict  # decided again if the champion changed meanwhile
+            tracking.set_tags(
+                run_id,
+                {"retune.registered_version": registered.version, POLICY: verdict.summary()[:4000]},
+            )
         shutil.rmtree(out_dir / "model")  # a registered copy lives in MLflow's artifacts
         card_inputs = card.CardInputs(
-            model_name=config.registry.model_name,
+            model_name=model_name,
             version=registered.version if registered else None,
             reports=reports | {"rows": {s: len(frames[s]) for s in data.SPLITS}},
             tags=tags,
@@ -796,11 +1000,13 @@ def retrain(
         (out_dir / "card").mkdir(parents=True, exist_ok=True)
         (out_dir / "card" / "model_card.md").write_text(markdown, encoding="utf-8")
         (out_dir / "card" / "model_card.html").write_text(
-            card.card_html(markdown, f"{config.registry.model_name} model card"), encoding="utf-8"
+            card.card_html(markdown, f"{model_name} model card"), encoding="utf-8"
         )
         tracking.log_folder(run_id, out_dir / "card", "card")
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
+    except ModelRefused:
+        raise  # the run was ended as recorded
+    except BaseException as err:
+        tracking.end_run(run_id, tracking.end_status(err))  # KILLED on SIGTERM or Ctrl-C
         raise
     tracking.end_run(run_id)
     if refused:

@@ -79,7 +79,7 @@ def scheduled_retrain(
     config = load_config(path if path.is_file() else None)
     uri = tracking.configure(root, os.environ.get("MLFLOW_TRACKING_URI"))
     md5 = current_data_md5(config, root)
-    champion_md5 = champion_data_md5(config.registry.model_name)
+    champion_md5 = champion_data_md5(registry.model_name(config))
     if champion_md5 == md5 and not retrain_always:
         reason = f"data unchanged since the champion was trained (md5 {md5})"
         logger.info("skipping retraining: %s", reason)

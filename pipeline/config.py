@@ -401,7 +401,11 @@ class RegistryConfig(_Section):
     """MLflow tracking and Model Registry."""
 
     experiment: str = "retune"
-    model_name: str = "retune-sentiment"
+    model_name: str | None = Field(
+        None,
+        description="Registered model name; empty means retune-<dataset name> (see "
+        "pipeline.registry.model_name), so each dataset's model is its own.",
+    )
     primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
 
 

@@ -8,6 +8,8 @@ verdict that lists every criterion with its numbers. Moving aliases is
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +19,13 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 NO_ALIAS = "none"
 FAILING_GATE_PREFIXES = ("refused", "failed")
+# What a model is, recorded on every run and registered version (keys defined once here).
+IDENTITY_TASK = "retune.identity.task"
+IDENTITY_LABELS = "retune.identity.labels"  # JSON list, in the model's output order
+IDENTITY_INPUT = "retune.identity.input"  # JSON object: input column -> type
+TEXT_CLASSIFICATION = "text-classification"
+TEXT_INPUT = {"text": "string"}  # the pyfunc model reads one string column, "text"
+COMPATIBLE = "compatible"
 # Margins are added to metrics that are ratios of counts; without a tolerance,
 # 0.81 - 0.01 would fall just below 0.80 in floating point.
 TOLERANCE = 1e-9
@@ -53,8 +62,13 @@ class PromotionVerdict:
 
     @property
     def refused(self) -> bool:
-        """A gate failed: the candidate gets no alias at all."""
-        return any(c.name == "gates" and not c.passed for c in self.criteria)
+        """A gate failed, or the model is of another kind: the candidate gets no alias."""
+        return any(c.name in ("gates", COMPATIBLE) and not c.passed for c in self.criteria)
+
+    @property
+    def incompatible(self) -> bool:
+        """The candidate is not the same kind of model as the champion (never registered)."""
+        return any(c.name == COMPATIBLE and not c.passed for c in self.criteria)
 
     def summary(self) -> str:
         """One line: the outcome, then every criterion with its numbers."""
@@ -74,6 +88,88 @@ class PromotionVerdict:
             "summary": self.summary(),
             "criteria": [asdict(c) for c in self.criteria],
         }
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What kind of model a version is: versions of one registered model must agree."""
+
+    task: str
+    labels: tuple[str, ...]  # in output order: label i is the model's class i
+    inputs: tuple[tuple[str, str], ...]  # (column, type), e.g. (("text", "string"),)
+
+    def to_tags(self) -> dict[str, str]:
+        return {
+            IDENTITY_TASK: self.task,
+            IDENTITY_LABELS: json.dumps(list(self.labels)),
+            IDENTITY_INPUT: json.dumps(dict(self.inputs)),
+        }
+
+
+def text_classifier_identity(labels: list[str]) -> ModelIdentity:
+    """The identity of a retune text classifier over ``labels`` (in order)."""
+    return ModelIdentity(TEXT_CLASSIFICATION, tuple(labels), tuple(TEXT_INPUT.items()))
+
+
+def identity_from_tags(tags: Mapping[str, str]) -> ModelIdentity | None:
+    """The identity recorded in a run's or version's tags; None if it was never recorded."""
+    if IDENTITY_LABELS not in tags:
+        return None
+    return ModelIdentity(
+        task=tags.get(IDENTITY_TASK, TEXT_CLASSIFICATION),
+        labels=tuple(json.loads(tags[IDENTITY_LABELS])),
+        inputs=tuple(json.loads(tags.get(IDENTITY_INPUT) or json.dumps(TEXT_INPUT)).items()),
+    )
+
+
+def compare_identity(candidate: ModelIdentity, champion: ModelIdentity) -> list[str]:
+    """How ``candidate`` differs from ``champion``: task, labels (order matters: label i is
+    class i) and input signature. Empty when they are the same kind of model."""
+    differences = []
+    if candidate.task != champion.task:
+        differences.append(f"task {candidate.task} differs from the champion's {champion.task}")
+    if candidate.labels != champion.labels:
+        same_set = set(candidate.labels) == set(champion.labels)
+        differences.append(
+            f"labels [{', '.join(candidate.labels)}] differ from the champion's "
+            f"[{', '.join(champion.labels)}]"
+            + (" (same labels, another order)" if same_set else "")
+        )
+    if candidate.inputs != champion.inputs:
+        differences.append(
+            f"input {_signature(candidate.inputs)} differs from the champion's "
+            f"{_signature(champion.inputs)}"
+        )
+    return differences
+
+
+def _signature(inputs: tuple[tuple[str, str], ...]) -> str:
+    return "(" + ", ".join(f"{column}: {kind}" for column, kind in inputs) + ")"
+
+
+def compatibility_criterion(
+    differences: list[str], model_name: str, champion_version: str, suggested_name: str
+) -> Criterion:
+    """The ``compatible`` criterion: failing names every difference and the fix."""
+    if not differences:
+        return Criterion(
+            COMPATIBLE, True, f"same task, labels and input as champion v{champion_version}"
+        )
+    listed = "; ".join(
+        d.replace("the champion's", f"champion v{champion_version}'s") for d in differences
+    )
+    other = suggested_name if suggested_name != model_name else f"{model_name}-2"
+    return Criterion(
+        COMPATIBLE,
+        False,
+        f"{listed}: a model of another kind never takes an alias of {model_name}; register it "
+        f"under its own name with --set registry.model_name={other}",
+    )
+
+
+def refuse_incompatible(criterion: Criterion) -> PromotionVerdict:
+    """The verdict for a candidate of another kind than the champion: no alias at all."""
+    return PromotionVerdict(promote=False, alias=NO_ALIAS, criteria=[criterion])
 
 
 def gate_passed(outcome: str) -> bool:

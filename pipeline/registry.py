@@ -18,7 +18,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import RetuneConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -36,8 +39,9 @@ AUDIT_FIELDS = (
     "status",
     "sequence",
 )
-ACTIONS = ("promote", "rollback", "register", "restore")
-STATUSES = ("done", "failed", "restored")
+ACTIONS = ("promote", "rollback", "register", "restore", "refuse")
+STATUSES = ("done", "failed", "restored", "refused")  # refused: nothing moved, by design
+MODEL_NAME_PREFIX = "retune-"
 SEQUENCE_DIGITS = 8  # zero-padded so that the tag sorts as a string
 MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
 FLOW_RUN_ACTOR = "prefect-flow-run:"
@@ -50,6 +54,19 @@ SMOKE_TEXTS = [
     "Dull, loud and far too long. " * 20,
     "ok",
 ]
+
+
+def model_name(config: RetuneConfig) -> str:
+    """The registered model name: ``registry.model_name``, else ``retune-<dataset name>``.
+
+    The one resolver every caller uses (flows, deploy, ``retune models``, promotion), so a
+    dataset's model never lands under another dataset's name by default.
+    """
+    if config.registry.model_name:
+        return config.registry.model_name
+    from pipeline.data import dataset_name
+
+    return MODEL_NAME_PREFIX + dataset_name(config.data)
 
 
 @dataclass(frozen=True)
@@ -245,7 +262,7 @@ def resolve_version(ref: str) -> VersionInfo:
     except MlflowException as err:
         raise ModelRefError(f"{ref}: not in the registry ({err.message})") from None
     raise ModelRefError(
-        f"{ref}: expected NAME@alias (e.g. retune-sentiment@champion) or NAME/VERSION"
+        f"{ref}: expected NAME@alias (e.g. retune-rotten-tomatoes@champion) or NAME/VERSION"
     )
 
 
@@ -327,8 +344,8 @@ class AuditEntry:
     actor: str  # user name or prefect-flow-run:<id>
     reason: str
     verdict: str  # the policy's summary, "forced: ..." or the rule that decided
-    action: str  # promote | rollback | register | restore
-    status: str  # done | failed | restored
+    action: str  # promote | rollback | register | restore | refuse
+    status: str  # done | failed | restored | refused
     sequence: int  # 1, 2, ... per model, in the order the entries were written
     time_ms: int  # the entry run's start time, ms since the epoch
     run_id: str
@@ -399,6 +416,51 @@ def append_audit(
     return _entry(run)
 
 
+def record_refusal(
+    name: str,
+    champion_version: str,
+    actor: str,
+    reason: str,
+    verdict: str,
+    lock: contextlib.AbstractContextManager[Any] | None = None,
+) -> AuditEntry:
+    """Audit a candidate the policy kept away from ``name`` (action refuse, status refused):
+    ``champion`` stays where it is, so the entry moves nothing."""
+    with _held(lock):
+        return append_audit(
+            name,
+            CHAMPION,
+            champion_version,
+            champion_version,
+            actor,
+            reason,
+            verdict,
+            "refuse",
+            "refused",
+        )
+
+
+def version_identity(version: VersionInfo) -> Any:
+    """The :class:`pipeline.promotion.ModelIdentity` of a registered version: its identity
+    tags, else its run's, else the labels its run's config recorded (versions registered
+    before identities were tagged). None if none of these exists."""
+    import ast
+
+    from pipeline import promotion
+
+    found = promotion.identity_from_tags(version.tags)
+    if found is not None or not version.run_id:
+        return found
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(version.run_id)
+    found = promotion.identity_from_tags(run.data.tags)
+    if found is None and "data.labels" in run.data.params:
+        labels = ast.literal_eval(run.data.params["data.labels"])
+        found = promotion.text_classifier_identity([str(label) for label in labels])
+    return found
+
+
 def read_audit(name: str) -> list[AuditEntry]:
     """Every audit entry of model ``name``, oldest first (by sequence, then time)."""
     from mlflow.entities import ViewType
@@ -441,7 +503,7 @@ def audit_problems(entries: list[AuditEntry], alias: str = CHAMPION) -> list[str
         problems.append(f"entries missing: sequence {missing}")
     current: str | None = None  # unknown until the first move
     for e in entries:
-        if e.alias != alias or e.status == "failed":
+        if e.alias != alias or e.status in ("failed", "refused"):
             continue
         if e.status == "done" and current is not None and e.from_version != current:
             problems.append(
@@ -461,7 +523,7 @@ def previous_champion(name: str) -> str | None:
     """
     stack: list[str] = []
     for e in read_audit(name):
-        if e.alias != CHAMPION or e.status == "failed":
+        if e.alias != CHAMPION or e.status in ("failed", "refused"):
             continue
         if e.action in ("rollback", "restore") and stack and stack[-1] == e.from_version:
             stack.pop()  # (a restore pops only a move that was recorded before it failed)

@@ -8,6 +8,8 @@ logging works from whichever thread an orchestrator runs a step in.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,6 +23,12 @@ STORE_DIR = "mlflow"
 # MLflow 3's UI opens an experiment on its GenAI traces view unless told it holds models.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the embedded store
+HOST = "retune.host"  # the machine and process that run a run, to find orphans later
+PID = "retune.pid"
+ORPHANED = "retune.orphaned"
+KILLED = "KILLED"  # MLflow's status for a run that was stopped (SIGTERM, Ctrl-C)
+# By name: importing Prefect or torch here would make tracking heavy.
+SIGNAL_EXCEPTIONS = ("TerminationSignal", "TrainingInterrupted")
 
 
 def embedded_uri(project_dir: Path) -> str:
@@ -48,7 +56,32 @@ def configure(project_dir: Path, uri: str | None = None) -> str:
         (project_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):
+        create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Create (migrate) a SQLite tracking and registry store one process at a time.
+
+    MLflow creates its tables when a process first opens the store; two ``retune run``s
+    started together on a fresh project both did, and one failed with "table ... already
+    exists". Under an exclusive lock beside the database the first creates it, the next
+    finds it current.
+    """
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient()
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -73,6 +106,74 @@ def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[s
         client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     return run.info.run_id
+
+
+def process_tags() -> dict[str, str]:
+    """This process's host and pid, recorded at a run's start (see :func:`mark_orphans`)."""
+    return {HOST: socket.gethostname(), PID: str(os.getpid())}
+
+
+def end_status(err: BaseException) -> str:
+    """The status a run ends with when ``err`` stops it: KILLED for a signal or Ctrl-C
+    (Prefect raises TerminationSignal on SIGTERM; the training loop checkpoints and raises
+    TrainingInterrupted), FAILED for anything else."""
+    signal_like = isinstance(err, KeyboardInterrupt | SystemExit) or any(
+        cls.__name__ in SIGNAL_EXCEPTIONS for cls in type(err).__mro__
+    )
+    return KILLED if signal_like else "FAILED"
+
+
+@dataclass(frozen=True)
+class Orphan:
+    run_id: str
+    pid: int
+    tags: dict[str, str]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def mark_orphans(experiment: str) -> list[Orphan]:
+    """End RUNNING runs of ``experiment`` whose process is gone (killed with SIGKILL, or
+    its machine lost power) as FAILED, tagged ``retune.orphaned``. Only runs recorded on
+    this host are judged: another machine's processes cannot be seen from here.
+
+    Returns:
+        The runs marked, with their tags (e.g. the Prefect flow run id).
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    running = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{host}'",
+        max_results=1000,
+    )
+    orphans = []
+    for run in running:
+        pid = int(run.data.tags.get(PID, "0") or 0)
+        if pid <= 0 or pid == os.getpid() or _process_alive(pid):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            ORPHANED,
+            f"process {pid} on {host} was gone; marked FAILED by process {os.getpid()} at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        orphans.append(Orphan(run.info.run_id, pid, dict(run.data.tags)))
+    return orphans
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

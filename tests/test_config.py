@@ -209,7 +209,7 @@ def test_the_repository_config_loads():
     assert config.train.frozen_layers == 3
     assert config.train.learning_rate == pytest.approx(1e-4)
     assert config.train.epochs == 2 and config.train.patience == 1
-    assert config.registry.model_name == "retune-sentiment"
+    assert config.registry.model_name is None  # retune-<dataset>: retune-rotten-tomatoes
 
 
 def test_the_repository_config_takes_overrides():
@@ -256,3 +256,16 @@ def test_broken_yaml_file_and_empty_section(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("train:\n", encoding="utf-8")
     assert load_config(empty, ["train.epochs=5"]).train.epochs == 5
+
+
+def test_the_model_name_defaults_to_the_dataset_name():
+    from pipeline.registry import model_name
+
+    assert load_config(REPO_CONFIG).registry.model_name is None
+    assert model_name(load_config(REPO_CONFIG)) == "retune-rotten-tomatoes"
+    news = load_config(None, ["data.source=bbc-news.csv", "data.labels=[business, sport]"])
+    assert model_name(news) == "retune-bbc-news"
+    named = load_config(None, ["data.source=x.csv", "data.name=topics"])
+    assert model_name(named) == "retune-topics"
+    chosen = load_config(REPO_CONFIG, ["registry.model_name=retune-sentiment"])
+    assert model_name(chosen) == "retune-sentiment"

@@ -48,7 +48,7 @@ def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefec
 
     tracking.configure(project)
     client = MlflowClient()
-    name = "retune-sentiment"
+    name = "retune-rotten-tomatoes"
     assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {
         "champion": "1",
         "challenger": "2",
@@ -91,7 +91,7 @@ def test_default_job_beats_the_frozen_probe_by_two_points(prefect_harness, proje
     result = retune_run(prefect_harness, project)
     tracking.configure(project)
     client = MlflowClient()
-    version = client.get_model_version_by_alias("retune-sentiment", "champion")
+    version = client.get_model_version_by_alias("retune-rotten-tomatoes", "champion")
     metrics = client.get_run(version.run_id).data.metrics
     assert metrics["test_accuracy"] >= metrics["probe_test_accuracy"] + 0.02, metrics
     assert f"accuracy {metrics['test_accuracy']:.4f}" in result.stdout

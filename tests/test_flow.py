@@ -196,9 +196,9 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
 
     tracking.configure(project)
     client = MlflowClient()
-    model = client.get_registered_model("retune-sentiment")
+    model = client.get_registered_model("retune-reviews")
     assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
-    version = client.get_model_version("retune-sentiment", "1")
+    version = client.get_model_version("retune-reviews", "1")
     assert version.tags["retune.data_md5"] == md5
     run = client.get_run(version.run_id)
     # The UIs name the run by its data and strategy, and the run ends with direct links.
@@ -208,7 +208,7 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
     ui = "http://127.0.0.1:5000/#"
     run_link = f"{ui}/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     assert f"run: {run_link}" in result.stdout
-    assert f"model version: {ui}/models/retune-sentiment/versions/1" in result.stdout
+    assert f"model version: {ui}/models/retune-reviews/versions/1" in result.stdout
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect_client:
@@ -263,7 +263,7 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         project,
         prefect_harness,
         "predict",
-        "retune-sentiment@champion",
+        "retune-reviews@champion",
         "to_label.csv",
         "--project-dir",
         str(project),
@@ -304,9 +304,9 @@ def test_forgetting_gate_refuses_records_and_registers_nothing(
 
     tracking.configure(project)
     client = MlflowClient()
-    versions = client.search_model_versions("name = 'retune-sentiment'")
+    versions = client.search_model_versions("name = 'retune-reviews'")
     assert [str(v.version) for v in versions] == ["1"]  # nothing registered
-    assert str(client.get_model_version_by_alias("retune-sentiment", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("retune-reviews", "champion").version) == "1"
     runs = client.search_runs(
         [client.get_experiment_by_name("retune").experiment_id],
         order_by=["attributes.start_time DESC"],
@@ -362,6 +362,6 @@ def test_two_node_training_through_the_flow(
     job = read_announcement(shared)
     assert job["state"] == "finished" and job["nnodes"] == 2
     tracking.configure(project)
-    version = MlflowClient().get_model_version("retune-sentiment", "1")
+    version = MlflowClient().get_model_version("retune-reviews", "1")
     assert job["id"] == f"retune-{version.run_id}"  # the run's own folder: a retry resumes
     assert (shared / job["id"] / "model" / "result.json").is_file()

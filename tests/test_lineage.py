@@ -60,7 +60,7 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
     md5_v2 = train(api, project, tiny_base_model)
     assert md5_v1 != md5_v2
 
-    traced = run(api, project, "lineage", "retune-sentiment/1", "--json")
+    traced = run(api, project, "lineage", "retune-reviews/1", "--json")
     assert traced.returncode == 0, traced.stderr
     chain = json.loads(traced.stdout)
     assert chain["dataset"] == "reviews" and chain["data_md5"] == md5_v1
@@ -68,7 +68,7 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
     # reviews.csv (untracked data), data.dvc and .gitignore (changed by DVC) leave it clean.
     assert chain["git_commit"] != "unknown" and chain["git_dirty"] == "false"
     assert chain["git_dirty_files"] == "none"
-    second = run(api, project, "lineage", "retune-sentiment/2")
+    second = run(api, project, "lineage", "retune-reviews/2")
     assert "dirty tree" in second.stdout and "tweak.py" in second.stdout, second.stdout
     assert chain["config"]["train"]["epochs"] == 2 and len(chain["config_hash"]) == 16
     assert chain["validation"].startswith("passed")
@@ -77,19 +77,19 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
 
     listed = run(api, project, "lineage", "--data", md5_v1)
     assert listed.returncode == 0
-    assert "retune-sentiment/1" in listed.stdout and "retune-sentiment/2" not in listed.stdout
+    assert "retune-reviews/1" in listed.stdout and "retune-reviews/2" not in listed.stdout
     flagged = run(api, project, "lineage", "--data", md5_v1, "--flag", "labels were swapped")
     assert "flagged: labels were swapped" in flagged.stdout
     tracking.configure(project)
     client = MlflowClient()
-    assert client.get_model_version("retune-sentiment", "1").tags[FLAGGED] == "labels were swapped"
-    assert FLAGGED not in client.get_model_version("retune-sentiment", "2").tags
+    assert client.get_model_version("retune-reviews", "1").tags[FLAGGED] == "labels were swapped"
+    assert FLAGGED not in client.get_model_version("retune-reviews", "2").tags
 
     # data/ now holds v2: reproduce v1 from the DVC cache, then from the remote alone.
     for cache_removed in (False, True):
         if cache_removed:
             shutil.rmtree(project / ".dvc" / "cache")
-        result = run(api, project, "reproduce", "retune-sentiment/1")
+        result = run(api, project, "reproduce", "retune-reviews/1")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "reproduced exactly" in result.stdout
         assert result.stdout.count(" same") == 8  # 3 test figures + 5 retention tasks
@@ -97,6 +97,6 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
 
 
 def test_reproduce_reports_an_unknown_version(prefect_harness, project):
-    result = run(prefect_harness, project, "reproduce", "retune-sentiment/7")
+    result = run(prefect_harness, project, "reproduce", "retune-reviews/7")
     assert result.returncode == 1
-    assert "retune-sentiment/7: not in the registry" in result.stderr
+    assert "retune-reviews/7: not in the registry" in result.stderr

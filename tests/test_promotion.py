@@ -192,3 +192,71 @@ def test_policy_module_imports_no_mlflow_prefect_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- model identity: task, ordered labels, input signature --------------------------------
+
+
+def test_identity_round_trips_through_tags_and_equal_identities_do_not_differ():
+    from pipeline.promotion import compare_identity, identity_from_tags, text_classifier_identity
+
+    sentiment = text_classifier_identity(["fresh", "rotten"])
+    tags = sentiment.to_tags()
+    assert tags == {
+        "retune.identity.task": "text-classification",
+        "retune.identity.labels": '["fresh", "rotten"]',
+        "retune.identity.input": '{"text": "string"}',
+    }
+    assert identity_from_tags(tags) == sentiment
+    assert identity_from_tags({"retune.data_md5": "abc"}) is None
+    assert compare_identity(sentiment, text_classifier_identity(["fresh", "rotten"])) == []
+
+
+def test_compare_identity_names_every_difference():
+    from pipeline.promotion import ModelIdentity, compare_identity, text_classifier_identity
+
+    sentiment = text_classifier_identity(["fresh", "rotten"])
+    topics = text_classifier_identity(["business", "sport", "tech"])
+    assert compare_identity(topics, sentiment) == [
+        "labels [business, sport, tech] differ from the champion's [fresh, rotten]"
+    ]
+    swapped = compare_identity(text_classifier_identity(["rotten", "fresh"]), sentiment)
+    assert swapped == [
+        "labels [rotten, fresh] differ from the champion's [fresh, rotten] "
+        "(same labels, another order)"
+    ]
+    other = ModelIdentity("token-classification", ("fresh", "rotten"), (("review", "string"),))
+    assert compare_identity(other, sentiment) == [
+        "task token-classification differs from the champion's text-classification",
+        "input (review: string) differs from the champion's (text: string)",
+    ]
+
+
+def test_an_incompatible_candidate_gets_no_alias_and_the_criterion_names_the_fix():
+    from pipeline.promotion import compatibility_criterion, refuse_incompatible
+
+    differences = ["labels [business, sport, tech] differ from the champion's [fresh, rotten]"]
+    criterion = compatibility_criterion(differences, "retune-rotten-tomatoes", "1", "retune-news")
+    assert criterion.name == "compatible" and not criterion.passed
+    assert criterion.detail == (
+        "labels [business, sport, tech] differ from champion v1's [fresh, rotten]: a model of "
+        "another kind never takes an alias of retune-rotten-tomatoes; register it under its own "
+        "name with --set registry.model_name=retune-news"
+    )
+    verdict = refuse_incompatible(criterion)
+    assert (verdict.promote, verdict.alias, verdict.refused, verdict.incompatible) == (
+        False,
+        "none",
+        True,
+        True,
+    )
+    assert verdict.summary().startswith("refused: compatible FAILED (labels [business")
+    # Its own default name is taken already: another name is suggested.
+    same = compatibility_criterion(differences, "retune-news", "4", "retune-news")
+    assert same.detail.endswith("--set registry.model_name=retune-news-2")
+    assert compatibility_criterion([], "m", "4", "m").passed
+
+
+def test_a_failed_gate_is_refused_but_not_incompatible():
+    verdict = decide_promotion(candidate(gates={"bias": "refused: gap"}), None, PromotionConfig())
+    assert verdict.refused and not verdict.incompatible

@@ -12,7 +12,7 @@ from pipeline import registry, tracking
 
 pytestmark = pytest.mark.integration
 
-NAME = "retune-sentiment"
+NAME = "retune-reviews"
 
 
 def cli(api, project, *args):

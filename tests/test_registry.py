@@ -351,3 +351,122 @@ def test_without_a_lock_interleaved_promotions_break_the_chain(name: str, monkey
         "moved champion from v1 but the trail left it at" in p
         for p in (registry.audit_problems(entries))
     )
+
+
+# --- refusals, stale verdicts decided again, orphaned runs ---------------------------------
+
+
+def test_a_refusal_is_audited_moves_nothing_and_keeps_the_trail_clean(name: str):
+    promote(name, "1")
+    entry = registry.record_refusal(name, "1", "ana", "refused run r1: another kind", "refused")
+    assert (entry.action, entry.status, entry.from_version, entry.to_version) == (
+        "refuse",
+        "refused",
+        "1",
+        "1",
+    )
+    promote(name, "2", expected_champion="1")
+    assert trail(name) == [
+        ("promote", "done", CHAMPION, "", "1", 1),
+        ("refuse", "refused", CHAMPION, "1", "1", 2),
+        ("promote", "done", CHAMPION, "1", "2", 3),
+    ]
+    assert registry.audit_problems(registry.read_audit(name)) == []
+    assert registry.previous_champion(name) == "1"
+
+
+def _verdict(alias: str):
+    from pipeline.promotion import Criterion, PromotionVerdict
+
+    passed = alias == CHAMPION
+    criterion = Criterion("champion", passed, f"decided for {alias}")
+    return PromotionVerdict(promote=passed, alias=alias, criteria=[criterion])
+
+
+def _apply(name: str, verdict, champion: str, recompute, lock_dir: Path):
+    import logging
+
+    from flows.retrain import apply_verdict
+
+    def lock():  # a fresh lock per move: a file lock is used once
+        return registry.file_lock(lock_dir / "promote.lock")
+
+    return apply_verdict(
+        name, "2", verdict, champion, "ana", lock, None, recompute, logging.getLogger("t")
+    )
+
+
+def test_a_stale_verdict_is_decided_again_against_the_champion_of_now(name: str, tmp_path):
+    promote(name, "1")  # another run took champion while this one trained
+    asked = []
+
+    def recompute():
+        asked.append(registry.resolve_version(f"{name}@{CHAMPION}").version)
+        return "1", _verdict(CHALLENGER)
+
+    applied = _apply(name, _verdict(CHAMPION), "", recompute, tmp_path)
+    assert applied.alias == CHALLENGER and asked == ["1"]
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "2"}
+    assert [t[:5] for t in trail(name)] == [
+        ("promote", "done", CHAMPION, "", "1"),
+        ("promote", "done", CHALLENGER, "", "2"),
+    ]
+    # Decided again, it beats the new champion: it takes champion from v1.
+    promote(name, "3", expected_champion="1")
+    applied = _apply(name, _verdict(CHAMPION), "1", lambda: ("3", _verdict(CHAMPION)), tmp_path)
+    assert applied.promote and aliases(name) == {CHAMPION: "2"}
+    assert registry.audit_problems(registry.read_audit(name)) == []
+
+
+def test_a_champion_that_keeps_changing_is_retried_a_bounded_number_of_times(name: str, tmp_path):
+    from flows.retrain import STALE_RETRIES
+
+    promote(name, "1")
+    calls = []
+
+    def recompute():  # always against a champion that is no longer there
+        calls.append(1)
+        return "3", _verdict(CHAMPION)
+
+    with pytest.raises(registry.StaleChampionError, match="changed 3 times"):
+        _apply(name, _verdict(CHAMPION), "", recompute, tmp_path)
+    assert len(calls) == STALE_RETRIES
+    assert aliases(name) == {CHAMPION: "1"}
+
+
+def test_runs_whose_process_is_gone_are_marked_failed_others_stay(store: Path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    host = tracking.process_tags()[tracking.HOST]
+    dead = tracking.start_run(
+        store, "exp", "dead", {tracking.HOST: host, tracking.PID: str(gone.pid)}
+    )
+    alive = tracking.start_run(store, "exp", "alive", tracking.process_tags())
+    elsewhere = tracking.start_run(
+        store, "exp", "other host", {tracking.HOST: "another-machine", tracking.PID: str(gone.pid)}
+    )
+    orphans = tracking.mark_orphans("exp")
+    assert [o.run_id for o in orphans] == [dead] and orphans[0].pid == gone.pid
+    assert tracking.get_run(dead).status == "FAILED"
+    assert (
+        tracking.get_run(dead)
+        .tags[tracking.ORPHANED]
+        .startswith(f"process {gone.pid} on {host} was gone")
+    )
+    assert tracking.get_run(alive).status == "RUNNING"
+    assert tracking.get_run(elsewhere).status == "RUNNING"
+    assert tracking.mark_orphans("exp") == [] and tracking.mark_orphans("no-such") == []
+
+
+def test_a_signal_ends_a_run_killed_anything_else_failed():
+    from prefect.exceptions import TerminationSignal
+
+    assert tracking.end_status(TerminationSignal(15)) == "KILLED"
+    assert tracking.end_status(KeyboardInterrupt()) == "KILLED"
+    from pipeline.finetune import TrainingInterrupted
+
+    assert tracking.end_status(TrainingInterrupted("checkpoint written")) == "KILLED"
+    assert tracking.end_status(ValueError("bad")) == "FAILED"

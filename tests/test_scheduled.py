@@ -92,7 +92,7 @@ def test_deploy_run_through_a_worker_then_skip_unchanged_data(
     )
     tracking.configure(project)
     client = MlflowClient()
-    assert str(client.get_model_version_by_alias("retune-sentiment", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("retune-reviews", "champion").version) == "1"
 
     assert (
         run_deployment_and_wait(prefect_harness, project, "scheduled-retrain/nightly", pool)
@@ -104,7 +104,7 @@ def test_deploy_run_through_a_worker_then_skip_unchanged_data(
     )
     assert runs[0].data.tags["retune.verdict"] == "skipped"
     assert runs[0].data.tags["retune.skip_reason"].startswith("data unchanged since the champion")
-    versions = client.search_model_versions("name = 'retune-sentiment'")
+    versions = client.search_model_versions("name = 'retune-reviews'")
     assert len(versions) == 1  # nothing new registered
 
 

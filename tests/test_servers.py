@@ -257,16 +257,16 @@ def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
 
             client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
             for _ in range(60):  # the worker returns once the run is submitted and done
-                versions = client.search_model_versions("name = 'retune-sentiment'")
+                versions = client.search_model_versions("name = 'retune-reviews'")
                 if versions:
                     break
                 time.sleep(2)
             assert [str(v.version) for v in versions] == ["1"]
-            version = client.get_model_version("retune-sentiment", "1")
+            version = client.get_model_version("retune-reviews", "1")
             assert version.tags["retune.data_md5"]
             assert version.tags["retune.verdict"] == "accepted"
             assert version.tags["retune.promotion_verdict"].startswith("promote to champion")
-            champion = client.get_model_version_by_alias("retune-sentiment", "champion")
+            champion = client.get_model_version_by_alias("retune-reviews", "champion")
             assert str(champion.version) == "1"
             # The registry really lives in PostgreSQL.
             rows = subprocess.run(
@@ -352,7 +352,7 @@ def test_mlflow_server_away_briefly_is_survived_and_longer_fails_cleanly(
             server_process = start()
             out, _ = first.communicate(timeout=900)
             assert first.returncode == 0, out[-4000:]
-            versions = client.search_model_versions("name = 'retune-sentiment'")
+            versions = client.search_model_versions("name = 'retune-reviews'")
             assert [str(v.version) for v in versions] == ["1"]
 
             # Away for good: the run fails (non-zero) and registers nothing. Two retries per
@@ -364,9 +364,9 @@ def test_mlflow_server_away_briefly_is_survived_and_longer_fails_cleanly(
             out, _ = second.communicate(timeout=900)
             assert second.returncode != 0, out[-4000:]
             server_process = start()
-            versions = client.search_model_versions("name = 'retune-sentiment'")
+            versions = client.search_model_versions("name = 'retune-reviews'")
             assert [str(v.version) for v in versions] == ["1"]
-            champion = client.get_model_version_by_alias("retune-sentiment", "champion")
+            champion = client.get_model_version_by_alias("retune-reviews", "champion")
             assert str(champion.version) == "1"
         finally:
             if server_process.poll() is None:
