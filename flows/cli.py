@@ -491,7 +491,6 @@ def data_import(
     data_cfg = cfg.data.model_copy(update=update)
     from pipeline.data import DataError, dataset_name, prepare_dataset, source_path
     from pipeline.datasets import count_tokens, forced_meta, import_dataset
-    from pipeline.validation import validate_dataset
     from pipeline.versioning import DataVersionError
 
     try:
@@ -503,13 +502,8 @@ def data_import(
         _fail(str(err))
     source = source_path(str(path), project_dir)
     _print_dropped(prepared)
-    report = validate_dataset(prepared.frames, cfg.validation, allowed, tokens=tokens)
-    print_validation_table(report.table_rows())
-    typer.echo(f"validation (labels {', '.join(allowed)}): {report.summary()}")
-    from pipeline.reports import render_validation_page
-
     page = project_dir / "reports" / "import" / name / "validation.html"
-    typer.echo(f"validation report: {render_validation_page(report, page, str(source))}")
+    report = _validate_import(prepared.frames, cfg.validation, allowed, tokens, source, page)
     if not report.success and not allow_invalid:
         _fail(
             f"{source} was not imported: {len(report.errors)} error-level check"
@@ -525,6 +519,20 @@ def data_import(
     except (DataError, DataVersionError) as err:
         _fail(str(err))
     _print_imported(source, version, forced=bool(extra))
+
+
+def _validate_import(
+    frames: dict[str, Any], config: Any, labels: list[str], tokens: Any, source: Path, page: Path
+) -> Any:
+    """Run the suite on the prepared splits; print its table and write its page (offline)."""
+    from pipeline.reports import render_validation_page
+    from pipeline.validation import validate_dataset
+
+    report = validate_dataset(frames, config, labels, tokens=tokens)
+    print_validation_table(report.table_rows())
+    typer.echo(f"validation (labels {', '.join(labels)}): {report.summary()}")
+    typer.echo(f"validation report: {render_validation_page(report, page, str(source))}")
+    return report
 
 
 def _import_labels(

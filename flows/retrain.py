@@ -46,7 +46,7 @@ from pipeline import (
 )
 from pipeline.config import RetuneConfig
 from pipeline.cpu import set_cpu_threads
-from pipeline.reports import render_forgetting_page, render_validation_page
+from pipeline.reports import render_bias_page, render_forgetting_page, render_validation_page
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
@@ -872,7 +872,7 @@ def retrain(
         )
         assert model_bias.gate is not None
         logger.info("%s", model_bias.summary())
-        fairness.render_html(model_bias, out_dir / "html" / "bias.html")
+        render_bias_page(model_bias, out_dir / "html" / "bias.html")
         kept = forgetting.evaluate_forgetting(
             base.outputs,
             tuned.outputs,

@@ -32,7 +32,6 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -535,7 +534,8 @@ class ModelBiasReport:
     @property
     def positive_label(self) -> str:
         """The label the headline FPR/FNR/selection figures describe."""
-        return _label(self, self.groups.positive)
+        positive = self.groups.positive
+        return self.labels[positive] if 0 <= positive < len(self.labels) else str(positive)
 
     def label_note(self) -> str:
         """Which label the headline figures describe, in words."""
@@ -942,24 +942,6 @@ def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
-
-
-# --- the HTML page -------------------------------------------------------------------------
-
-
-def render_html(report: ModelBiasReport, path: Path) -> Path:
-    """A self-contained page: gate, headline table, one bar chart per metric over groups
-    (base probe and champion side by side when present), flipped examples, CrowS-Pairs.
-
-    See :func:`pipeline.reports.render_bias_page` (the Jinja2 template).
-    """
-    from pipeline.reports import render_bias_page
-
-    return render_bias_page(report, path)
-
-
-def _label(report: ModelBiasReport, label_id: int) -> str:
-    return report.labels[label_id] if 0 <= label_id < len(report.labels) else str(label_id)
 
 
 def measure_model_bias(

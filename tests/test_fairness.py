@@ -36,8 +36,8 @@ from pipeline.fairness import (
     crows_pairs_divergence,
     evaluate_model_bias,
     group_metrics,
-    render_html,
 )
+from pipeline.reports import render_bias_page
 
 # Positive label = id 0. Eight rows; outcome with respect to label 0 in the last column.
 #  row  true pred  groups
@@ -445,7 +445,7 @@ def test_report_summary_tables_and_metrics():
 
 
 def test_html_escapes_texts_and_draws_one_chart_per_metric(tmp_path: Path):
-    path = render_html(full_report(), tmp_path / "bias" / "report.html")
+    path = render_bias_page(full_report(), tmp_path / "bias" / "report.html")
     page = path.read_text(encoding="utf-8")
     assert page.count("<img ") == len(METRICS)
     assert page.count("data:image/png;base64,iVBOR") == len(METRICS)
@@ -458,7 +458,7 @@ def test_html_escapes_texts_and_draws_one_chart_per_metric(tmp_path: Path):
 
 def test_html_without_comparisons_or_swaps(tmp_path: Path):
     report = make_report(flip_rate=None)
-    page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
+    page = render_bias_page(report, tmp_path / "r.html").read_text(encoding="utf-8")
     assert page.count("<img ") == len(METRICS)
     assert "Not run: no test text holds a swappable identity term." in page
     assert "Gate:" not in page
