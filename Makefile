@@ -25,7 +25,7 @@ run: setup
 	$(BIN)/retune run $(ARGS)
 
 # All tiers: unit (seconds), integration (real Prefect/MLflow/DVC/GX in temp dirs), e2e (real
-# MiniLM), without the few `slow` tests (minutes each), which test-slow runs; CI runs both.
+# MiniLM), without the `slow` tests (minutes each), which test-slow runs; CI runs both.
 test: setup
 	$(BIN)/python -m pytest -m "(unit or integration or e2e) and not slow" $(ARGS)
 

@@ -137,6 +137,7 @@ def flow_run_state(project: Path, flow_run_id: str) -> str:
     return row[0] if row else "missing"
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_after_a_sigkill_the_next_commands_mark_the_orphan_failed(project, tiny_base_model):
     write_tiny_config(project, tiny_base_model)
     write_csv(project / "reviews.csv", reviews())

@@ -38,6 +38,7 @@ def retune_run(api_url: str, project: Path, *overrides: str):
     return result
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_two_runs_reproduce_metrics_and_register_champion_then_challenger(prefect_harness, project):
     committed = recorded_datasets(REPO_ROOT / "data.dvc")["rotten-tomatoes"].md5
     first = retune_run(prefect_harness, project, *SUBSET)

@@ -51,6 +51,7 @@ def train(api: str, project: Path, tiny: Path):
     return recorded_datasets(project / "data.dvc")["reviews"].md5
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project, tiny_base_model):
     api = prefect_harness
     write_reviews(project / "reviews.csv", 40)

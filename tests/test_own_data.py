@@ -21,6 +21,7 @@ def cli(api: str, project: Path, *args: str):
     return run_retune(project, api, *args, "--project-dir", str(project))
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_a_news_corpus_gets_a_model_of_its_own(prefect_harness, project, tiny_base_model, tmp_path):
     write_tiny_config(project, tiny_base_model)  # the tiny model: this is about the path
     write_csv(project / "reviews.csv", reviews())

@@ -19,6 +19,7 @@ def cli(api, project, *args):
     return run_retune(project, api, *args, "--project-dir", str(project))
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_policy_promote_force_rollback_audit_and_card(prefect_harness, project, tiny_base_model):
     write_csv(project / "reviews.csv", reviews())
     tiny = (*USER_DATA, f"train.base_model={tiny_base_model}", "train.epochs=1", "train.bf16=false")

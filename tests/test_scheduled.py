@@ -57,6 +57,7 @@ def run_deployment_and_wait(api_url: str, project: Path, deployment: str, pool: 
     raise AssertionError("the deployment's run did not finish")
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_deploy_run_through_a_worker_then_skip_unchanged_data(
     prefect_harness, project, tiny_base_model
 ):

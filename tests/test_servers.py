@@ -190,6 +190,7 @@ def final_state(api_url: str) -> str:
     return "not final after 240 s"
 
 
+@pytest.mark.slow  # minutes: make test-slow (CI runs it too)
 def test_scheduled_retraining_on_postgres_mlflow_and_prefect_servers(
     tmp_path, project, tiny_base_model
 ):
