@@ -328,20 +328,26 @@ def print_links(links: dict[str, str], project_dir: Path, tracking_uri: str) -> 
         console.print(f"[bold]{what}:[/bold] {url}", soft_wrap=True)
 
 
+ProjectDir = Annotated[Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")]
+ConfigFile = Annotated[
+    Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a key, e.g. --set train.epochs=3 (keys: retune run --help)."
+    ),
+]
+
+
 @app.command(
     epilog="Config keys (set in the YAML file or with --set):\n\n"
     + describe_config().replace("\n", "\n\n")
 )
 def run(
-    config: Annotated[
-        Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=3.")
-    ] = None,
-    project_dir: Annotated[
-        Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")
-    ] = Path("."),
+    config: ConfigFile = None,
+    set_: Overrides = None,
+    project_dir: ProjectDir = Path("."),
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks for bad input and refusals too.")
     ] = False,
@@ -395,8 +401,6 @@ data_app = typer.Typer(
     help="Import, list and trace the versioned datasets under data/.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
-
-ProjectDir = Annotated[Path, typer.Option(help="Project root (data/, data.dvc, mlflow/).")]
 
 
 def _load(project_dir: Path, config: Path | None, overrides: list[str]) -> Any:
@@ -459,36 +463,27 @@ def data_import(
         bool,
         typer.Option(help="Version the data even if error-level checks fail (recorded)."),
     ] = False,
-    config: Annotated[Path | None, typer.Option(help="YAML config (validation settings).")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a key, e.g. --set validation.min_rows_per_label=3."),
-    ] = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """Validate a CSV/JSONL/Parquet file, then import it as a new version of dataset NAME.
 
-    Reads and splits the file, tokenises the texts with the base model, runs the validation
-    suite and only then writes data/NAME/, versions it with DVC (data.dvc), pushes it to
-    the DVC remote and prints its md5. An error-level failure changes nothing (exit 1)
-    unless --allow-invalid. Every dropped row is counted with its reason.
+    Reads, splits, tokenises and validates it, and only then writes data/NAME/, versions it
+    with DVC (data.dvc) and pushes it. An error-level failure changes nothing (exit 1) unless
+    --allow-invalid. Every dropped row is counted with its reason.
     """
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
-    update: dict[str, Any] = {
-        "source": str(path),
-        "name": name,
+    columns = {
         "text_column": text_col,
         "label_column": label_col,
         "group_column": group_col,
         "split_column": split_col,
         "confidence_column": confidence_col,
         "identity_column": identity_col,
-        "encoding": encoding,
     }
-    if max_text_bytes is not None:
-        update["max_text_bytes"] = max_text_bytes
-    data_cfg = cfg.data.model_copy(update=update)
+    data_cfg = _import_data_config(cfg.data, path, name, columns, encoding, max_text_bytes)
     from pipeline.data import DataError, dataset_name, prepare_dataset, source_path
     from pipeline.datasets import count_tokens, forced_meta, import_dataset
     from pipeline.versioning import DataVersionError
@@ -505,12 +500,7 @@ def data_import(
     page = project_dir / "reports" / "import" / name / "validation.html"
     report = _validate_import(prepared.frames, cfg.validation, allowed, tokens, source, page)
     if not report.success and not allow_invalid:
-        _fail(
-            f"{source} was not imported: {len(report.errors)} error-level check"
-            f"{'s' * (len(report.errors) != 1)} failed (listed above); nothing was written. "
-            f"Fix the data, change the limits named above, or pass --allow-invalid to version "
-            f"it anyway (recorded in data.dvc)"
-        )
+        _refuse_import(source, len(report.errors))
     extra = forced_meta(report) if not report.success else {}
     try:
         version = import_dataset(
@@ -519,6 +509,29 @@ def data_import(
     except (DataError, DataVersionError) as err:
         _fail(str(err))
     _print_imported(source, version, forced=bool(extra))
+
+
+def _refuse_import(source: Path, errors: int) -> None:
+    _fail(
+        f"{source} was not imported: {errors} error-level check{'s' * (errors != 1)} failed "
+        f"(listed above); nothing was written. Fix the data, change the limits named above, "
+        f"or pass --allow-invalid to version it anyway (recorded in data.dvc)"
+    )
+
+
+def _import_data_config(
+    data: Any,
+    path: Path,
+    name: str,
+    columns: dict[str, str | None],
+    encoding: str,
+    max_text_bytes: int | None,
+) -> Any:
+    """The config's data section for this import: its file, name, columns and encoding."""
+    update: dict[str, Any] = {"source": str(path), "name": name, "encoding": encoding, **columns}
+    if max_text_bytes is not None:
+        update["max_text_bytes"] = max_text_bytes
+    return data.model_copy(update=update)
 
 
 def _validate_import(
@@ -797,12 +810,8 @@ def models(
         str | None,
         typer.Argument(help="Registered model name (default: the config's, retune-<dataset>)."),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help=f"YAML config file (default: {DEFAULT_CONFIG} if present).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set data.name=x.")
-    ] = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """List a model's versions: aliases, metrics, gate verdicts, data md5, creation time.

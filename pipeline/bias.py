@@ -142,13 +142,7 @@ def check_data_bias(
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    if membership is None:
-        if lexicon is None:
-            raise ValueError("pass a lexicon or a membership frame to assign groups")
-        membership = assign_groups(texts, lexicon)
-    elif len(membership) != len(texts):
-        raise ValueError(f"membership has {len(membership)} rows but there are {len(texts)} texts")
-    membership = membership.reset_index(drop=True).astype(bool)
+    membership = _membership(texts, lexicon, membership)
     one_vs_rest = len(label_set) > 2
     label_series = pd.Series(list(labels), dtype=object)
     total = len(texts)
@@ -191,6 +185,19 @@ def check_data_bias(
         max_label_rate_gap,
         one_vs_rest,
     )
+
+
+def _membership(
+    texts: Sequence[str], lexicon: Lexicon | None, membership: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Boolean rows x groups: the given membership, or the lexicon's groups of the texts."""
+    if membership is None:
+        if lexicon is None:
+            raise ValueError("pass a lexicon or a membership frame to assign groups")
+        membership = assign_groups(texts, lexicon)
+    elif len(membership) != len(texts):
+        raise ValueError(f"membership has {len(membership)} rows but there are {len(texts)} texts")
+    return membership.reset_index(drop=True).astype(bool)
 
 
 def _label_rate(labels: pd.Series, inside: pd.Series, label: str) -> LabelRate:
