@@ -795,6 +795,8 @@ def _train(
             signal.signal(signal.SIGTERM, previous_handler)
         if bar is not None:
             bar.close()
+    if stop["requested"]:  # it came after the last step: whoever handled it before decides
+        signal.raise_signal(signal.SIGTERM)
     history = [EpochRecord(**h) for h in state["history"]]
     if best_state is not None and state["best_epoch"] != history[-1].epoch:
         classifier.load_state_dict(best_state)
