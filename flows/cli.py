@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline import tags as tag
 from pipeline.config import ConfigError, describe_config, load_config
 from pipeline.cpu import WAIT_POLICY_ENV
 
@@ -684,7 +685,7 @@ def lineage(
         if not versions:
             typer.echo(f"no registered version was trained on {data}")
         for v in versions:
-            note = f"  flagged: {v.tags[lin.FLAGGED]}" if lin.FLAGGED in v.tags else ""
+            note = f"  flagged: {v.tags[tag.FLAGGED]}" if tag.FLAGGED in v.tags else ""
             aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
             typer.echo(f"{v.name}/{v.version}{aliases}  run {v.run_id}{note}")
         return
@@ -825,8 +826,7 @@ def models(
     project_dir = project_dir.resolve()
     cfg = _load(project_dir, config, set_ or [])
     _registry(project_dir)
-    from flows.retrain import BIAS_GATE, FORGETTING_GATE, POLICY
-    from pipeline import lineage, registry, tracking
+    from pipeline import registry, tracking
 
     for orphan in tracking.mark_orphans(cfg.registry.experiment):
         typer.echo(f"MLflow run {orphan.run_id}: its process {orphan.pid} is gone; marked FAILED")
@@ -862,11 +862,11 @@ def models(
             ", ".join(v.aliases) or "-",
             f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "-",
             f"{metrics['test_macro_f1']:.4f}" if "test_macro_f1" in metrics else "-",
-            v.tags.get(lineage.VALIDATION, "-"),
-            _first_word(v.tags.get(FORGETTING_GATE, "-")),
-            _first_word(v.tags.get(BIAS_GATE, "-")),
-            _first_word(v.tags.get(POLICY, "-")),
-            v.tags.get(lineage.DATA_MD5, "-"),
+            v.tags.get(tag.VALIDATION, "-"),
+            _first_word(v.tags.get(tag.FORGETTING_GATE, "-")),
+            _first_word(v.tags.get(tag.BIAS_GATE, "-")),
+            _first_word(v.tags.get(tag.POLICY, "-")),
+            v.tags.get(tag.DATA_MD5, "-"),
             created,
         )
     _console().print(table)

@@ -10,8 +10,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from flows.retrain import BIAS_GATE, FORGETTING_GATE, promotion_lock
-from pipeline import lineage, promotion, registry, tracking
+from flows.retrain import promotion_lock
+from pipeline import gates, lineage, promotion, registry, tracking
+from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 
 SMOKE_TEXTS = ["A smoke test for the promotion.", "Another one."]
@@ -88,11 +89,7 @@ def candidate_figures(version: registry.VersionInfo, config: RetuneConfig):
         metric_name=key,
         metric=run.metrics[f"test_{key}"],
         probe_metric=run.metrics.get(f"probe_test_{key}"),
-        gates={
-            "validation": tags.get(lineage.VALIDATION, "not recorded"),
-            "forgetting": tags.get(FORGETTING_GATE, "not recorded"),
-            "bias": tags.get(BIAS_GATE, "not recorded"),
-        },
+        gates=gates.outcomes_from_tags(tags),
         group_accuracy=_gated_groups(version.run_id),
     )
 
@@ -110,7 +107,7 @@ def champion_figures(
     """
     key = config.registry.primary_metric
     assert champion.run_id is not None and candidate.run_id is not None
-    same_data = candidate.tags.get(lineage.DATA_MD5) == champion.tags.get(lineage.DATA_MD5)
+    same_data = candidate.tags.get(tag.DATA_MD5) == champion.tags.get(tag.DATA_MD5)
     if same_data:
         metric = tracking.get_run(champion.run_id).metrics[f"test_{key}"]
     else:

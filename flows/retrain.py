@@ -44,16 +44,13 @@ from pipeline import (
     versioning,
     worker,
 )
+from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 from pipeline.cpu import set_cpu_threads
 from pipeline.reports import render_bias_page, render_forgetting_page, render_validation_page
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
-FORGETTING_GATE = "retune.forgetting_gate"
-BIAS_GATE = "retune.bias_gate"
-VERDICT = "retune.verdict"
-POLICY = "retune.promotion_verdict"
 
 
 class ModelRefused(RuntimeError):
@@ -520,7 +517,6 @@ def ensure_promotion_limit(model_name: str) -> str:
 
 Recompute = Callable[[], tuple[str, promotion.PromotionVerdict]]  # -> (champion, verdict)
 STALE_RETRIES = 3  # champion changes tolerated while one run takes its alias
-FLOW_RUN_TAG = "retune.prefect_flow_run_id"
 
 
 @task(**TASK_OPTIONS)
@@ -562,7 +558,7 @@ def register(
     except BaseException:
         registry.delete_version(name, version.version)
         raise
-    registry.tag_version(name, version.version, POLICY, verdict.summary()[:4000])
+    registry.tag_version(name, version.version, tag.POLICY, verdict.summary()[:4000])
     current = registry.resolve_version(f"{name}/{version.version}")
     champion = registry.champion_metric(name, f"test_{config.registry.primary_metric}")[0]
     return Registered(name, version.version, current.aliases, verdict, str(champion))
@@ -638,7 +634,7 @@ def current_champion_figures(
     key = config.registry.primary_metric
     assert champion.run_id is not None
     record = tracking.get_run(champion.run_id)
-    if champion.tags.get(lineage.DATA_MD5) == data_md5 and f"test_{key}" in record.metrics:
+    if champion.tags.get(tag.DATA_MD5) == data_md5 and f"test_{key}" in record.metrics:
         metric = record.metrics[f"test_{key}"]
         return promotion.ChampionFigures(champion.version, metric, _gated_groups(champion.run_id))
     folder = serving.download_classifier(champion.name, champion.version, work_dir / "recheck")
@@ -699,7 +695,7 @@ def check_compatibility(
     verdict = promotion.refuse_incompatible(
         promotion.compatibility_criterion(differences, name, champion.version, own_name)
     )
-    tracking.set_tags(run_id, {VERDICT: "refused", POLICY: verdict.summary()[:4000]})
+    tracking.set_tags(run_id, {tag.VERDICT: "refused", tag.POLICY: verdict.summary()[:4000]})
     tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
     registry.record_refusal(
         name,
@@ -717,7 +713,7 @@ def mark_orphaned_runs(experiment: str) -> list[tracking.Orphan]:
     in MLflow (tagged orphaned), and their Prefect flow run Crashed where it is reachable."""
     orphans = tracking.mark_orphans(experiment)
     for orphan in orphans:
-        flow_run_id = orphan.tags.get(FLOW_RUN_TAG, "local")
+        flow_run_id = orphan.tags.get(tag.FLOW_RUN, "local")
         if flow_run_id != "local":
             crash_flow_run(flow_run_id, f"process {orphan.pid} was gone (killed)")
     return orphans
@@ -741,11 +737,6 @@ def gated_group_accuracy(report: fairness.ModelBiasReport | None) -> dict[str, f
     if report is None or report.gate_groups is None:
         return {}
     return {g.group: g.accuracy for g in report.gate_groups.groups if not g.too_small}
-
-
-def validation_verdict(report: validation.ValidationReport) -> str:
-    warnings = report.warnings
-    return f"passed with {len(warnings)} warnings" if warnings else "passed"
 
 
 def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
@@ -812,8 +803,8 @@ def retrain(
     run_key = str(flow_run.id or "local")
     out_dir = root / "runs" / run_key
     tags = lineage.lineage_tags(root, config, version) | {
-        FLOW_RUN_TAG: run_key,
-        lineage.RETENTION_SUITE_MD5: suite.md5,
+        tag.FLOW_RUN: run_key,
+        tag.RETENTION_SUITE_MD5: suite.md5,
     }
     tags |= model_identity.to_tags() | tracking.process_tags()
     name = tracking.run_name(data.dataset_name(config.data), config.train.strategy, run_key)
@@ -932,25 +923,21 @@ def retrain(
             },
         )
         metric = getattr(test_report, config.registry.primary_metric)
-        refused = kept.gate.refused or model_bias.gate.refused
+        outcomes = [report.outcome(), kept.gate.outcome(), model_bias.gate.outcome()]
+        refused = not all(o.passed for o in outcomes)
         run_record = tracking.get_run(run_id)
         tags |= {
-            f"retune.test_{config.registry.primary_metric}": f"{metric:.6f}",
-            lineage.VALIDATION: validation_verdict(report),
-            lineage.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
-            FORGETTING_GATE: kept.gate.summary()[:4000],
-            BIAS_GATE: f"{model_bias.gate.status}: {model_bias.gate.summary()}"[:4000],
-            VERDICT: "refused" if refused else "accepted",
+            tag.test_metric(config.registry.primary_metric): f"{metric:.6f}",
+            tag.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
+            tag.VERDICT: "refused" if refused else "accepted",
         }
+        for outcome in outcomes:
+            tags |= outcome.to_tags()
         candidate = promotion.CandidateFigures(
             metric_name=config.registry.primary_metric,
             metric=metric,
             probe_metric=getattr(probe, config.registry.primary_metric),
-            gates={
-                "validation": validation_verdict(report),
-                "forgetting": kept.gate.summary(),
-                "bias": model_bias.gate.status,
-            },
+            gates=outcomes,
             group_accuracy=gated_group_accuracy(model_bias),
         )
         champion_figures = None
@@ -965,7 +952,7 @@ def retrain(
             )
         verdict = promotion.decide_promotion(candidate, champion_figures, config.promotion)
         logger.info("promotion: %s", verdict.summary())
-        tags[POLICY] = verdict.summary()[:4000]
+        tags[tag.POLICY] = verdict.summary()[:4000]
         tracking.set_tags(run_id, tags)
         tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
         registered = None
@@ -985,7 +972,7 @@ def retrain(
             verdict = registered.verdict  # decided again if the champion changed meanwhile
             tracking.set_tags(
                 run_id,
-                {"retune.registered_version": registered.version, POLICY: verdict.summary()[:4000]},
+                {tag.REGISTERED_VERSION: registered.version, tag.POLICY: verdict.summary()[:4000]},
             )
         shutil.rmtree(out_dir / "model")  # a registered copy lives in MLflow's artifacts
         card_inputs = card.CardInputs(

@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.retrain import retrain
-from pipeline import data, lineage, registry, tracking, versioning
+from pipeline import data, registry, tracking, versioning
+from pipeline import tags as tag
 from pipeline.config import EXAMPLE_SOURCE, RetuneConfig, load_config
 
 SKIPPED = "skipped"
@@ -60,7 +61,7 @@ def champion_data_md5(model_name: str) -> str | None:
         champion = registry.resolve_version(f"{model_name}@{registry.CHAMPION}")
     except registry.ModelRefError:
         return None
-    return champion.tags.get(lineage.DATA_MD5)
+    return champion.tags.get(tag.DATA_MD5)
 
 
 @flow(name="scheduled-retrain", log_prints=True)
@@ -89,10 +90,10 @@ def scheduled_retrain(
             config.registry.experiment,
             f"scheduled-{run_key[:8]}",
             {
-                "retune.verdict": SKIPPED,
-                "retune.skip_reason": reason,
-                lineage.DATA_MD5: md5,
-                "retune.prefect_flow_run_id": run_key,
+                tag.VERDICT: SKIPPED,
+                tag.SKIP_REASON: reason,
+                tag.DATA_MD5: md5,
+                tag.FLOW_RUN: run_key,
             },
         )
         tracking.end_run(run_id)

@@ -30,25 +30,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import tags as tag
+
 NOT_RECORDED = "not recorded"
 NA = "n/a"
 # The project's own MLflow store, relative to the project folder (pipeline.tracking).
 EMBEDDED_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
 # Lineage tag keys (pipeline.lineage and flows.retrain; repeated here to stay import-free).
-DATA_MD5 = "retune.data_md5"
-DATASET = "retune.dataset"
-DATA_DVC_MD5 = "retune.data_dvc_md5"
-DVC_REMOTE = "retune.dvc_remote"
-GIT_COMMIT = "retune.git_commit"
-GIT_DIRTY = "retune.git_dirty"
-CONFIG_HASH = "retune.config_hash"
-BASE_MODEL = "retune.base_model"
-BASE_MODEL_SHA256 = "retune.base_model_sha256"
-VALIDATION = "retune.validation"
-FLAGGED = "retune.flagged"
-RETENTION_SUITE_MD5 = "retune.retention_suite_md5"
-RUN_VERDICT = "retune.verdict"
 
 # What Markdown (CommonMark + GFM tables) could read as syntax inside a line: "<" starts
 # HTML, "[" links, "&" entities, "|" table cells; "_" only at a word's edge (intraword
@@ -222,12 +211,12 @@ def _labels(inputs: CardInputs) -> list[str]:
 
 
 def _base_model(inputs: CardInputs) -> str | None:
-    return inputs.tags.get(BASE_MODEL) or _config(inputs, "train").get("base_model")
+    return inputs.tags.get(tag.BASE_MODEL) or _config(inputs, "train").get("base_model")
 
 
 def _dataset(inputs: CardInputs) -> str | None:
     data = _config(inputs, "data")
-    return inputs.tags.get(DATASET) or data.get("name") or data.get("source")
+    return inputs.tags.get(tag.DATASET) or data.get("name") or data.get("source")
 
 
 def _english_only(base_model: str | None) -> bool:
@@ -252,10 +241,10 @@ def _title(inputs: CardInputs) -> list[str]:
         f"**MLflow run:** {_code(inputs.run_id)}",
         f"**Promotion:** {_md(inputs.verdict) if inputs.verdict else NOT_RECORDED}",
     ]
-    if RUN_VERDICT in inputs.tags:
-        items.append(f"**Gates:** {_md(inputs.tags[RUN_VERDICT])}")
-    if inputs.tags.get(FLAGGED):
-        items.append(f"**Flagged:** {_md(inputs.tags[FLAGGED])}")
+    if tag.VERDICT in inputs.tags:
+        items.append(f"**Gates:** {_md(inputs.tags[tag.VERDICT])}")
+    if inputs.tags.get(tag.FLAGGED):
+        items.append(f"**Flagged:** {_md(inputs.tags[tag.FLAGGED])}")
     return [f"# Model card: {_md(inputs.model_name)} {_md(version)}", _bullets(items)]
 
 
@@ -308,7 +297,7 @@ def _model(inputs: CardInputs) -> list[str]:
     keep = _config(inputs, "forgetting")
     training = _dict(inputs.reports.get("training"))
     base = _base_model(inputs)
-    sha = inputs.tags.get(BASE_MODEL_SHA256)
+    sha = inputs.tags.get(tag.BASE_MODEL_SHA256)
     items = []
     if base:
         weights = f" (weights sha256 {_code(sha[:16] + '…')})" if sha else ""
@@ -338,10 +327,10 @@ def _model(inputs: CardInputs) -> list[str]:
             )
         items.append("**Hyperparameters:** " + _md(", ".join(extras)))
     items.append(f"**Mitigations against forgetting:** {_mitigations(inputs, keep)}")
-    commit = inputs.tags.get(GIT_COMMIT)
+    commit = inputs.tags.get(tag.GIT_COMMIT)
     if commit:
         dirty = " (uncommitted changes in the working tree)" if _dirty(inputs) else ""
-        config_hash = inputs.tags.get(CONFIG_HASH)
+        config_hash = inputs.tags.get(tag.CONFIG_HASH)
         hashed = f"; config hash {_code(config_hash)}" if config_hash else ""
         items.append(f"**Code:** git commit {_code(commit)}{dirty}{hashed}")
     return [_section("Model"), _bullets(items)]
@@ -446,7 +435,7 @@ def _mitigations(inputs: CardInputs, keep: dict[str, Any]) -> str:
 
 
 def _dirty(inputs: CardInputs) -> bool:
-    return inputs.tags.get(GIT_DIRTY) == "true"
+    return inputs.tags.get(tag.GIT_DIRTY) == "true"
 
 
 def _data(inputs: CardInputs) -> list[str]:
@@ -454,15 +443,15 @@ def _data(inputs: CardInputs) -> list[str]:
     dataset = _dataset(inputs)
     items = []
     if dataset:
-        md5 = inputs.tags.get(DATA_MD5)
+        md5 = inputs.tags.get(tag.DATA_MD5)
         items.append(f"**Dataset:** {_code(dataset)}" + (f", DVC md5 {_code(md5)}" if md5 else ""))
     else:
         items.append(f"**Dataset:** {NOT_RECORDED}")
-    if inputs.tags.get(DATA_DVC_MD5):
-        remote = inputs.tags.get(DVC_REMOTE)
+    if inputs.tags.get(tag.DATA_DVC_MD5):
+        remote = inputs.tags.get(tag.DVC_REMOTE)
         items.append(
             f"**Data version:** {_code('data/')} as a whole hashed to "
-            f"{_code(inputs.tags[DATA_DVC_MD5])} (in {_code('data.dvc')})"
+            f"{_code(inputs.tags[tag.DATA_DVC_MD5])} (in {_code('data.dvc')})"
             + (f"; DVC remote {_code(remote)}" if remote else "")
         )
     if data.get("source"):
@@ -555,8 +544,8 @@ def _rows(inputs: CardInputs) -> str:
 def _validation_line(inputs: CardInputs) -> str:
     report = _dict(inputs.reports.get("validation"))
     if not report:
-        tag = inputs.tags.get(VALIDATION)
-        return f"{_md(tag)} (report {NOT_RECORDED})" if tag else NOT_RECORDED
+        recorded = inputs.tags.get(tag.VALIDATION)
+        return f"{_md(recorded)} (report {NOT_RECORDED})" if recorded else NOT_RECORDED
     total, failed = report.get("expectations"), report.get("failed") or 0
     errors, warnings = len(_list(report.get("errors"))), len(_list(report.get("warnings")))
     if not failed:
@@ -738,7 +727,7 @@ def _forgetting(inputs: CardInputs) -> list[str]:
     base = _dict(report.get("base"))
     if not base:
         return [*blocks, _not_recorded("Forgetting")]
-    suite = report.get("suite_md5") or inputs.tags.get(RETENTION_SUITE_MD5)
+    suite = report.get("suite_md5") or inputs.tags.get(tag.RETENTION_SUITE_MD5)
     blocks.append(
         "The base encoder and the tuned encoder scored on the retention suite"
         + (f" (md5 {_code(suite)})" if suite else "")
@@ -968,8 +957,8 @@ def _limitations(inputs: CardInputs) -> list[str]:
 def _found_limitations(inputs: CardInputs) -> list[str]:
     """Plain-text caveats read from the reports: small groups, warnings, skipped checks."""
     found = []
-    if inputs.tags.get(FLAGGED):
-        found.append(f"This version is flagged: {inputs.tags[FLAGGED]}")
+    if inputs.tags.get(tag.FLAGGED):
+        found.append(f"This version is flagged: {inputs.tags[tag.FLAGGED]}")
     bias = _dict(inputs.reports.get("bias"))
     groups = _dict(bias.get("groups"))
     small = [
@@ -1061,9 +1050,9 @@ def _reproduce(inputs: CardInputs) -> list[str]:
             "This run was not registered, so `retune reproduce` (which takes NAME/VERSION) "
             "cannot find it; the commands below still work."
         )
-    commit = inputs.tags.get(GIT_COMMIT)
+    commit = inputs.tags.get(tag.GIT_COMMIT)
     commit_arg = shlex.quote(commit) if commit and commit != "unknown" else "<commit>"
-    data_md5 = inputs.tags.get(DATA_DVC_MD5)
+    data_md5 = inputs.tags.get(tag.DATA_DVC_MD5)
     blocks.append(
         "The same by hand: the code at its commit, the data it was trained on, its exact "
         "config (this registers a new version):"

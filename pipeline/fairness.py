@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.config import Severity
 from pipeline.evaluate import percentile_interval
+from pipeline.gates import BIAS, GateOutcome, GateStatus
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -484,6 +485,9 @@ class BiasVerdict:
     def status(self) -> str:
         """For the model-version tag: refused, warned or passed."""
         return "refused" if self.refused else "warned" if self.warnings else "passed"
+
+    def outcome(self) -> GateOutcome:
+        return GateOutcome(BIAS, GateStatus(self.status), f"{self.status}: {self.summary()}")
 
     def summary(self) -> str:
         parts = []

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.data import package_file
 from pipeline.evaluate import percentile_interval
+from pipeline.gates import FORGETTING, GateOutcome, GateStatus
 
 if TYPE_CHECKING:
     from pipeline.config import ForgettingConfig
@@ -255,6 +256,18 @@ class GateVerdict:
         if self.passed:
             return "passed"
         return ("refused: " if self.mode == "error" else "warning: ") + "; ".join(self.failures)
+
+    def outcome(self) -> GateOutcome:
+        status = (
+            GateStatus.OFF
+            if self.mode == "off"
+            else GateStatus.PASSED
+            if self.passed
+            else GateStatus.REFUSED
+            if self.mode == "error"
+            else GateStatus.WARNED
+        )
+        return GateOutcome(FORGETTING, status, self.summary())
 
 
 def forgetting_gate(base: Comparison, config: ForgettingConfig) -> GateVerdict:

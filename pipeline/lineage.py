@@ -13,25 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import registry, tracking
+from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 from pipeline.finetune import resolve_base_model
 from pipeline.versioning import DataVersion
 
 # Tag keys, on the MLflow run and on the registered model version.
-DATA_MD5 = "retune.data_md5"  # DVC md5 of data/<dataset>/ (also the dataset input digest)
-DATASET = "retune.dataset"
-DATA_DVC_MD5 = "retune.data_dvc_md5"  # DVC md5 of the whole data/ (data.dvc outs)
-DVC_REMOTE = "retune.dvc_remote"
-GIT_COMMIT = "retune.git_commit"
-GIT_DIRTY = "retune.git_dirty"
-GIT_DIRTY_FILES = "retune.git_dirty_files"  # the files that made it dirty, or "none"
-CONFIG_HASH = "retune.config_hash"
-BASE_MODEL = "retune.base_model"
-BASE_MODEL_SHA256 = "retune.base_model_sha256"
-VALIDATION = "retune.validation"  # passed | passed with warnings
-VALIDATION_REPORT = "retune.validation_report"  # artifact URI of the JSON summary
-FLAGGED = "retune.flagged"
-RETENTION_SUITE_MD5 = "retune.retention_suite_md5"  # DVC md5 of data/retention-suite
 
 
 # Untracked files that can change what a run does; other untracked files (data copied in,
@@ -140,16 +127,16 @@ def lineage_tags(project_dir: Path, config: RetuneConfig, version: DataVersion) 
     """Everything needed to trace a model back to its data, code, config and base model."""
     git = git_state(project_dir)
     return {
-        DATA_MD5: version.md5,
-        DATASET: version.dataset.name,
-        DATA_DVC_MD5: version.data_md5,
-        DVC_REMOTE: version.remote_url or "none",
-        GIT_COMMIT: git.commit,
-        GIT_DIRTY: str(git.dirty).lower(),
-        GIT_DIRTY_FILES: git.dirty_files_tag(),
-        CONFIG_HASH: config_hash(config),
-        BASE_MODEL: config.train.base_model,
-        BASE_MODEL_SHA256: weights_sha256(config.train.base_model),
+        tag.DATA_MD5: version.md5,
+        tag.DATASET: version.dataset.name,
+        tag.DATA_DVC_MD5: version.data_md5,
+        tag.DVC_REMOTE: version.remote_url or "none",
+        tag.GIT_COMMIT: git.commit,
+        tag.GIT_DIRTY: str(git.dirty).lower(),
+        tag.GIT_DIRTY_FILES: git.dirty_files_tag(),
+        tag.CONFIG_HASH: config_hash(config),
+        tag.BASE_MODEL: config.train.base_model,
+        tag.BASE_MODEL_SHA256: weights_sha256(config.train.base_model),
     }
 
 
@@ -204,30 +191,30 @@ def trace(ref: str) -> Lineage:
         aliases=version.aliases,
         run_id=version.run_id,
         run_status=run.status if run else "missing",
-        dataset=tags.get(DATASET, "unknown"),
-        data_md5=tags.get(DATA_MD5, "unknown"),
-        data_dvc_md5=tags.get(DATA_DVC_MD5, "unknown"),
-        dvc_remote=tags.get(DVC_REMOTE, "unknown"),
-        git_commit=tags.get(GIT_COMMIT, "unknown"),
-        git_dirty=tags.get(GIT_DIRTY, "unknown"),
-        config_hash=tags.get(CONFIG_HASH, "unknown"),
+        dataset=tags.get(tag.DATASET, "unknown"),
+        data_md5=tags.get(tag.DATA_MD5, "unknown"),
+        data_dvc_md5=tags.get(tag.DATA_DVC_MD5, "unknown"),
+        dvc_remote=tags.get(tag.DVC_REMOTE, "unknown"),
+        git_commit=tags.get(tag.GIT_COMMIT, "unknown"),
+        git_dirty=tags.get(tag.GIT_DIRTY, "unknown"),
+        config_hash=tags.get(tag.CONFIG_HASH, "unknown"),
         config=config,
-        base_model=tags.get(BASE_MODEL, "unknown"),
-        base_model_sha256=tags.get(BASE_MODEL_SHA256, "unknown"),
-        validation=tags.get(VALIDATION, "unknown"),
+        base_model=tags.get(tag.BASE_MODEL, "unknown"),
+        base_model_sha256=tags.get(tag.BASE_MODEL_SHA256, "unknown"),
+        validation=tags.get(tag.VALIDATION, "unknown"),
         reports={name: f"{run.artifact_uri}/reports/{name}.json" for name in REPORTS}
         if run
         else {},
         metrics=run.metrics if run else {},
-        flagged=tags.get(FLAGGED),
-        git_dirty_files=tags.get(GIT_DIRTY_FILES, "unknown"),
+        flagged=tags.get(tag.FLAGGED),
+        git_dirty_files=tags.get(tag.GIT_DIRTY_FILES, "unknown"),
     )
 
 
 def versions_trained_on(md5: str) -> list[registry.VersionInfo]:
     """Every registered version whose dataset or whole data/ hashed to ``md5``."""
-    found = {(v.name, v.version): v for v in registry.versions_with_tag(DATA_MD5, md5)}
-    found |= {(v.name, v.version): v for v in registry.versions_with_tag(DATA_DVC_MD5, md5)}
+    found = {(v.name, v.version): v for v in registry.versions_with_tag(tag.DATA_MD5, md5)}
+    found |= {(v.name, v.version): v for v in registry.versions_with_tag(tag.DATA_DVC_MD5, md5)}
     return sorted(found.values(), key=lambda v: (v.name, int(v.version)))
 
 
@@ -237,5 +224,5 @@ def flag_versions(md5: str, reason: str) -> list[registry.VersionInfo]:
         raise ValueError("a flag needs a reason")
     versions = versions_trained_on(md5)
     for v in versions:
-        registry.tag_version(v.name, v.version, FLAGGED, reason)
+        registry.tag_version(v.name, v.version, tag.FLAGGED, reason)
     return versions_trained_on(md5)

@@ -13,16 +13,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline import tags as tag
 from pipeline.config import PromotionConfig
+from pipeline.gates import GateOutcome
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 NO_ALIAS = "none"
-FAILING_GATE_PREFIXES = ("refused", "failed")
 # What a model is, recorded on every run and registered version (keys defined once here).
-IDENTITY_TASK = "retune.identity.task"
-IDENTITY_LABELS = "retune.identity.labels"  # JSON list, in the model's output order
-IDENTITY_INPUT = "retune.identity.input"  # JSON object: input column -> type
 TEXT_CLASSIFICATION = "text-classification"
 TEXT_INPUT = {"text": "string"}  # the pyfunc model reads one string column, "text"
 COMPATIBLE = "compatible"
@@ -43,7 +41,7 @@ class CandidateFigures:
     metric_name: str  # e.g. "macro_f1"
     metric: float  # the primary metric on the current test split
     probe_metric: float | None  # the frozen-feature probe's primary metric, if one was trained
-    gates: dict[str, str]  # gate -> "passed" | "passed with 2 warnings" | "refused: ..." | ...
+    gates: list[GateOutcome]  # validation, forgetting, bias
     group_accuracy: dict[str, float]  # groups large enough to judge (bias.min_gate_rows)
 
 
@@ -100,9 +98,9 @@ class ModelIdentity:
 
     def to_tags(self) -> dict[str, str]:
         return {
-            IDENTITY_TASK: self.task,
-            IDENTITY_LABELS: json.dumps(list(self.labels)),
-            IDENTITY_INPUT: json.dumps(dict(self.inputs)),
+            tag.IDENTITY_TASK: self.task,
+            tag.IDENTITY_LABELS: json.dumps(list(self.labels)),
+            tag.IDENTITY_INPUT: json.dumps(dict(self.inputs)),
         }
 
 
@@ -113,12 +111,12 @@ def text_classifier_identity(labels: list[str]) -> ModelIdentity:
 
 def identity_from_tags(tags: Mapping[str, str]) -> ModelIdentity | None:
     """The identity recorded in a run's or version's tags; None if it was never recorded."""
-    if IDENTITY_LABELS not in tags:
+    if tag.IDENTITY_LABELS not in tags:
         return None
     return ModelIdentity(
-        task=tags.get(IDENTITY_TASK, TEXT_CLASSIFICATION),
-        labels=tuple(json.loads(tags[IDENTITY_LABELS])),
-        inputs=tuple(json.loads(tags.get(IDENTITY_INPUT) or json.dumps(TEXT_INPUT)).items()),
+        task=tags.get(tag.IDENTITY_TASK, TEXT_CLASSIFICATION),
+        labels=tuple(json.loads(tags[tag.IDENTITY_LABELS])),
+        inputs=tuple(json.loads(tags.get(tag.IDENTITY_INPUT) or json.dumps(TEXT_INPUT)).items()),
     )
 
 
@@ -172,11 +170,6 @@ def refuse_incompatible(criterion: Criterion) -> PromotionVerdict:
     return PromotionVerdict(promote=False, alias=NO_ALIAS, criteria=[criterion])
 
 
-def gate_passed(outcome: str) -> bool:
-    """A gate passes unless its outcome starts with "refused" or "failed" (warnings pass)."""
-    return not outcome.strip().lower().startswith(FAILING_GATE_PREFIXES)
-
-
 def decide_promotion(
     candidate: CandidateFigures, champion: ChampionFigures | None, policy: PromotionConfig
 ) -> PromotionVerdict:
@@ -220,12 +213,11 @@ def decide_promotion(
     return PromotionVerdict(promote=promote, alias=alias, criteria=criteria)
 
 
-def _gates(gates: dict[str, str]) -> Criterion:
+def _gates(gates: list[GateOutcome]) -> Criterion:
     if not gates:
         return Criterion("gates", True, "no gates reported")
-    failed = [g for g, outcome in gates.items() if not gate_passed(outcome)]
-    detail = ", ".join(f"{g} {outcome}" for g, outcome in gates.items())
-    return Criterion("gates", not failed, detail)
+    detail = ", ".join(g.line() for g in gates)
+    return Criterion("gates", all(g.passed for g in gates), detail)
 
 
 def _probe(name: str, metric: float, probe: float | None, beat_probe: bool) -> Criterion:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import tags as tag
+
 if TYPE_CHECKING:
     from pipeline.config import RetuneConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 AUDIT_EXPERIMENT = "retune-audit"
-AUDIT_PREFIX = "retune.audit."
 AUDIT_FIELDS = (
     "model",
     "alias",
@@ -408,7 +409,7 @@ def append_audit(
     # Tags go in with the run in one call, so an entry is written whole or not at all.
     run = client.create_run(
         experiment_id,
-        tags={AUDIT_PREFIX + key: value for key, value in fields.items()},
+        tags={tag.AUDIT_PREFIX + key: value for key, value in fields.items()},
         run_name=f"{model} #{sequence} {action} {alias}",
     )
     with contextlib.suppress(Exception):  # cosmetic: the entry is already written
@@ -479,7 +480,7 @@ def read_audit(name: str) -> list[AuditEntry]:
             filter_string=_model_filter(name),
             run_view_type=ViewType.ALL,  # an entry deleted in the UI is still history
             max_results=1000,
-            order_by=[f"tags.`{AUDIT_PREFIX}sequence` ASC", "attributes.start_time ASC"],
+            order_by=[f"tags.`{tag.AUDIT_PREFIX}sequence` ASC", "attributes.start_time ASC"],
             page_token=token,
         )
         entries += [_entry(run) for run in page]
@@ -775,7 +776,7 @@ def _audit_experiment_id(client: Any, create: bool) -> str | None:
 
 def _model_filter(name: str) -> str:
     escaped = name.replace("'", "\\'")
-    return f"tags.`{AUDIT_PREFIX}model` = '{escaped}'"
+    return f"tags.`{tag.AUDIT_PREFIX}model` = '{escaped}'"
 
 
 def _last_sequence(client: Any, experiment_id: str, model: str) -> int:
@@ -786,9 +787,9 @@ def _last_sequence(client: Any, experiment_id: str, model: str) -> int:
         filter_string=_model_filter(model),
         run_view_type=ViewType.ALL,
         max_results=1,
-        order_by=[f"tags.`{AUDIT_PREFIX}sequence` DESC"],
+        order_by=[f"tags.`{tag.AUDIT_PREFIX}sequence` DESC"],
     )
-    return int(last[0].data.tags[AUDIT_PREFIX + "sequence"]) if last else 0
+    return int(last[0].data.tags[tag.AUDIT_PREFIX + "sequence"]) if last else 0
 
 
 def _fit(text: str) -> str:
@@ -797,7 +798,7 @@ def _fit(text: str) -> str:
 
 def _entry(run: Any) -> AuditEntry:
     tags = run.data.tags
-    values = {key: tags.get(AUDIT_PREFIX + key, "") for key in AUDIT_FIELDS}
+    values = {key: tags.get(tag.AUDIT_PREFIX + key, "") for key in AUDIT_FIELDS}
     return AuditEntry(
         **{k: v for k, v in values.items() if k != "sequence"},
         sequence=int(values["sequence"] or 0),

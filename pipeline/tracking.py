@@ -19,13 +19,12 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import tags as tag
+
 STORE_DIR = "mlflow"
 # MLflow 3's UI opens an experiment on its GenAI traces view unless told it holds models.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the embedded store
-HOST = "retune.host"  # the machine and process that run a run, to find orphans later
-PID = "retune.pid"
-ORPHANED = "retune.orphaned"
 KILLED = "KILLED"  # MLflow's status for a run that was stopped (SIGTERM, Ctrl-C)
 # By name: importing Prefect or torch here would make tracking heavy.
 SIGNAL_EXCEPTIONS = ("TerminationSignal", "TrainingInterrupted")
@@ -110,7 +109,7 @@ def start_run(project_dir: Path, experiment: str, run_name: str, tags: Mapping[s
 
 def process_tags() -> dict[str, str]:
     """This process's host and pid, recorded at a run's start (see :func:`mark_orphans`)."""
-    return {HOST: socket.gethostname(), PID: str(os.getpid())}
+    return {tag.HOST: socket.gethostname(), tag.PID: str(os.getpid())}
 
 
 def end_status(err: BaseException) -> str:
@@ -157,17 +156,17 @@ def mark_orphans(experiment: str) -> list[Orphan]:
     host = socket.gethostname()
     running = client.search_runs(
         [found.experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{host}'",
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{tag.HOST}` = '{host}'",
         max_results=1000,
     )
     orphans = []
     for run in running:
-        pid = int(run.data.tags.get(PID, "0") or 0)
+        pid = int(run.data.tags.get(tag.PID, "0") or 0)
         if pid <= 0 or pid == os.getpid() or _process_alive(pid):
             continue
         client.set_tag(
             run.info.run_id,
-            ORPHANED,
+            tag.ORPHANED,
             f"process {pid} on {host} was gone; marked FAILED by process {os.getpid()} at "
             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         )

@@ -65,6 +65,7 @@ import pandas as pd
 
 from pipeline.config import DEFAULT_SEVERITY, Severity, ValidationConfig
 from pipeline.data import COLUMNS, SPLITS
+from pipeline.gates import VALIDATION, GateOutcome, GateStatus
 
 # Not a raw string: Python turns the escapes into the characters themselves, which pandas
 # hands to pyarrow's RE2 (15x faster than falling back to `re` for `\u` escapes); both
@@ -171,6 +172,15 @@ class ValidationReport:
     @property
     def warnings(self) -> list[ExpectationOutcome]:
         return [o for o in self.failures if o.severity == "warn"]
+
+    def outcome(self) -> GateOutcome:
+        """The validation gate: refused on an error, warned on warnings only."""
+        errors, warnings = len(self.errors), len(self.warnings)
+        if errors:
+            return GateOutcome(VALIDATION, GateStatus.REFUSED, f"refused: {errors} errors")
+        if warnings:
+            return GateOutcome(VALIDATION, GateStatus.WARNED, f"passed with {warnings} warnings")
+        return GateOutcome(VALIDATION, GateStatus.PASSED, "passed")
 
     def summary(self) -> str:
         """A header and one line per failed expectation, readable without GX."""

@@ -16,6 +16,7 @@ from test_flow import reviews, write_csv, write_tiny_config
 
 from mlflow import MlflowClient
 from pipeline import registry, tracking
+from pipeline import tags as tag
 
 pytestmark = pytest.mark.integration
 
@@ -159,15 +160,15 @@ def test_after_a_sigkill_the_next_commands_mark_the_orphan_failed(project, tiny_
     assert f"MLflow run {run_id}: its process {proc.pid} is gone; marked FAILED" in out
     orphan = client.get_run(run_id)
     assert orphan.info.status == "FAILED"
-    assert orphan.data.tags[tracking.ORPHANED].startswith(f"process {proc.pid} on ")
+    assert orphan.data.tags[tag.ORPHANED].startswith(f"process {proc.pid} on ")
     assert flow_run_state(project, flow_run_id) == "CRASHED"
     assert [v.version for v in registry.list_versions(NAME)] == ["1"]
 
     # `retune models` marks them too (an orphan recorded by a process that is gone).
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    host = tracking.process_tags()[tracking.HOST]
-    tags = {tracking.HOST: host, tracking.PID: str(gone.pid)}
+    host = tracking.process_tags()[tag.HOST]
+    tags = {tag.HOST: host, tag.PID: str(gone.pid)}
     left = tracking.start_run(project, "retune", "killed elsewhere", tags)
     listed = finish(start(project, "models"), timeout=300)
     assert f"MLflow run {left}: its process {gone.pid} is gone; marked FAILED" in listed

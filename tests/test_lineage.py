@@ -10,8 +10,9 @@ import pytest
 from conftest import run_retune
 
 from mlflow import MlflowClient
+from pipeline import tags as tag
 from pipeline import tracking
-from pipeline.lineage import FLAGGED, weights_sha256
+from pipeline.lineage import weights_sha256
 from pipeline.versioning import recorded_datasets
 
 pytestmark = pytest.mark.integration
@@ -83,8 +84,10 @@ def test_lineage_flags_and_reproduces_an_older_version(prefect_harness, project,
     assert "flagged: labels were swapped" in flagged.stdout
     tracking.configure(project)
     client = MlflowClient()
-    assert client.get_model_version("retune-reviews", "1").tags[FLAGGED] == "labels were swapped"
-    assert FLAGGED not in client.get_model_version("retune-reviews", "2").tags
+    assert (
+        client.get_model_version("retune-reviews", "1").tags[tag.FLAGGED] == "labels were swapped"
+    )
+    assert tag.FLAGGED not in client.get_model_version("retune-reviews", "2").tags
 
     # data/ now holds v2: reproduce v1 from the DVC cache, then from the remote alone.
     for cache_removed in (False, True):

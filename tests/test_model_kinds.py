@@ -9,6 +9,7 @@ from test_flow import reviews, write_csv, write_tiny_config
 
 from mlflow import MlflowClient
 from pipeline import promotion, registry, tracking
+from pipeline import tags as tag
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +41,9 @@ def test_another_label_set_is_refused_and_the_champion_stays(
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     v1 = client.get_model_version(NAME, "1")
-    assert v1.tags[promotion.IDENTITY_LABELS] == '["pos", "neg"]'
-    assert v1.tags[promotion.IDENTITY_TASK] == "text-classification"
-    assert v1.tags[promotion.IDENTITY_INPUT] == '{"text": "string"}'
+    assert v1.tags[tag.IDENTITY_LABELS] == '["pos", "neg"]'
+    assert v1.tags[tag.IDENTITY_TASK] == "text-classification"
+    assert v1.tags[tag.IDENTITY_INPUT] == '{"text": "string"}'
     listed = cli(prefect_harness, project, "models")  # NAME defaults to the config's
     assert listed.returncode == 0, listed.stderr
     assert NAME in listed.stdout and "champion" in listed.stdout
@@ -74,7 +75,7 @@ def test_another_label_set_is_refused_and_the_champion_stays(
         [experiment.experiment_id], filter_string="tags.`retune.verdict` = 'refused'"
     )
     assert len(refused) == 1 and refused[0].info.status == "FINISHED"
-    assert refused[0].data.tags[promotion.IDENTITY_LABELS] == '["business", "sport", "tech"]'
+    assert refused[0].data.tags[tag.IDENTITY_LABELS] == '["business", "sport", "tech"]'
     assert "compatible FAILED" in refused[0].data.tags["retune.promotion_verdict"]
     entries = registry.read_audit(NAME)
     assert entries[: len(audit_before)] == audit_before

@@ -8,22 +8,28 @@ import sys
 
 import pytest
 
+from pipeline import tags as tag
 from pipeline.config import PromotionConfig
+from pipeline.gates import GateOutcome, GateStatus, outcomes_from_tags
 from pipeline.promotion import (
     CandidateFigures,
     ChampionFigures,
     Criterion,
     decide_promotion,
-    gate_passed,
 )
 
-GATES_OK = {"validation": "passed", "bias": "passed with 2 warnings", "forgetting": "warned"}
+PASSED, WARNED, REFUSED = GateStatus.PASSED, GateStatus.WARNED, GateStatus.REFUSED
+GATES_OK = [
+    GateOutcome("validation", PASSED, "passed"),
+    GateOutcome("bias", WARNED, "passed with 2 warnings"),
+    GateOutcome("forgetting", WARNED, "warned"),
+]
 
 
 def candidate(
     metric: float = 0.8153,
     probe: float | None = 0.70,
-    gates: dict[str, str] | None = None,
+    gates: list[GateOutcome] | None = None,
     groups: dict[str, float] | None = None,
 ) -> CandidateFigures:
     return CandidateFigures(
@@ -156,7 +162,11 @@ def test_without_a_champion_only_the_absolute_floors_apply():
 
 
 def test_a_failed_gate_refuses_the_candidate_whatever_its_metrics():
-    gates = {"validation": "passed", "bias": "passed", "forgetting": "refused: retention 0.71"}
+    gates = [
+        GateOutcome("validation", PASSED, "passed"),
+        GateOutcome("bias", PASSED, "passed"),
+        GateOutcome("forgetting", REFUSED, "refused: retention 0.71"),
+    ]
     verdict = decide_promotion(candidate(0.99, gates=gates), champion(0.5), PromotionConfig())
 
     assert (verdict.promote, verdict.alias, verdict.refused) == (False, "none", True)
@@ -170,18 +180,35 @@ def test_a_failed_gate_refuses_the_candidate_whatever_its_metrics():
 
 
 @pytest.mark.parametrize(
-    ("outcome", "passed"),
+    ("status", "passed"),
     [
-        ("passed", True),
-        ("passed with 3 warnings", True),
-        ("warned", True),
-        ("refused", False),
-        ("Refused: bias gap 0.12 > 0.05", False),
-        (" failed: 12 expectations", False),
+        (GateStatus.PASSED, True),
+        (GateStatus.WARNED, True),
+        (GateStatus.OFF, True),
+        (GateStatus.REFUSED, False),
+        (GateStatus.NOT_RECORDED, False),
     ],
 )
-def test_gate_outcomes(outcome: str, passed: bool):
-    assert gate_passed(outcome) is passed
+def test_a_gate_passes_by_its_status_not_its_wording(status: GateStatus, passed: bool):
+    # The wording says "passed"; only the status decides.
+    assert GateOutcome("bias", status, "passed: wording is not read").passed is passed
+
+
+def test_gate_outcomes_round_trip_through_tags_and_missing_statuses_do_not_pass():
+    recorded = [
+        GateOutcome("validation", WARNED, "passed with 2 warnings"),
+        GateOutcome("forgetting", REFUSED, "refused: mean drop 0.061 > 0.05"),
+        GateOutcome("bias", PASSED, "passed: passed"),
+    ]
+    tags = {k: v for o in recorded for k, v in o.to_tags().items()}
+    assert tags[tag.gate_status("forgetting")] == "refused"
+    assert tags[tag.FORGETTING_GATE] == "refused: mean drop 0.061 > 0.05"
+    assert outcomes_from_tags(tags) == recorded
+    legacy = {tag.FORGETTING_GATE: "passed"}  # a version tagged before statuses existed
+    (validation, forgetting, bias) = outcomes_from_tags(legacy)
+    assert forgetting.status is GateStatus.NOT_RECORDED and not forgetting.passed
+    assert forgetting.summary == "status not recorded (its summary: passed)"
+    assert validation.summary == "status not recorded" and not validation.passed
 
 
 def test_policy_module_imports_no_mlflow_prefect_or_torch():
@@ -258,5 +285,7 @@ def test_an_incompatible_candidate_gets_no_alias_and_the_criterion_names_the_fix
 
 
 def test_a_failed_gate_is_refused_but_not_incompatible():
-    verdict = decide_promotion(candidate(gates={"bias": "refused: gap"}), None, PromotionConfig())
+    verdict = decide_promotion(
+        candidate(gates=[GateOutcome("bias", REFUSED, "refused: gap")]), None, PromotionConfig()
+    )
     assert verdict.refused and not verdict.incompatible

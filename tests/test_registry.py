@@ -13,6 +13,7 @@ import pytest
 
 from mlflow import MlflowClient
 from pipeline import registry, tracking
+from pipeline import tags as tag
 from pipeline.registry import CHALLENGER, CHAMPION, decide_aliases
 
 
@@ -440,20 +441,18 @@ def test_runs_whose_process_is_gone_are_marked_failed_others_stay(store: Path):
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process
-    host = tracking.process_tags()[tracking.HOST]
-    dead = tracking.start_run(
-        store, "exp", "dead", {tracking.HOST: host, tracking.PID: str(gone.pid)}
-    )
+    host = tracking.process_tags()[tag.HOST]
+    dead = tracking.start_run(store, "exp", "dead", {tag.HOST: host, tag.PID: str(gone.pid)})
     alive = tracking.start_run(store, "exp", "alive", tracking.process_tags())
     elsewhere = tracking.start_run(
-        store, "exp", "other host", {tracking.HOST: "another-machine", tracking.PID: str(gone.pid)}
+        store, "exp", "other host", {tag.HOST: "another-machine", tag.PID: str(gone.pid)}
     )
     orphans = tracking.mark_orphans("exp")
     assert [o.run_id for o in orphans] == [dead] and orphans[0].pid == gone.pid
     assert tracking.get_run(dead).status == "FAILED"
     assert (
         tracking.get_run(dead)
-        .tags[tracking.ORPHANED]
+        .tags[tag.ORPHANED]
         .startswith(f"process {gone.pid} on {host} was gone")
     )
     assert tracking.get_run(alive).status == "RUNNING"
