@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from flows.retrain import evaluate_model, train_model
 from pipeline import data, lineage, retention, versioning
 from pipeline.config import RetuneConfig
+from pipeline.run_record import headline_metrics
 
 # Metrics that must match exactly on CPU for a run to count as reproduced, plus the
 # tuned model's score on every retention task (``retention_<task>``) recorded by the run.
@@ -60,22 +61,19 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     frames = data.read_splits(folder)
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
-    model, tokenizer, trained = train_model(
-        config, train, frames["validation"], None, work / "model"
-    )
+    trained = train_model(config, train, frames["validation"], None, work / "model")
     suite_folder = versioning.restore_dataset(
         root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
     )
     suite = retention.Suite(
         retention.load_suite(suite_folder), versioning.folder_md5(suite_folder), [], suite_folder
     )
-    report, tuned, _ = evaluate_model(config, model, tokenizer, test, suite, root)
+    evaluation = evaluate_model(config, trained, test, suite, root)
     shutil.rmtree(work / "model", ignore_errors=True)
     reproduced = {
-        "test_accuracy": report.accuracy,
-        "test_macro_f1": report.macro_f1,
-        "best_epoch": float(trained.best_epoch),
-    } | {f"retention_{name}": out.score for name, out in tuned.outputs.items()}
+        **{f"test_{k}": v for k, v in headline_metrics(evaluation.report).items()},
+        "best_epoch": float(trained.result.best_epoch),
+    } | {f"retention_{name}": out.score for name, out in evaluation.retention.outputs.items()}
     return Reproduction(
         model=trace.model,
         version=trace.version,

@@ -1,22 +1,20 @@
 """The retraining flow: prepare -> validate -> version -> bias -> fine-tune -> evaluate -> register.
 
-Each task is one call into ``pipeline/``; the flow sequences them and stops at gates.
-Models and frames pass between tasks in memory, so tasks neither cache nor persist.
+Each task is one call into ``pipeline/``: what differs between kinds of task comes from the
+kind ``task:`` names (:mod:`pipeline.tasks`), what a run records from
+:mod:`pipeline.run_record`. The flow sequences them and stops at gates. Models and frames
+pass between tasks in memory, so tasks neither cache nor persist.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,187 +22,120 @@ from prefect.runtime import flow_run
 
 from pipeline import (
     bias,
-    card,
     data,
     datasets,
     evaluate,
     fairness,
     finetune,
     forgetting,
-    identity,
-    lineage,
-    mitigation,
     plots,
     promotion,
     registry,
     retention,
+    run_record,
     serving,
+    tasks,
     tracking,
     validation,
     versioning,
-    worker,
 )
 from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 from pipeline.cpu import set_cpu_threads
 from pipeline.reports import render_bias_page, render_forgetting_page, render_validation_page
+from pipeline.run_record import ModelRefused, RunContext, RunSummary
+from pipeline.tasks import Baseline, Champion, Evaluation, Trained
+from pipeline.tasks.text_classification import classifier_predict, label_ids
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
-Predict = Callable[[list[str]], np.ndarray]  # texts -> (N, K) class probabilities
+__all__ = ["ModelRefused", "RunSummary", "retrain"]
 
 
-class ModelRefused(RuntimeError):
-    """A gate refused the model: recorded in MLflow (tagged refused), never registered."""
-
-    def __init__(
-        self,
-        run_id: str,
-        forgetting_report: forgetting.ForgettingReport | None,
-        bias_report: fairness.ModelBiasReport | None,
-        verdict: promotion.PromotionVerdict | None = None,
-    ):
-        self.run_id, self.forgetting, self.bias = run_id, forgetting_report, bias_report
-        self.verdict = verdict
-        reasons = []
-        if verdict is not None and verdict.incompatible:
-            reasons += [f"{c.name}: {c.detail}" for c in verdict.criteria if not c.passed]
-        if forgetting_report is not None and forgetting_report.gate.refused:
-            reasons.append("forgetting: " + "; ".join(forgetting_report.gate.failures))
-        if bias_report is not None and bias_report.gate is not None and bias_report.gate.refused:
-            reasons.append("bias: " + "; ".join(bias_report.gate.failures))
-        super().__init__(
-            f"model refused (recorded as MLflow run {run_id}, not registered): "
-            + " | ".join(reasons)
-        )
+def _kind(config: RetuneConfig) -> tasks.TaskKind:
+    return tasks.get(config.task)
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """What one run produced; printed at the end and returned to callers and tests."""
-
-    data_md5: str
-    rows: dict[str, int]
-    validation: str
-    validation_table: list[tuple[str, str, str, str]]
-    groups: list[dict[str, Any]]
-    test: dict[str, Any]
-    probe: dict[str, Any]
-    forgetting: dict[str, Any]
-    forgetting_table: list[tuple[str, ...]]
-    bias: dict[str, Any]
-    bias_table: list[tuple[str, ...]]
-    bias_groups: list[tuple[str, ...]]
-    data_bias_flags: list[str]
-    model_name: str
-    version: str
-    aliases: list[str]
-    alias_reason: str
-    champion_version: str
-    mlflow_run_id: str
-    tracking_uri: str
-    train_seconds: float
-    report_dir: str
-    links: dict[str, str]  # MLflow UI: the run and the model version
+def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> Any:
+    return label_ids(frame, config.data.labels)
 
 
 @task(**TASK_OPTIONS)
 def prepare_data(config: RetuneConfig, project_dir: Path) -> data.PreparedData:
-    return data.prepare_dataset(config.data, project_dir)
+    prepared = _kind(config).prepare(config, project_dir)
+    for line in prepared.dropped_lines():
+        get_run_logger().warning("dropped %s", line)
+    return prepared
 
 
 @task(**TASK_OPTIONS)
 def validate_data(
-    config: RetuneConfig, frames: dict[str, pd.DataFrame], docs_dir: Path | None = None
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], run_dir: Path
 ) -> validation.ValidationReport:
-    tokens = datasets.count_tokens(frames, config.train.base_model, config.train.max_length)
-    return validation.validate_dataset(
-        frames, config.validation, config.data.labels, docs_dir, tokens=tokens
-    )
+    """The shared and the kind's checks; the validation page; refuse on an error."""
+    logger = get_run_logger()
+    report = _kind(config).validate(config, frames, run_dir / "data_docs")
+    page = render_validation_page(report, run_dir / "html" / "validation.html", config.data.source)
+    logger.info("validation page (opens offline): %s", page)
+    if not report.success:
+        raise validation.DataValidationError(report, config.data.source)
+    logger.info("validation: %s", report.summary())
+    for warning in report.warnings:
+        logger.warning("validation warning: %s", warning.line())
+    if report.docs_index:
+        logger.info("validation Data Docs: %s", report.docs_index)
+    return report
 
 
 @task(**TASK_OPTIONS)
 def version_data(
-    config: RetuneConfig,
-    frames: dict[str, pd.DataFrame],
-    project_dir: Path,
-    dropped: dict[str, int] | None = None,
+    config: RetuneConfig, prepared: data.PreparedData, project_dir: Path
 ) -> versioning.DataVersion:
-    return datasets.import_dataset(frames, config.data, project_dir, dropped=dropped)
-
-
-def load_lexicon(config: RetuneConfig, project_dir: Path) -> identity.Lexicon:
-    folder = config.bias.lexicon_dir
-    return identity.load_lexicons(config.bias.lexicons, project_dir / folder if folder else None)
-
-
-def group_membership(frame: pd.DataFrame, lexicon: identity.Lexicon) -> pd.DataFrame:
-    """Identity groups per row: the data's identity column if it has one, else the lexicons."""
-    if "identity" in frame:
-        return identity.groups_from_column(frame["identity"].tolist())
-    return identity.assign_groups(frame["text"].tolist(), lexicon)
+    version = datasets.import_dataset(
+        prepared.frames, config.data, project_dir, dropped=prepared.dropped
+    )
+    get_run_logger().info("data versioned: md5 %s", version.md5)
+    return version
 
 
 @task(**TASK_OPTIONS)
 def check_data_bias(
-    config: RetuneConfig, frames: dict[str, pd.DataFrame], lexicon: identity.Lexicon
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], project_dir: Path
 ) -> bias.DataBiasReport:
-    frame = pd.concat([frames[s] for s in data.SPLITS], ignore_index=True)
-    return bias.check_data_bias(
-        frame["text"].tolist(),
-        frame["label"].tolist(),
-        lexicon,
-        config.data.labels,
-        config.bias.min_group_rows,
-        min_group_share=config.bias.min_group_share,
-        max_label_rate_gap=config.bias.max_label_rate_gap,
-        membership=group_membership(frame, lexicon),
-    )
+    report = _kind(config).check_data_bias(config, frames, project_dir)
+    for flag in report.flags():
+        get_run_logger().warning("data bias: %s", flag)
+    return report
 
 
 @task(**TASK_OPTIONS)
 def retention_suite(config: RetuneConfig, project_dir: Path) -> retention.Suite:
     """The versioned retention suite (built, and committed to DVC when it changed)."""
-    return retention.ensure_suite(
-        project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
-    )
+    suite = _kind(config).retention_suite(config, project_dir)
+    for warning in suite.warnings:
+        get_run_logger().warning("retention suite: %s", warning)
+    return suite
 
 
-@dataclass(frozen=True)
-class Retention:
-    """One encoder's outputs on the retention suite, and its per-layer CKA features."""
-
-    outputs: dict[str, forgetting.TaskOutputs]
-    layers: Any  # np.ndarray (L + 1, N, H)
-    cached: bool
-
-
-def score_retention(
+@task(**TASK_OPTIONS)
+def open_run(
     config: RetuneConfig,
-    encoder: Any,
-    tokenizer: Any,
-    suite: retention.Suite,
     project_dir: Path,
-    weights_sha: str | None = None,
-) -> Retention:
-    """Score an encoder on the suite; with ``weights_sha``, read and fill the score cache."""
-    from pipeline.embeddings import embed_layers
-
-    cfg = config.forgetting
-    path = None
-    if weights_sha is not None:
-        path = forgetting.cache_file(project_dir / cfg.cache_dir, weights_sha, suite.md5)
-        cached = forgetting.load_cached(path, suite.tasks)
-        if cached is not None:
-            return Retention(cached[0], cached[1], cached=True)
-    outputs = forgetting.score_encoder(
-        encoder, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+    tracking_uri: str | None,
+    version: versioning.DataVersion,
+    suite: retention.Suite,
+    report: validation.ValidationReport,
+    frames: dict[str, pd.DataFrame],
+) -> RunContext:
+    """Mark orphaned runs, then start this run's MLflow run with its lineage tags."""
+    tracking.configure(project_dir, tracking_uri)
+    for orphan in mark_orphaned_runs(config.registry.experiment):
+        get_run_logger().warning(
+            "MLflow run %s: its process %s is gone; marked FAILED", orphan.run_id, orphan.pid
+        )
+    run_key = str(flow_run.id or "local")
+    return run_record.open_run(
+        _kind(config), config, project_dir, tracking_uri, run_key, version, suite, report, frames
     )
-    layers = embed_layers(
-        encoder, tokenizer, forgetting.cka_texts(suite.tasks, cfg.cka_texts), 64, cfg.max_length
-    )
-    if path is not None:
-        forgetting.save_cached(path, outputs, layers)
-    return Retention(outputs, layers, cached=False)
 
 
 @task(**TASK_OPTIONS)
@@ -214,67 +145,21 @@ def measure_base(
     test: pd.DataFrame,
     suite: retention.Suite,
     project_dir: Path,
-) -> tuple[evaluate.EvaluationReport, Retention, Predict]:
-    """The frozen base encoder: logistic probe on the task, its retention scores (cached),
-    and the probe's predict function (for the bias comparison)."""
-    from pipeline.embeddings import embed_texts
-
-    encoder, tokenizer = finetune.load_encoder(config.train.base_model)
-    device = finetune.pick_device()
-    bf16 = finetune.use_bf16(config.train.bf16, device)
-    encoder.to(device)
-
-    def embed(texts: list[str], max_length: int) -> np.ndarray:
-        return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
-
-    fitted = evaluate.fit_probe(
-        embed(train["text"].tolist(), config.train.max_length),
-        _label_ids(train, config),
-        config.evaluate.probe_c,
-    )
-
-    def predict(texts: list[str]) -> np.ndarray:
-        return fitted.predict_proba(embed(texts, config.train.max_length))
-
-    test_probs = predict(test["text"].tolist())
-    probe = evaluate.classification_metrics(
-        _label_ids(test, config), test_probs.argmax(1), config.data.labels
-    )
-    sha = lineage.weights_sha256(config.train.base_model)
-    cache_key = None if sha.startswith("unresolved:") else sha
-    retained = score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
-    return probe, retained, predict
+) -> Baseline:
+    """The frozen base model: a probe on the task and its retention scores (cached)."""
+    return _kind(config).measure_base(config, train, test, suite, project_dir)
 
 
 @task(**TASK_OPTIONS)
 def measure_champion(
-    config: RetuneConfig, suite: retention.Suite, project_dir: Path, work_dir: Path
-) -> tuple[str | None, Retention | None, Predict | None]:
-    """The current champion's retention scores (cached by its weights) and its predict
-    function, or Nones when there is no champion."""
-    try:
-        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
-    except registry.ModelRefError:
-        return None, None, None
-    folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
-    try:
-        model, tokenizer = finetune.load_saved_classifier(folder)
-        sha = lineage.folder_sha256(folder)
-        scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, sha)
-    finally:
-        shutil.rmtree(work_dir / "champion", ignore_errors=True)
-    return champion.version, scores, classifier_predict(config, model, tokenizer)
-
-
-def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Predict:
-    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
-
-    def predict(texts: list[str]) -> np.ndarray:
-        return finetune.predict_proba(
-            model, tokenizer, texts, config.evaluate.batch_size, config.train.max_length, bf16
-        )
-
-    return predict
+    config: RetuneConfig,
+    test: pd.DataFrame,
+    suite: retention.Suite,
+    project_dir: Path,
+    work_dir: Path,
+) -> Champion | None:
+    """The champion's retention scores and test metrics, or None without a champion."""
+    return _kind(config).measure_champion(config, test, suite, project_dir, work_dir)
 
 
 @task(**TASK_OPTIONS)
@@ -284,196 +169,91 @@ def train_model(
     val: pd.DataFrame,
     run_id: str | None,
     out_dir: Path,
-) -> tuple[Any, Any, finetune.FineTuneResult]:
+) -> Trained:
     """Fine-tune in this process, or data-parallel under torchrun; save to ``out_dir``.
 
     Checkpoints go to ``out_dir``'s sibling ``checkpoints/``, so a retried task resumes.
-    With LoRA and ``lora_merge: false`` the adapter is also saved, to ``adapter/``.
     """
-    from tqdm.auto import tqdm
-
-    cfg = config.train
-    logger = tracking.MlflowLogger(run_id) if run_id else None
-    if cfg.nproc_per_node > 1 or cfg.nnodes > 1:
-        work = out_dir.parent / "distributed"
-        model_dir = out_dir
-        if cfg.nnodes > 1:  # every node must see the spec, the data and the output
-            shared = os.environ.get("RETUNE_SHARED_DIR")
-            if not shared:
-                raise ValueError(
-                    "train.nnodes > 1 needs RETUNE_SHARED_DIR: a folder every node mounts at "
-                    "the same path, where the other nodes wait in `retune join`"
-                )
-            job_id = f"retune-{run_id or uuid.uuid4().hex}"  # a retried task resumes
-            work = Path(shared) / job_id
-            model_dir = work / "model"
-        work.mkdir(parents=True, exist_ok=True)
-        train.to_csv(work / "train.csv", index=False)
-        val.to_csv(work / "validation.csv", index=False)
-        spec = worker.write_spec(
-            work / "spec.json",
-            cfg,
-            config.data.labels,
-            work / "train.csv",
-            work / "validation.csv",
-            model_dir,
-            work / "checkpoints" if cfg.nnodes > 1 else out_dir.parent / "checkpoints",
-            config.forgetting,
-        )
-        if cfg.nnodes > 1:
-            worker.train_on_nodes(Path(shared), job_id, spec, cfg.nproc_per_node, cfg.nnodes)
-            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
-        else:
-            worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
-        result = worker.read_result(out_dir)
-        for record in result.history:
-            if logger is not None:
-                logger.log_metrics(
-                    {"val_loss": record.val_loss, "val_accuracy": record.val_accuracy}, record.epoch
-                )
-        model, tokenizer = finetune.load_saved_classifier(out_dir)
-        return model, tokenizer, result
-
-    model, tokenizer = finetune.load_classifier(cfg.base_model, config.data.labels, cfg.seed)
-    keep = config.forgetting
-    regularizer = mitigation.build_regularizer(
-        model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, cfg.seed
-    )  # built from the pretrained weights, before any step
-    if cfg.strategy == "lora":
-        model = finetune.apply_lora(model, cfg)
-    result = finetune.fine_tune(
-        model,
-        tokenizer,
-        train["text"].tolist(),
-        _label_ids(train, config),
-        val["text"].tolist(),
-        _label_ids(val, config),
-        cfg,
-        logger=logger,
-        progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
-        checkpoint_dir=out_dir.parent / "checkpoints",
-        regularizer=regularizer,
-    )
-    if cfg.strategy == "lora":
-        if not cfg.lora_merge:
-            model.save_pretrained(out_dir.parent / "adapter")
-        model = finetune.finish_lora(model, merge=True)  # the served model is always merged
-    finetune.save_model(model, tokenizer, out_dir)
-    return model, tokenizer, result
+    return _kind(config).train(config, train, val, run_id, out_dir)
 
 
 @task(**TASK_OPTIONS)
 def blend_with_base(
     config: RetuneConfig,
-    model: Any,
-    tokenizer: Any,
+    trained: Trained,
     val: pd.DataFrame,
     suite: retention.Suite,
-    base: Retention,
+    base: Baseline,
     out_dir: Path,
-) -> mitigation.AlphaChoice:
-    """WiSE-FT: sweep alpha, keep the best-validating blend within the forgetting budget.
-
-    The chosen blend replaces the model in place and in ``out_dir``.
-    """
-    cfg = config.forgetting
-    base_encoder, _ = finetune.load_encoder(config.train.base_model)
-    base_state = mitigation.encoder_state(base_encoder)
-    del base_encoder
-    labels = _label_ids(val, config)
-    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
-    budget = cfg.model_copy(update={"gate": "error"})
-
-    def validate(blend: Any) -> float:
-        probs = finetune.predict_proba(
-            blend,
-            tokenizer,
-            val["text"].tolist(),
-            config.evaluate.batch_size,
-            config.train.max_length,
-            bf16,
-        )
-        report = evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels)
-        return float(getattr(report, config.registry.primary_metric))
-
-    def retain(blend: Any) -> forgetting.Comparison:
-        outputs = forgetting.score_encoder(
-            blend.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
-        )
-        return forgetting.compare(
-            base.outputs, outputs, suite.tasks, "base", cfg.bootstrap, cfg.seed
-        )
-
-    choice = mitigation.wise_ft(
-        model,
-        base_state,
-        cfg.wise_ft_alphas,
-        validate,
-        retain,
-        lambda kept: forgetting.forgetting_gate(kept, budget).passed,
-    )
-    finetune.save_model(model, tokenizer, out_dir)
-    return choice
+) -> dict[str, Any]:
+    """The mitigations applied; with WiSE-FT, the chosen blend replaces the model."""
+    keep = config.forgetting
+    mitigations: dict[str, Any] = {"l2sp": keep.l2sp, "distill": keep.distill}
+    if keep.wise_ft:
+        choice = _kind(config).blend_with_base(config, trained, val, suite, base)
+        mitigations["wise_ft"] = asdict(choice)
+        plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
+    return mitigations
 
 
 @task(**TASK_OPTIONS)
 def evaluate_model(
     config: RetuneConfig,
-    model: Any,
-    tokenizer: Any,
+    trained: Trained,
     test: pd.DataFrame,
     suite: retention.Suite,
     project_dir: Path,
-) -> tuple[evaluate.EvaluationReport, Retention, np.ndarray]:
-    """Test metrics of the tuned classifier, its encoder's retention scores, test probs."""
-    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
-    probs = finetune.predict_proba(
-        model,
-        tokenizer,
-        test["text"].tolist(),
-        config.evaluate.batch_size,
-        config.train.max_length,
-        bf16,
-    )
-    report = evaluate.classification_metrics(
-        _label_ids(test, config), probs.argmax(1), config.data.labels
-    )
-    retained = score_retention(config, model.base_model, tokenizer, suite, project_dir)
-    return report, retained, probs
+) -> Evaluation:
+    """Test metrics of the tuned model and its retention scores."""
+    return _kind(config).evaluate(config, trained, test, suite, project_dir)
 
 
 @task(**TASK_OPTIONS)
 def check_model_bias(
     config: RetuneConfig,
     test: pd.DataFrame,
-    lexicon: identity.Lexicon,
-    candidate: Predict,
-    candidate_probs: np.ndarray,
-    base_probe: Predict,
-    champion: Predict | None,
-    champion_version: str | None,
-    champion_probs: np.ndarray | None = None,
+    trained: Trained,
+    evaluation: Evaluation,
+    base: Baseline,
+    champion: Champion | None,
+    project_dir: Path,
+    out_dir: Path,
 ) -> fairness.ModelBiasReport:
-    """Per-group metrics, identity swaps and CrowS-Pairs for the candidate, the base probe
-    and the champion on the test split; the bias gate on the candidate."""
-    texts, y_true = test["text"].tolist(), _label_ids(test, config)
-    membership = group_membership(test, lexicon)
-    crows = identity.load_crows_pairs()
-    labels = config.data.labels
+    """The bias probes on candidate, base and champion; the bias gate; the bias page."""
+    kind = _kind(config)
+    report = kind.check_model_bias(config, test, trained, evaluation, base, champion, project_dir)
+    get_run_logger().info("%s", report.summary())
+    render_bias_page(report, out_dir / "html" / "bias.html")
+    return report
 
-    def measure(predict: Predict, name: str, probs: np.ndarray | None = None):
-        return fairness.measure_model_bias(
-            predict, texts, y_true, membership, lexicon, crows, config.bias, labels, name, probs
-        )
 
-    return fairness.evaluate_model_bias(
-        measure(candidate, "candidate", candidate_probs),
-        config.bias,
-        base_probe=measure(base_probe, "base probe"),
-        champion=(
-            measure(champion, f"champion v{champion_version}", champion_probs) if champion else None
-        ),
+@task(**TASK_OPTIONS)
+def check_forgetting(
+    config: RetuneConfig,
+    base: Baseline,
+    evaluation: Evaluation,
+    champion: Champion | None,
+    suite: retention.Suite,
+    mitigations: dict[str, Any],
+    out_dir: Path,
+) -> forgetting.ForgettingReport:
+    """The forgetting gate: the tuned model's retention vs the base (and the champion's)."""
+    report = forgetting.evaluate_forgetting(
+        base.retention.outputs,
+        evaluation.retention.outputs,
+        suite.tasks,
+        config.forgetting,
+        suite.md5,
+        base.retention.layers,
+        evaluation.retention.layers,
+        champion.retention.outputs if champion else None,
+        champion.version if champion else None,
+        suite.warnings,
+        mitigations,
     )
+    get_run_logger().info("forgetting gate: %s", report.gate.summary())
+    render_forgetting_page(report, out_dir / "html" / "forgetting.html", config.registry.model_name)
+    return report
 
 
 @dataclass(frozen=True)
@@ -732,16 +512,31 @@ def crash_flow_run(flow_run_id: str, message: str) -> None:
             client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
 
 
-def gated_group_accuracy(report: fairness.ModelBiasReport | None) -> dict[str, float]:
-    """Accuracy of the groups large enough to gate on (bias.min_gate_rows), for the policy."""
-    if report is None or report.gate_groups is None:
-        return {}
-    return {g.group: g.accuracy for g in report.gate_groups.groups if not g.too_small}
-
-
-def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> np.ndarray:
-    index = {label: i for i, label in enumerate(config.data.labels)}
-    return frame["label"].map(index).to_numpy(dtype=np.int64)
+@task(**TASK_OPTIONS)
+def record_results(
+    context: RunContext,
+    config: RetuneConfig,
+    reports: dict[str, Any],
+    trained: Trained,
+    evaluation: Evaluation,
+    base: Baseline,
+    champion: Champion | None,
+    outcomes: list[Any],
+    model_bias: fairness.ModelBiasReport,
+    kept: forgetting.ForgettingReport,
+) -> tuple[promotion.PromotionVerdict, promotion.CandidateFigures]:
+    """Log the reports, plots, metrics and gate tags; the promotion policy's verdict."""
+    run_record.write_reports(context, reports)
+    run_record.log_artifacts(context, trained.result, kept)
+    run_record.log_results(context, trained.result, evaluation, base.probe, kept, model_bias)
+    candidate = run_record.record_gates(
+        context, config, evaluation, base.probe, outcomes, model_bias
+    )
+    figures = run_record.champion_figures(config, champion, model_bias)
+    verdict = promotion.decide_promotion(candidate, figures, config.promotion)
+    get_run_logger().info("promotion: %s", verdict.summary())
+    run_record.record_verdict(context, verdict)
+    return verdict, candidate
 
 
 def flow_run_name() -> str:
@@ -759,255 +554,158 @@ def retrain(
     Args:
         tracking_uri: MLflow server or database; None uses the project's embedded store.
     """
-    logger = get_run_logger()
     root = Path(project_dir).resolve()
+    out_dir = root / "runs" / str(flow_run.id or "local")
     threads = set_cpu_threads(config.train.num_threads)  # every task's torch work
-    logger.info("torch CPU threads: %d (train.num_threads overrides)", threads)
+    get_run_logger().info("torch CPU threads: %d (train.num_threads overrides)", threads)
     prepared = prepare_data(config, root)
     frames = prepared.frames
-    for line in prepared.dropped_lines():
-        logger.warning("dropped %s", line)
-    docs_dir = root / "runs" / str(flow_run.id or "local") / "data_docs"
-    report = validate_data(config, frames, docs_dir)
-    page = render_validation_page(
-        report, docs_dir.parent / "html" / "validation.html", config.data.source
-    )
-    logger.info("validation page (opens offline): %s", page)
-    if not report.success:
-        raise validation.DataValidationError(report, config.data.source)
-    logger.info("validation: %s", report.summary())
-    for warning in report.warnings:
-        logger.warning("validation warning: %s", warning.line())
-    if report.docs_index:
-        logger.info("validation Data Docs: %s", report.docs_index)
-    version = version_data(config, frames, root, prepared.dropped)
-    logger.info("data versioned: md5 %s", version.md5)
-    lexicon = load_lexicon(config, root)
-    data_bias = check_data_bias(config, frames, lexicon)
-    for flag in data_bias.flags():
-        logger.warning("data bias: %s", flag)
-
+    report = validate_data(config, frames, out_dir)
+    version = version_data(config, prepared, root)
+    data_bias = check_data_bias(config, frames, root)
+    suite = retention_suite(config, root)
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
-    suite = retention_suite(config, root)
-    for warning in suite.warnings:
-        logger.warning("retention suite: %s", warning)
-
-    uri = tracking.configure(root, tracking_uri)
-    for orphan in mark_orphaned_runs(config.registry.experiment):
-        logger.warning(
-            "MLflow run %s: its process %s is gone; marked FAILED", orphan.run_id, orphan.pid
+    context = open_run(config, root, tracking_uri, version, suite, report, frames)
+    with run_record.ended_on_error(context):
+        refuse_other_kinds(config, context)
+        base = measure_base(config, train, test, suite, root)
+        champion = measure_champion(config, test, suite, root, out_dir)
+        trained = train_model(
+            config, train, frames["validation"], context.run_id, out_dir / "model"
         )
-    model_name = registry.model_name(config)
-    model_identity = promotion.text_classifier_identity(config.data.labels)
-    run_key = str(flow_run.id or "local")
-    out_dir = root / "runs" / run_key
-    tags = lineage.lineage_tags(root, config, version) | {
-        tag.FLOW_RUN: run_key,
-        tag.RETENTION_SUITE_MD5: suite.md5,
-    }
-    tags |= model_identity.to_tags() | tracking.process_tags()
-    name = tracking.run_name(data.dataset_name(config.data), config.train.strategy, run_key)
-    run_id = tracking.start_run(root, config.registry.experiment, name, tags)
-    try:
-        tracking.log_params_and_metrics(run_id, _flat_params(config), {})
-        if report.docs_index:
-            tracking.log_folder(run_id, docs_dir, "data_docs")
-        tracking.log_dataset(
-            run_id,
-            frames["train"],
-            "train",
-            str(root / config.data.data_dir),
-            version.md5,
-            "training",
-        )
-        tracking.log_dataset(
-            run_id, frames["test"], "test", str(root / config.data.data_dir), version.md5, "testing"
-        )
-        actor, lock = (
-            registry.default_actor(run_key),
-            partial(promotion_lock, root, uri, model_name),
-        )
-        incompatible = check_compatibility(config, model_name, model_identity, run_id, actor, lock)
-        if incompatible is not None:
-            logger.error("promotion: %s", incompatible.summary())
-            tracking.end_run(run_id)
-            raise ModelRefused(run_id, None, None, incompatible)
-        probe, base, probe_predict = measure_base(config, train, test, suite, root)
-        champion_version, champion, champion_predict = measure_champion(
-            config, suite, root, out_dir
-        )
-        model, tokenizer, trained = train_model(
-            config, train, frames["validation"], run_id, out_dir / "model"
-        )
-        keep = config.forgetting
-        mitigations: dict[str, Any] = {"l2sp": keep.l2sp, "distill": keep.distill}
-        if keep.wise_ft:
-            choice = blend_with_base(
-                config, model, tokenizer, frames["validation"], suite, base, out_dir / "model"
-            )
-            mitigations["wise_ft"] = asdict(choice)
-            plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
-        test_report, tuned, test_probs = evaluate_model(config, model, tokenizer, test, suite, root)
-        champion_probs = champion_predict(test["text"].tolist()) if champion_predict else None
+        mitigations = blend_with_base(config, trained, frames["validation"], suite, base, out_dir)
+        evaluation = evaluate_model(config, trained, test, suite, root)
         model_bias = check_model_bias(
-            config,
-            test,
-            lexicon,
-            classifier_predict(config, model, tokenizer),
-            test_probs,
-            probe_predict,
-            champion_predict,
-            champion_version,
-            champion_probs,
+            config, test, trained, evaluation, base, champion, root, out_dir
         )
-        assert model_bias.gate is not None
-        logger.info("%s", model_bias.summary())
-        render_bias_page(model_bias, out_dir / "html" / "bias.html")
-        kept = forgetting.evaluate_forgetting(
-            base.outputs,
-            tuned.outputs,
-            suite.tasks,
-            keep,
-            suite.md5,
-            base.layers,
-            tuned.layers,
-            champion.outputs if champion else None,
-            champion_version,
-            suite.warnings,
-            mitigations,
-        )
-        logger.info("forgetting gate: %s", kept.gate.summary())
-        render_forgetting_page(
-            kept, out_dir / "html" / "forgetting.html", config.registry.model_name
-        )
-
+        kept = check_forgetting(config, base, evaluation, champion, suite, mitigations, out_dir)
+        outcomes = [report.outcome(), kept.gate.outcome(), model_bias.gate.outcome()]
         reports = {
             "validation": report.to_dict(),
             "data_bias": data_bias.to_dict(),
-            "test_metrics": test_report.to_dict(),
-            "probe_baseline": probe.to_dict(),
+            "test_metrics": evaluation.report.to_dict(),
+            "probe_baseline": base.probe.to_dict(),
             "forgetting": kept.to_dict(),
             "bias": model_bias.to_dict(),
-            "training": asdict(trained) | {"loss_curve": trained.loss_curve[-50:]},
+            "training": run_record.training_report(trained.result),
             "config": config.model_dump(),
         }
-        for name, body in reports.items():
-            (out_dir / "reports").mkdir(parents=True, exist_ok=True)
-            (out_dir / "reports" / f"{name}.json").write_text(
-                json.dumps(body, indent=2, default=str)
-            )
-            tracking.log_report(run_id, body, f"reports/{name}.json")
-        curve = plots.plot_learning_curve(trained, out_dir / "plots" / "learning_curve.png")
-        plots.plot_forgetting(kept, out_dir / "plots" / "forgetting.png")
-        tracking.log_folder(run_id, curve.parent, "plots")
-        tracking.log_folder(run_id, out_dir / "html", "reports")
-        if (out_dir / "adapter").is_dir():
-            tracking.log_folder(run_id, out_dir / "adapter", "adapter")
-        tracking.log_params_and_metrics(
-            run_id,
+        verdict, candidate = record_results(
+            context,
+            config,
+            reports,
+            trained,
+            evaluation,
+            base,
+            champion,
+            outcomes,
+            model_bias,
+            kept,
+        )
+        registered = register_model(
+            config, context, trained, test, verdict, candidate, champion, version.md5
+        )
+        reports["rows"] = {s: len(frames[s]) for s in data.SPLITS}
+        final = registered.verdict if registered else verdict
+        run_record.write_card(context, reports, registered and registered.version, final)
+    tracking.end_run(context.run_id)
+    if verdict.refused or registered is None:
+        raise ModelRefused(context.run_id, kept, model_bias)
+    used = {"train_used": len(train), "test_used": len(test)}
+    return summarize(
+        context,
+        version,
+        frames,
+        used,
+        report,
+        data_bias,
+        evaluation,
+        base,
+        kept,
+        model_bias,
+        trained,
+        registered,
+    )
+
+
+def refuse_other_kinds(config: RetuneConfig, context: RunContext) -> None:
+    """A candidate of another kind than the champion is refused before any training."""
+    incompatible = check_compatibility(
+        config,
+        context.model_name,
+        _kind(config).identity(config),
+        context.run_id,
+        registry.default_actor(context.out_dir.name),
+        partial(promotion_lock, context.project_dir, context.tracking_uri, context.model_name),
+    )
+    if incompatible is not None:
+        get_run_logger().error("promotion: %s", incompatible.summary())
+        tracking.end_run(context.run_id)
+        raise ModelRefused(context.run_id, None, None, incompatible)
+
+
+def register_model(
+    config: RetuneConfig,
+    context: RunContext,
+    trained: Trained,
+    test: pd.DataFrame,
+    verdict: promotion.PromotionVerdict,
+    candidate: promotion.CandidateFigures,
+    champion: Champion | None,
+    data_md5: str,
+) -> Registered | None:
+    """Register the candidate unless a gate refused it (``promotion.register_refused``
+    registers it anyway, without an alias); the saved model folder is removed after."""
+    registered = None
+    if not verdict.refused or config.promotion.register_refused:
+        name, out_dir = context.model_name, context.out_dir
+        registered = register(
+            config,
+            context.run_id,
+            trained.model_dir,
+            test["text"].head(2).tolist(),
+            context.tags,
+            verdict,
+            champion.version if champion else None,
+            registry.default_actor(out_dir.name),
+            partial(promotion_lock, context.project_dir, context.tracking_uri, name),
+            decide_again(config, name, candidate, data_md5, test, out_dir),
+        )
+        tracking.set_tags(
+            context.run_id,
             {
-                "trainable_parameters": trained.trainable_parameters,
-                "device": trained.device,
-                "bf16": trained.bf16,
-            },
-            {
-                "test_accuracy": test_report.accuracy,
-                "test_macro_f1": test_report.macro_f1,
-                "probe_test_accuracy": probe.accuracy,
-                "probe_test_macro_f1": probe.macro_f1,
-                **kept.metrics(),
-                **model_bias.metrics(),
-                "best_epoch": trained.best_epoch,
-                "train_seconds": trained.train_seconds,
+                tag.REGISTERED_VERSION: registered.version,
+                tag.POLICY: registered.verdict.summary()[:4000],
             },
         )
-        metric = getattr(test_report, config.registry.primary_metric)
-        outcomes = [report.outcome(), kept.gate.outcome(), model_bias.gate.outcome()]
-        refused = not all(o.passed for o in outcomes)
-        run_record = tracking.get_run(run_id)
-        tags |= {
-            tag.test_metric(config.registry.primary_metric): f"{metric:.6f}",
-            tag.VALIDATION_REPORT: f"{run_record.artifact_uri}/reports/validation.json",
-            tag.VERDICT: "refused" if refused else "accepted",
-        }
-        for outcome in outcomes:
-            tags |= outcome.to_tags()
-        candidate = promotion.CandidateFigures(
-            metric_name=config.registry.primary_metric,
-            metric=metric,
-            probe_metric=getattr(probe, config.registry.primary_metric),
-            gates=outcomes,
-            group_accuracy=gated_group_accuracy(model_bias),
-        )
-        champion_figures = None
-        if champion_probs is not None:
-            champion_report = evaluate.classification_metrics(
-                _label_ids(test, config), champion_probs.argmax(1), config.data.labels
-            )
-            champion_figures = promotion.ChampionFigures(
-                str(champion_version),
-                getattr(champion_report, config.registry.primary_metric),
-                gated_group_accuracy(model_bias.champion),
-            )
-        verdict = promotion.decide_promotion(candidate, champion_figures, config.promotion)
-        logger.info("promotion: %s", verdict.summary())
-        tags[tag.POLICY] = verdict.summary()[:4000]
-        tracking.set_tags(run_id, tags)
-        tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
-        registered = None
-        if not refused or config.promotion.register_refused:
-            registered = register(
-                config,
-                run_id,
-                out_dir / "model",
-                test["text"].head(2).tolist(),
-                tags,
-                verdict,
-                champion_version,
-                actor,
-                lock,
-                decide_again(config, model_name, candidate, version.md5, test, out_dir),
-            )
-            verdict = registered.verdict  # decided again if the champion changed meanwhile
-            tracking.set_tags(
-                run_id,
-                {tag.REGISTERED_VERSION: registered.version, tag.POLICY: verdict.summary()[:4000]},
-            )
-        shutil.rmtree(out_dir / "model")  # a registered copy lives in MLflow's artifacts
-        card_inputs = card.CardInputs(
-            model_name=model_name,
-            version=registered.version if registered else None,
-            reports=reports | {"rows": {s: len(frames[s]) for s in data.SPLITS}},
-            tags=tags,
-            run_id=run_id,
-            verdict=verdict.summary(),
-        )
-        markdown = card.render_card(card_inputs)
-        (out_dir / "card").mkdir(parents=True, exist_ok=True)
-        (out_dir / "card" / "model_card.md").write_text(markdown, encoding="utf-8")
-        (out_dir / "card" / "model_card.html").write_text(
-            card.card_html(markdown, f"{model_name} model card"), encoding="utf-8"
-        )
-        tracking.log_folder(run_id, out_dir / "card", "card")
-    except ModelRefused:
-        raise  # the run was ended as recorded
-    except BaseException as err:
-        tracking.end_run(run_id, tracking.end_status(err))  # KILLED on SIGTERM or Ctrl-C
-        raise
-    tracking.end_run(run_id)
-    if refused:
-        raise ModelRefused(run_id, kept, model_bias)
-    assert registered is not None
+    shutil.rmtree(trained.model_dir)  # a registered copy lives in MLflow's artifacts
+    return registered
+
+
+def summarize(
+    context: RunContext,
+    version: versioning.DataVersion,
+    frames: dict[str, pd.DataFrame],
+    used: dict[str, int],
+    report: validation.ValidationReport,
+    data_bias: bias.DataBiasReport,
+    evaluation: Evaluation,
+    base: Baseline,
+    kept: forgetting.ForgettingReport,
+    model_bias: fairness.ModelBiasReport,
+    trained: Trained,
+    registered: Registered,
+) -> RunSummary:
+    """What the CLI prints and tests read."""
     return RunSummary(
         data_md5=version.md5,
-        rows={s: len(frames[s]) for s in data.SPLITS}
-        | {"train_used": len(train), "test_used": len(test)},
+        rows={s: len(frames[s]) for s in data.SPLITS} | used,
         validation=report.summary(),
         validation_table=report.table_rows(),
         groups=[asdict(g) for g in data_bias.groups],
-        test=test_report.to_dict(),
-        probe=probe.to_dict(),
+        test=evaluation.report.to_dict(),
+        probe=base.probe.to_dict(),
         forgetting=kept.to_dict(),
         forgetting_table=kept.table_rows(),
         bias=model_bias.to_dict(),
@@ -1019,17 +717,11 @@ def retrain(
         aliases=registered.aliases,
         alias_reason=registered.verdict.summary(),
         champion_version=registered.champion_version,
-        mlflow_run_id=run_id,
-        tracking_uri=uri,
-        train_seconds=trained.train_seconds,
-        report_dir=str(out_dir / "reports"),
-        links=tracking.ui_links(uri, run_id, registered.name, registered.version),
+        mlflow_run_id=context.run_id,
+        tracking_uri=context.tracking_uri,
+        train_seconds=trained.result.train_seconds,
+        report_dir=str(context.out_dir / "reports"),
+        links=tracking.ui_links(
+            context.tracking_uri, context.run_id, registered.name, registered.version
+        ),
     )
-
-
-def _flat_params(config: RetuneConfig) -> dict[str, Any]:
-    flat = {}
-    for section, values in config.model_dump().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
-    return flat

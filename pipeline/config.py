@@ -409,7 +409,15 @@ class RegistryConfig(_Section):
     primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
 
 
+TaskName = Literal["text-classification"]
+TOP_LEVEL_KEYS = ("task",)  # keys outside any section
+
+
 class RetuneConfig(_Section):
+    task: TaskName = Field(
+        "text-classification",
+        description="The kind of fine-tuning task (pipeline/tasks/): text-classification.",
+    )
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
     bias: BiasConfig = BiasConfig()
@@ -481,7 +489,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _override_path(item: str) -> tuple[list[str], str]:
     key, sep, value = item.partition("=")
     path = key.split(".")
-    if not sep or len(path) < 2 or not all(path):
+    top_level = len(path) == 1 and path[0] in TOP_LEVEL_KEYS  # e.g. task=text-classification
+    if not sep or (len(path) < 2 and not top_level) or not all(path):
         raise ConfigError(
             f"override '{item}' must look like section.key=value, e.g. train.epochs=3"
         )
@@ -581,7 +590,9 @@ def describe_config() -> str:
     lines = []
     for section_name, section_field in RetuneConfig.model_fields.items():
         section_cls = section_field.annotation
-        assert isinstance(section_cls, type) and issubclass(section_cls, BaseModel)
+        if not (isinstance(section_cls, type) and issubclass(section_cls, BaseModel)):
+            lines.append(f"{section_name} = {section_field.default!r}  {section_field.description}")
+            continue
         for name, field in section_cls.model_fields.items():
             desc = f"  {field.description}" if field.description else ""
             default = field.get_default(call_default_factory=True)

@@ -230,11 +230,12 @@ def test_describe_config_lists_every_key_with_default_and_description():
     assert "train.epochs = 2" in lines
     assert "registry.primary_metric = 'macro_f1'" in lines
     n_fields = sum(
-        len(section.annotation.model_fields)  # type: ignore[union-attr]
+        len(getattr(section.annotation, "model_fields", [None]))
         for section in RetuneConfig.model_fields.values()
     )
     assert len(lines) == n_fields
-    assert lines[0].startswith("data.source = 'example'")
+    assert lines[0].startswith("task = 'text-classification'  The kind of fine-tuning task")
+    assert lines[1].startswith("data.source = 'example'")
     # Defaults built by a factory show their value, not pydantic's placeholder.
     assert "PydanticUndefined" not in text
     assert any(line.startswith("validation.severity = {}") for line in lines)
@@ -269,3 +270,12 @@ def test_the_model_name_defaults_to_the_dataset_name():
     assert model_name(named) == "retune-topics"
     chosen = load_config(REPO_CONFIG, ["registry.model_name=retune-sentiment"])
     assert model_name(chosen) == "retune-sentiment"
+
+
+def test_task_is_a_top_level_key_that_defaults_to_text_classification():
+    assert RetuneConfig().task == "text-classification"
+    assert load_config(None, ["task=text-classification"]).task == "text-classification"
+    with pytest.raises(ConfigError, match=r"--set task=chat: task: Input should be"):
+        load_config(None, ["task=chat"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["epochs=3"])  # only known top-level keys stand alone

@@ -1,0 +1,407 @@
+"""Text classification: the first kind of task behind :mod:`pipeline.tasks`.
+
+A sentence encoder (all-MiniLM-L6-v2 by default) gets a classification head and is
+fine-tuned on labelled texts. Its forgetting benchmark scores the encoder on word and
+document similarity and a topic probe; its bias probes are identity-group metrics,
+identity-term swaps and CrowS-Pairs; it is served as an MLflow pyfunc that reads a
+``text`` column and returns a label and one probability per class.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import (
+    bias,
+    data,
+    datasets,
+    evaluate,
+    fairness,
+    finetune,
+    forgetting,
+    identity,
+    lineage,
+    mitigation,
+    promotion,
+    registry,
+    retention,
+    serving,
+    validation,
+    worker,
+)
+from pipeline.config import RetuneConfig
+from pipeline.tasks import Baseline, Champion, Evaluation, Frames, Retention, Trained
+
+Predict = Any  # Callable[[list[str]], np.ndarray]: texts -> (N, K) class probabilities
+
+
+def label_ids(frame: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """The frame's labels as indices into ``labels`` (the model's output order)."""
+    index = {label: i for i, label in enumerate(labels)}
+    return frame["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def load_lexicon(config: RetuneConfig, project_dir: Path) -> identity.Lexicon:
+    folder = config.bias.lexicon_dir
+    return identity.load_lexicons(config.bias.lexicons, project_dir / folder if folder else None)
+
+
+def group_membership(frame: pd.DataFrame, lexicon: identity.Lexicon) -> pd.DataFrame:
+    """Identity groups per row: the data's identity column if it has one, else the lexicons."""
+    if "identity" in frame:
+        return identity.groups_from_column(frame["identity"].tolist())
+    return identity.assign_groups(frame["text"].tolist(), lexicon)
+
+
+def score_retention(
+    config: RetuneConfig,
+    encoder: Any,
+    tokenizer: Any,
+    suite: retention.Suite,
+    project_dir: Path,
+    weights_sha: str | None = None,
+) -> Retention:
+    """Score an encoder on the suite; with ``weights_sha``, read and fill the score cache."""
+    from pipeline.embeddings import embed_layers
+
+    cfg = config.forgetting
+    path = None
+    if weights_sha is not None:
+        path = forgetting.cache_file(project_dir / cfg.cache_dir, weights_sha, suite.md5)
+        cached = forgetting.load_cached(path, suite.tasks)
+        if cached is not None:
+            return Retention(cached[0], cached[1], cached=True)
+    outputs = forgetting.score_encoder(
+        encoder, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+    )
+    layers = embed_layers(
+        encoder, tokenizer, forgetting.cka_texts(suite.tasks, cfg.cka_texts), 64, cfg.max_length
+    )
+    if path is not None:
+        forgetting.save_cached(path, outputs, layers)
+    return Retention(outputs, layers, cached=False)
+
+
+def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Predict:
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+
+    def predict(texts: list[str]) -> np.ndarray:
+        return finetune.predict_proba(
+            model, tokenizer, texts, config.evaluate.batch_size, config.train.max_length, bf16
+        )
+
+    return predict
+
+
+def measure_base(
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    suite: retention.Suite,
+    project_dir: Path,
+) -> Baseline:
+    """The frozen base encoder: a logistic probe on the task, its retention scores (cached),
+    and the probe's predict function (for the bias comparison)."""
+    from pipeline.embeddings import embed_texts
+
+    encoder, tokenizer = finetune.load_encoder(config.train.base_model)
+    device = finetune.pick_device()
+    bf16 = finetune.use_bf16(config.train.bf16, device)
+    encoder.to(device)
+    labels = config.data.labels
+
+    def embed(texts: list[str], max_length: int) -> np.ndarray:
+        return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
+
+    fitted = evaluate.fit_probe(
+        embed(train["text"].tolist(), config.train.max_length),
+        label_ids(train, labels),
+        config.evaluate.probe_c,
+    )
+
+    def predict(texts: list[str]) -> np.ndarray:
+        return fitted.predict_proba(embed(texts, config.train.max_length))
+
+    test_probs = predict(test["text"].tolist())
+    probe = evaluate.classification_metrics(label_ids(test, labels), test_probs.argmax(1), labels)
+    sha = lineage.weights_sha256(config.train.base_model)
+    cache_key = None if sha.startswith("unresolved:") else sha
+    retained = score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
+    return Baseline(probe, retained, predict)
+
+
+def measure_champion(
+    config: RetuneConfig,
+    test: pd.DataFrame,
+    suite: retention.Suite,
+    project_dir: Path,
+    work_dir: Path,
+) -> Champion | None:
+    """The current champion's retention scores (cached by its weights), its predict
+    function and its metrics on this test split; None when there is no champion."""
+    try:
+        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return None
+    folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
+    try:
+        model, tokenizer = finetune.load_saved_classifier(folder)
+        sha = lineage.folder_sha256(folder)
+        scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, sha)
+    finally:
+        shutil.rmtree(work_dir / "champion", ignore_errors=True)
+    predict = classifier_predict(config, model, tokenizer)
+    probs = predict(test["text"].tolist())
+    labels = config.data.labels
+    report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
+    return Champion(champion.version, scores, predict, report, probs)
+
+
+def train_distributed(
+    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, run_id: str | None, out_dir: Path
+) -> Trained:
+    """Data-parallel fine-tuning under torchrun (this node's processes, or several nodes
+    sharing RETUNE_SHARED_DIR); the model is saved to ``out_dir`` and loaded back."""
+    cfg = config.train
+    work, model_dir = out_dir.parent / "distributed", out_dir
+    if cfg.nnodes > 1:  # every node must see the spec, the data and the output
+        shared = os.environ.get("RETUNE_SHARED_DIR")
+        if not shared:
+            raise ValueError(
+                "train.nnodes > 1 needs RETUNE_SHARED_DIR: a folder every node mounts at "
+                "the same path, where the other nodes wait in `retune join`"
+            )
+        job_id = f"retune-{run_id or uuid.uuid4().hex}"  # a retried task resumes
+        work = Path(shared) / job_id
+        model_dir = work / "model"
+    work.mkdir(parents=True, exist_ok=True)
+    train.to_csv(work / "train.csv", index=False)
+    val.to_csv(work / "validation.csv", index=False)
+    checkpoints = work / "checkpoints" if cfg.nnodes > 1 else out_dir.parent / "checkpoints"
+    spec = worker.write_spec(
+        work / "spec.json",
+        cfg,
+        config.data.labels,
+        work / "train.csv",
+        work / "validation.csv",
+        model_dir,
+        checkpoints,
+        config.forgetting,
+    )
+    if cfg.nnodes > 1:
+        worker.train_on_nodes(Path(work.parent), job_id, spec, cfg.nproc_per_node, cfg.nnodes)
+        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    else:
+        worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
+    result = worker.read_result(out_dir)
+    model, tokenizer = finetune.load_saved_classifier(out_dir)
+    return Trained(model, tokenizer, result, out_dir)
+
+
+def train_here(
+    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, logger: Any, out_dir: Path
+) -> Trained:
+    """Fine-tune in this process; checkpoints beside ``out_dir`` so a retried task resumes.
+    With LoRA and ``lora_merge: false`` the adapter is also saved, to ``adapter/``."""
+    from tqdm.auto import tqdm
+
+    cfg, keep, labels = config.train, config.forgetting, config.data.labels
+    model, tokenizer = finetune.load_classifier(cfg.base_model, labels, cfg.seed)
+    regularizer = mitigation.build_regularizer(
+        model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, cfg.seed
+    )  # built from the pretrained weights, before any step
+    if cfg.strategy == "lora":
+        model = finetune.apply_lora(model, cfg)
+    result = finetune.fine_tune(
+        model,
+        tokenizer,
+        train["text"].tolist(),
+        label_ids(train, labels),
+        val["text"].tolist(),
+        label_ids(val, labels),
+        cfg,
+        logger=logger,
+        progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
+        checkpoint_dir=out_dir.parent / "checkpoints",
+        regularizer=regularizer,
+    )
+    if cfg.strategy == "lora":
+        if not cfg.lora_merge:
+            model.save_pretrained(out_dir.parent / "adapter")
+        model = finetune.finish_lora(model, merge=True)  # the served model is always merged
+    finetune.save_model(model, tokenizer, out_dir)
+    return Trained(model, tokenizer, result, out_dir)
+
+
+def blend_with_base(
+    config: RetuneConfig,
+    trained: Trained,
+    val: pd.DataFrame,
+    suite: retention.Suite,
+    base: Baseline,
+) -> mitigation.AlphaChoice:
+    """WiSE-FT: sweep alpha, keep the best-validating blend within the forgetting budget.
+    The chosen blend replaces the model in place and in its saved folder."""
+    cfg, model, tokenizer = config.forgetting, trained.model, trained.processor
+    base_encoder, _ = finetune.load_encoder(config.train.base_model)
+    base_state = mitigation.encoder_state(base_encoder)
+    del base_encoder
+    labels = label_ids(val, config.data.labels)
+    budget = cfg.model_copy(update={"gate": "error"})
+
+    def validate(blend: Any) -> float:
+        probs = classifier_predict(config, blend, tokenizer)(val["text"].tolist())
+        report = evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels)
+        return float(getattr(report, config.registry.primary_metric))
+
+    def retain(blend: Any) -> forgetting.Comparison:
+        outputs = forgetting.score_encoder(
+            blend.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
+        )
+        return forgetting.compare(
+            base.retention.outputs, outputs, suite.tasks, "base", cfg.bootstrap, cfg.seed
+        )
+
+    choice = mitigation.wise_ft(
+        model,
+        base_state,
+        cfg.wise_ft_alphas,
+        validate,
+        retain,
+        lambda kept: forgetting.forgetting_gate(kept, budget).passed,
+    )
+    finetune.save_model(model, tokenizer, trained.model_dir)
+    return choice
+
+
+def check_model_bias(
+    config: RetuneConfig,
+    test: pd.DataFrame,
+    trained: Trained,
+    evaluation: Evaluation,
+    base: Baseline,
+    champion: Champion | None,
+    project_dir: Path,
+) -> fairness.ModelBiasReport:
+    """Per-group metrics, identity swaps and CrowS-Pairs for the candidate, the base probe
+    and the champion on the test split; the bias gate on the candidate."""
+    texts, labels = test["text"].tolist(), config.data.labels
+    y_true = label_ids(test, labels)
+    lexicon = load_lexicon(config, project_dir)
+    membership = group_membership(test, lexicon)
+    crows = identity.load_crows_pairs()
+
+    def measure(predict: Predict, name: str, probs: np.ndarray | None = None):
+        return fairness.measure_model_bias(
+            predict, texts, y_true, membership, lexicon, crows, config.bias, labels, name, probs
+        )
+
+    candidate = classifier_predict(config, trained.model, trained.processor)
+    champion_report = None
+    if champion is not None:
+        name = f"champion v{champion.version}"
+        champion_report = measure(champion.predict, name, champion.test_outputs)
+    return fairness.evaluate_model_bias(
+        measure(candidate, "candidate", evaluation.outputs),
+        config.bias,
+        base_probe=measure(base.predict, "base probe") if base.predict else None,
+        champion=champion_report,
+    )
+
+
+class TextClassification:
+    """Labelled texts -> a fine-tuned sentence-encoder classifier."""
+
+    name = promotion.TEXT_CLASSIFICATION
+
+    def identity(self, config: RetuneConfig) -> promotion.ModelIdentity:
+        return promotion.text_classifier_identity(config.data.labels)
+
+    def prepare(self, config: RetuneConfig, project_dir: Path) -> data.PreparedData:
+        return data.prepare_dataset(config.data, project_dir)
+
+    def validate(
+        self, config: RetuneConfig, frames: Frames, docs_dir: Path | None
+    ) -> validation.ValidationReport:
+        tokens = datasets.count_tokens(frames, config.train.base_model, config.train.max_length)
+        return validation.validate_dataset(
+            frames, config.validation, config.data.labels, docs_dir, tokens=tokens
+        )
+
+    def check_data_bias(
+        self, config: RetuneConfig, frames: Frames, project_dir: Path
+    ) -> bias.DataBiasReport:
+        lexicon = load_lexicon(config, project_dir)
+        frame = pd.concat([frames[s] for s in data.SPLITS], ignore_index=True)
+        return bias.check_data_bias(
+            frame["text"].tolist(),
+            frame["label"].tolist(),
+            lexicon,
+            config.data.labels,
+            config.bias.min_group_rows,
+            min_group_share=config.bias.min_group_share,
+            max_label_rate_gap=config.bias.max_label_rate_gap,
+            membership=group_membership(frame, lexicon),
+        )
+
+    def retention_suite(self, config: RetuneConfig, project_dir: Path) -> retention.Suite:
+        """The versioned retention suite (built, and committed to DVC when it changed)."""
+        return retention.ensure_suite(
+            project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
+        )
+
+    measure_base = staticmethod(measure_base)
+    measure_champion = staticmethod(measure_champion)
+
+    def train(
+        self,
+        config: RetuneConfig,
+        train: pd.DataFrame,
+        validation: pd.DataFrame,
+        run_id: str | None,
+        model_dir: Path,
+    ) -> Trained:
+        from pipeline import tracking
+
+        logger = tracking.MlflowLogger(run_id) if run_id else None
+        if config.train.nproc_per_node == 1 and config.train.nnodes == 1:
+            return train_here(config, train, validation, logger, model_dir)
+        trained = train_distributed(config, train, validation, run_id, model_dir)
+        for record in trained.result.history if logger is not None else []:
+            logger.log_metrics(
+                {"val_loss": record.val_loss, "val_accuracy": record.val_accuracy}, record.epoch
+            )
+        return trained
+
+    blend_with_base = staticmethod(blend_with_base)
+
+    def evaluate(
+        self,
+        config: RetuneConfig,
+        trained: Trained,
+        test: pd.DataFrame,
+        suite: retention.Suite,
+        project_dir: Path,
+    ) -> Evaluation:
+        """Test metrics of the tuned classifier, its encoder's retention scores, test probs."""
+        labels = config.data.labels
+        probs = classifier_predict(config, trained.model, trained.processor)(test["text"].tolist())
+        report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
+        encoder = trained.model.base_model
+        retained = score_retention(config, encoder, trained.processor, suite, project_dir)
+        return Evaluation(report, retained, probs)
+
+    check_model_bias = staticmethod(check_model_bias)
+
+    def log_model(
+        self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
+    ) -> str:
+        example = test["text"].head(2).tolist()
+        return serving.log_classifier(run_id, model_dir, example, config.train.max_length)
