@@ -167,7 +167,7 @@ def check_data_bias(
 @task(**TASK_OPTIONS)
 def retention_suite(config: RetuneConfig, project_dir: Path) -> retention.Suite:
     """The versioned retention suite (built, and committed to DVC when it changed)."""
-    return retention.ensure_suite(
+    return datasets.ensure_suite(
         project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
     )
 
