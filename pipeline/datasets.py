@@ -143,13 +143,12 @@ def _rebuild_suite(folder: Path, md5: str, project_dir: Path) -> bool:
     """
     try:
         retention.build_suite(folder, ForgettingConfig(), project_dir)
+        if versioning.folder_md5(folder) == md5:
+            return True
     except DataError:
-        shutil.rmtree(folder, ignore_errors=True)
-        return False
-    if versioning.folder_md5(folder) != md5:
-        shutil.rmtree(folder, ignore_errors=True)
-        return False
-    return True
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
 
 
 def ensure_suite(
@@ -177,10 +176,10 @@ def ensure_suite(
     try:
         warnings = retention.build_suite(staged, config, project_dir)
         md5 = versioning.folder_md5(staged)
-        if recorded is not None and md5 == recorded.md5 and folder.is_dir():
-            if versioning.folder_md5(folder) == md5:
-                shutil.rmtree(staged)
-                return retention.Suite(retention.load_suite(folder), md5, warnings, folder)
+        current = versioning.folder_md5(folder) if folder.is_dir() else None
+        if recorded is not None and md5 == recorded.md5 == current:
+            shutil.rmtree(staged)
+            return retention.Suite(retention.load_suite(folder), md5, warnings, folder)
         tasks = retention.load_suite(staged)
         record = versioning.DatasetRecord(
             name=name,
