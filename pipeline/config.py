@@ -320,7 +320,7 @@ class ForgettingConfig(_Section):
 
     tasks: list[Literal["lee", "men", "wordsim353", "simlex999", "brown"]] = Field(
         ["lee", "men", "wordsim353", "simlex999", "brown"],
-        description="Built-in retention tasks (brown needs npm; skipped with a warning without).",
+        description="Built-in retention tasks (brown reads what `make retention-sources` builds).",
     )
     extra_tasks: list[RetentionTaskConfig] = Field(
         [], description="Your own retention tasks (e.g. the previous task the model learned)."

@@ -1,15 +1,21 @@
-"""Datasets under ``data/<name>/``: import a source as a new DVC version, or use one as is."""
+"""Datasets under ``data/<name>/``: import a source as a new DVC version, or use one as is.
+
+Every dataset this project versions goes through here, the retention suite included
+(:func:`ensure_suite`); so does rebuilding the recorded datasets that need no DVC remote
+(the example and the default retention suite) before another one is versioned.
+"""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipeline import versioning
-from pipeline.config import EXAMPLE_SOURCE, DataConfig
+from pipeline import retention, versioning
+from pipeline.config import EXAMPLE_SOURCE, DataConfig, ForgettingConfig
 from pipeline.data import (
     DATASET_PREFIX,
     EXAMPLE_NAME,
@@ -62,17 +68,12 @@ def import_dataset(
         extra=dict(extra or {}),
         dropped=dict(dropped or {}),
     )
+    restore_builtin(project_dir, config.data_dir, keep=name)
     staged = versioning.stage_folder(project_dir)
     write_splits(frames, staged)
     expected = recorded[name].md5 if config.source == EXAMPLE_SOURCE and name in recorded else None
     return versioning.commit_dataset(
-        project_dir,
-        config.data_dir,
-        staged,
-        record,
-        expected_md5=expected,
-        push=config.dvc_push,
-        rebuild=rebuild_example,
+        project_dir, config.data_dir, staged, record, expected_md5=expected, push=config.dvc_push
     )
 
 
@@ -109,17 +110,90 @@ def forced_meta(report: ValidationReport) -> dict[str, Any]:
     return {"allow_invalid": True, "failed_checks": [o.line() for o in report.errors]}
 
 
-def rebuild_example(name: str, folder: Path) -> bool:
-    """Write the example dataset or the default retention suite into ``folder`` (no DVC).
+def restore_builtin(project_dir: Path, data_dir: str, keep: str) -> list[str]:
+    """Rebuild the recorded datasets missing from ``data_dir`` that need no DVC remote.
 
-    Returns False for any other dataset (it must be pulled from the DVC remote).
+    ``dvc add`` of ``data_dir`` drops whatever is missing from it, so every recorded dataset
+    but ``keep`` (the one about to be versioned) must be there first. The example and the
+    default retention suite can be rebuilt from installed packages and built sources;
+    :func:`pipeline.versioning.commit_dataset` pulls the rest.
+
+    Returns:
+        The recorded datasets still missing (to be pulled).
     """
-    if name != EXAMPLE_NAME:
-        from pipeline.retention import rebuild_suite
+    recorded = versioning.recorded_datasets(project_dir / f"{data_dir}.dvc")
+    missing = []
+    for name, record in recorded.items():
+        folder = project_dir / data_dir / name
+        if name == keep or folder.is_dir():
+            continue
+        if name == EXAMPLE_NAME:
+            # Not checked here: commit_dataset refuses an example that hashes differently.
+            write_splits(prepare_frames(DataConfig(), folder), folder)
+        elif name != retention.SUITE_NAME or not _rebuild_suite(folder, record.md5, project_dir):
+            missing.append(name)
+    return missing
 
-        return rebuild_suite(name, folder)
-    write_splits(prepare_frames(DataConfig(), folder), folder)
-    return True
+
+def _rebuild_suite(folder: Path, md5: str, project_dir: Path) -> bool:
+    """Build the default suite into ``folder``, kept only if it hashes to ``md5``.
+
+    A suite recorded with another config, or a source not built here, is not rebuilt: DVC
+    must restore it.
+    """
+    try:
+        retention.build_suite(folder, ForgettingConfig(), project_dir)
+        if versioning.folder_md5(folder) == md5:
+            return True
+    except DataError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
+def ensure_suite(
+    project_dir: Path, config: ForgettingConfig, data_dir: str = "data", push: bool = True
+) -> retention.Suite:
+    """The configured retention suite as the DVC-versioned dataset ``data/retention-suite``.
+
+    Builds the suite into a staged folder; if ``data.dvc`` already records that version
+    and the workspace holds it, the stage is discarded, else the build is committed
+    (``dvc add``, manifest entry, push).
+
+    Raises:
+        DataError: a source is missing (the message names the command that builds it) or
+            an extra task file is invalid.
+        DataVersionError: no DVC repo, or DVC failed (data/ and data.dvc unchanged).
+    """
+    if not (project_dir / ".dvc").is_dir():
+        raise versioning.DataVersionError(
+            f"{project_dir} is not a DVC repository (no .dvc/); run `dvc init` there first"
+        )
+    name = retention.SUITE_NAME
+    folder = project_dir / data_dir / name
+    recorded = versioning.recorded_datasets(project_dir / f"{data_dir}.dvc").get(name)
+    staged = versioning.stage_folder(project_dir)
+    try:
+        warnings = retention.build_suite(staged, config, project_dir)
+        md5 = versioning.folder_md5(staged)
+        current = versioning.folder_md5(folder) if folder.is_dir() else None
+        if recorded is not None and md5 == recorded.md5 == current:
+            shutil.rmtree(staged)
+            return retention.Suite(retention.load_suite(folder), md5, warnings, folder)
+        tasks = retention.load_suite(staged)
+        record = versioning.DatasetRecord(
+            name=name,
+            md5="",  # computed from the staged files
+            rows={task.name: task.n_items for task in tasks},
+            labels=[],
+            source="retention suite: " + ", ".join(task.name for task in tasks),
+        )
+        restore_builtin(project_dir, data_dir, keep=name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    version = versioning.commit_dataset(project_dir, data_dir, staged, record, push=push)
+    return retention.Suite(retention.load_suite(folder), version.md5, warnings, folder)
 
 
 def use_dataset(name: str, config: DataConfig, project_dir: Path) -> versioning.DataVersion:

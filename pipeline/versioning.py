@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +26,6 @@ from typing import Any
 import yaml
 
 DEFAULT_REMOTE_NAME = "local"
-Rebuild = Callable[[str, Path], bool]
 DEFAULT_REMOTE_DIR = ".dvc-storage"
 
 
@@ -215,20 +214,16 @@ def _rollback_on_error(project_dir: Path, data_dir: str, name: str) -> Iterator[
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _check_other_datasets_present(
-    project_dir: Path, data_dir: str, keep: str, rebuild: Rebuild | None
-) -> None:
+def _check_other_datasets_present(project_dir: Path, data_dir: str, keep: str) -> None:
     """Every other recorded dataset must be in the workspace, or ``dvc add`` would drop it.
 
-    A missing one is rebuilt by ``rebuild`` if it can be (the example can), else pulled.
+    A missing one is pulled (the caller rebuilds first what needs no remote).
     """
     from dvc.repo import Repo
 
     dvc_file = project_dir / f"{data_dir}.dvc"
     others = {n: r for n, r in recorded_datasets(dvc_file).items() if n != keep}
     missing = [n for n in others if not (project_dir / data_dir / n).is_dir()]
-    if rebuild is not None:
-        missing = [n for n in missing if not rebuild(n, project_dir / data_dir / n)]
     if missing:
         try:
             Repo(str(project_dir)).pull(targets=[str(dvc_file)])
@@ -260,17 +255,17 @@ def commit_dataset(
     record: DatasetRecord,
     expected_md5: str | None = None,
     push: bool = True,
-    rebuild: Rebuild | None = None,
 ) -> DataVersion:
     """Move a staged dataset folder into ``data/<name>``, ``dvc add`` and push, all or nothing.
+
+    Another recorded dataset missing from ``data_dir`` is pulled first (``dvc add`` would
+    drop it): the caller rebuilds beforehand what needs no remote.
 
     Args:
         staged: a folder with the dataset's files (from :func:`stage_folder`); consumed.
         record: the manifest entry; its md5 is recomputed from ``staged``.
         expected_md5: if given and the staged data hashes differently, nothing changes
             and DataVersionError is raised (a regenerated dataset must match its record).
-        rebuild: ``(name, folder) -> bool`` writes a missing recorded dataset that can be
-            rebuilt without DVC (True if it did); the others are pulled.
 
     Raises:
         DataVersionError: no DVC repo, a hash mismatch, missing datasets or a DVC failure;
@@ -291,7 +286,7 @@ def commit_dataset(
                 f"version (changed source package or code?). Restore it with `dvc pull`, "
                 f"or commit the new {dvc_file.name} if the change is intended."
             )
-        _check_other_datasets_present(project_dir, data_dir, record.name, rebuild)
+        _check_other_datasets_present(project_dir, data_dir, record.name)
         record = replace(record, md5=md5)
         with _rollback_on_error(project_dir, data_dir, record.name):
             target = project_dir / data_dir / record.name

@@ -18,7 +18,7 @@ from pipeline.config import BiasConfig, ForgettingConfig, RetuneConfig
 from pipeline.evaluate import classification_metrics
 from pipeline.finetune import EpochRecord, FineTuneResult
 from pipeline.forgetting import TaskOutputs
-from pipeline.retention import RetentionTask
+from pipeline.retention_tasks import RetentionTask
 from pipeline.validation import ExpectationOutcome, ValidationReport
 
 LABELS = ["fresh", "rotten"]

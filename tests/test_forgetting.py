@@ -13,18 +13,15 @@ from pipeline import forgetting, mitigation
 from pipeline.config import ForgettingConfig
 from pipeline.embeddings import embed_layers, embed_texts
 from pipeline.forgetting import (
-    SimilarityTask,
     TaskOutputs,
     compare,
     forgetting_gate,
     layer_cka,
     linear_cka,
-    load_lee,
     score_encoder,
     score_task,
-    similarity_spearman,
 )
-from pipeline.retention import RetentionTask
+from pipeline.retention_tasks import RetentionTask
 
 # Unit vectors at these angles (degrees): all six pairwise angles differ (10, 30, 70, 20, 60, 40).
 ANGLES = np.deg2rad([0.0, 10.0, 30.0, 70.0])
@@ -41,34 +38,6 @@ def similarity(name: str, texts: list[str], pairs: np.ndarray, scores: np.ndarra
     return RetentionTask(name, "similarity", "test", texts, pairs=pairs, scores=scores)
 
 
-def test_load_lee_shapes_and_ranges():
-    task = load_lee()
-    assert len(task.texts) == 50
-    assert task.pairs.shape == (1225, 2) and task.scores.shape == (1225,)
-    assert task.pairs[0].tolist() == [0, 1] and task.pairs[-1].tolist() == [48, 49]
-    assert task.scores.min() >= 0.0 and task.scores.max() <= 1.0
-
-
-def test_load_lee_from_explicit_files(tmp_path: Path):
-    corpus = tmp_path / "c.cor"
-    corpus.write_bytes("first doc costs \xa35\n\nsecond doc\nthird doc\n".encode("latin-1"))
-    ratings = tmp_path / "r.txt"
-    ratings.write_text("1\t0.2\t0.4\n0\t1\t0.9\n0\t0\t1\n", encoding="utf-8")
-    task = load_lee(corpus, ratings)
-    assert task.texts == ["first doc costs \u00a35", "second doc", "third doc"]
-    assert task.pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
-    assert task.scores.tolist() == [0.2, 0.4, 0.9]
-
-
-def test_load_lee_rejects_a_matrix_of_the_wrong_size(tmp_path: Path):
-    corpus = tmp_path / "c.cor"
-    corpus.write_text("one\ntwo\nthree\n", encoding="latin-1")
-    ratings = tmp_path / "r.txt"
-    ratings.write_text("1\t0.5\n0\t1\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"r\.txt: expected a 3x3 matrix, got \(2, 2\)"):
-        load_lee(corpus, ratings)
-
-
 def test_similarity_score_is_the_spearman_of_cosines():
     human = 1.0 - PAIR_ANGLES / 90.0  # smaller angle -> larger cosine -> larger score
     task = similarity("tiny", ["a", "b", "c", "d"], PAIRS, human)
@@ -77,9 +46,13 @@ def test_similarity_score_is_the_spearman_of_cosines():
     assert out.items == pytest.approx(np.cos(np.deg2rad(PAIR_ANGLES)))
     reversed_task = similarity("tiny", ["a", "b", "c", "d"], PAIRS, -human)
     assert score_task(EMBEDDINGS, reversed_task).score == pytest.approx(-1.0)
-    # Agrees with the single-task helper the Lee measure used.
-    legacy = SimilarityTask("tiny", ["a", "b", "c", "d"], PAIRS, human)
-    assert similarity_spearman(EMBEDDINGS, legacy) == pytest.approx(out.score)
+    # Agrees with scipy on scores that rank the cosines otherwise (one swap: 1 - 6*2/210).
+    swapped = human.copy()
+    swapped[[0, 3]] = swapped[[3, 0]]  # the 10- and 20-degree pairs trade places
+    out = score_task(EMBEDDINGS, similarity("tiny", ["a", "b", "c", "d"], PAIRS, swapped))
+    cosine = np.cos(np.deg2rad(PAIR_ANGLES))
+    assert out.score == pytest.approx(spearmanr(cosine, swapped).statistic)
+    assert out.score == pytest.approx(1 - 6 * 2 / (6 * 35))
 
 
 def test_row_wise_spearman_matches_scipy_with_ties():
@@ -272,8 +245,6 @@ def test_scrambled_weights_give_a_large_drop_and_fail_the_gate(tiny, self_define
     assert report.base.mean_ci_high > 0.02
     assert report.gate.refused
     assert any(f.startswith("words: spearman 1.000 -> ") for f in report.gate.failures)
-    with pytest.raises(forgetting.ForgettingRefused, match="forgetting gate refused the model"):
-        raise forgetting.ForgettingRefused(report)
 
 
 def test_alpha_zero_reproduces_the_base_scores_exactly(tiny, self_defined_tasks, tiny_base_model):

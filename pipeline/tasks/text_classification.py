@@ -353,7 +353,7 @@ class TextClassification:
 
     def retention_suite(self, config: RetuneConfig, project_dir: Path) -> retention.Suite:
         """The versioned retention suite (built, and committed to DVC when it changed)."""
-        return retention.ensure_suite(
+        return datasets.ensure_suite(
             project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
         )
 
