@@ -93,20 +93,25 @@ FILTERS = {
 }
 
 
-@cache
-def environment() -> jinja2.Environment:
-    """The HTML templates with HTML autoescaping and the formatters as filters."""
+def _environment(**options: Any) -> jinja2.Environment:
+    """The templates folder, strict about undefined names, with the formatters as filters."""
     import jinja2
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        **options,
     )
     env.filters.update(FILTERS)
     return env
+
+
+@cache
+def environment() -> jinja2.Environment:
+    """The HTML templates (``*.html.j2``), HTML-autoescaped."""
+    return _environment(autoescape=True)
 
 
 def _write(template: str, path: Path, **context: Any) -> Path:
@@ -186,18 +191,7 @@ def _md_finalize(value: Any) -> str:
 @cache
 def markdown_environment() -> jinja2.Environment:
     """The Markdown templates (``*.md.j2``): every printed value is Markdown-escaped."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=False,
-        finalize=_md_finalize,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(FILTERS)
+    env = _environment(autoescape=False, finalize=_md_finalize)
     env.filters.update(
         code=md_code,
         codes=md_codes,
