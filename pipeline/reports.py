@@ -1,16 +1,23 @@
-"""HTML reports a user opens offline: validation, forgetting and bias pages (Jinja2).
+"""Reports a user opens offline: validation, forgetting and bias pages, and the model card.
+
+One rendering system: Jinja2 templates in ``pipeline/templates`` and one set of number
+formatters (``fmt_*``), registered as filters on both environments. HTML pages
+(``*.html.j2``) autoescape HTML; Markdown templates (``*.md.j2``, the model card) escape
+every printed value for Markdown instead, and :func:`markdown_page` turns Markdown into
+HTML with markdown-it-py (CommonMark and GFM tables).
 
 Every page is one self-contained file: styles inline, charts as base64 PNGs, no script
 and no network, so it reads the same from ``runs/<id>/html/`` as from MLflow's
-``reports/`` artifacts. Templates live in ``pipeline/templates``; the number formatters
-below are the filters every template uses.
+``reports/`` artifacts.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+import shlex
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,42 +34,84 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 # --- formatters (the templates' filters) --------------------------------------------------
 
+NA = "n/a"
+
+
+def finite(value: Any) -> float | None:
+    """A real number as float; None for None, NaN, infinities, booleans and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
 
 def fmt_num(value: Any, digits: int = 3) -> str:
-    """``0.123``; "n/a" for None, NaN and infinities."""
-    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.{digits}f}"
+    """``0.123``; "n/a" for None, NaN, infinities and non-numbers."""
+    x = finite(value)
+    return NA if x is None else f"{x:.{digits}f}"
 
 
 def fmt_pct(value: Any) -> str:
     """``12.3%``; "n/a" where undefined."""
-    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.1%}"
+    x = finite(value)
+    return NA if x is None else f"{x:.1%}"
 
 
 def fmt_signed(value: Any, digits: int = 3) -> str:
     """``+0.012``; "n/a" where undefined."""
-    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
-        return "n/a"
-    return f"{value:+.{digits}f}"
+    x = finite(value)
+    return NA if x is None else f"{x:+.{digits}f}"
 
 
-@cache
-def environment() -> jinja2.Environment:
-    """The templates with HTML autoescaping and the formatters as filters."""
+def fmt_count(value: Any) -> str:
+    """``1,234``; "n/a" where undefined."""
+    x = finite(value)
+    return NA if x is None else f"{int(x):,}"
+
+
+def fmt_interval(low: Any, high: Any, digits: int = 3) -> str:
+    """``-0.010 to +0.030``; "n/a" when neither bound is defined."""
+    if finite(low) is None and finite(high) is None:
+        return NA
+    return f"{fmt_signed(low, digits)} to {fmt_signed(high, digits)}"
+
+
+def fmt_param(value: Any) -> str:
+    """A config value as written (``0.0001``, ``True``, ``None``), for hyperparameters."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# Registered once, on both environments: the card and the pages format numbers alike.
+FILTERS = {
+    "num": fmt_num,
+    "pct": fmt_pct,
+    "signed": fmt_signed,
+    "count": fmt_count,
+    "interval": fmt_interval,
+    "param": fmt_param,
+}
+
+
+def _environment(**options: Any) -> jinja2.Environment:
+    """The templates folder, strict about undefined names, with the formatters as filters."""
     import jinja2
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        **options,
     )
-    env.filters.update(num=fmt_num, pct=fmt_pct, signed=fmt_signed)
+    env.filters.update(FILTERS)
     return env
+
+
+@cache
+def environment() -> jinja2.Environment:
+    """The HTML templates (``*.html.j2``), HTML-autoescaped."""
+    return _environment(autoescape=True)
 
 
 def _write(template: str, path: Path, **context: Any) -> Path:
@@ -70,6 +119,103 @@ def _write(template: str, path: Path, **context: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# --- Markdown (the model card) --------------------------------------------------------------
+
+# What Markdown (CommonMark + GFM tables) could read as syntax inside a line: "<" starts
+# HTML, "[" links, "&" entities, "|" table cells; "_" only at a word's edge (intraword
+# underscores never make emphasis, so val_loss stays readable).
+_MD_SPECIAL = re.compile(r"[\\`*\[<|&~#]|(?<![^\W_])_|_(?![^\W_])")
+# What would open a block at the start of a list item: a nested list, a quote, a heading.
+_BLOCK_START = re.compile(r"^(\d{1,9})([.)])|^([-+>=])")
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+class Markdown(str):
+    """Text that already is Markdown: the Markdown templates print it as it is."""
+
+
+def md_escape(value: Any) -> str:
+    """Plain text made literal in Markdown: syntax characters backslash-escaped, one line
+    (every run of whitespace, newlines included, becomes one space)."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(), _WHITESPACE.sub(" ", str(value)))
+
+
+def md_code(value: Any) -> Markdown:
+    """An inline code span holding ``value`` literally (a longer fence around backticks)."""
+    text = NA if value is None else " ".join(str(value).split()) or NA
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return Markdown(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def md_codes(values: Iterable[Any]) -> Markdown:
+    """Code spans joined by commas, e.g. the labels."""
+    return Markdown(", ".join(md_code(v) for v in values))
+
+
+def md_item(value: Any) -> Markdown:
+    """Escaped text that starts a list item: a leading ``1.``, ``-`` or ``>`` stays text."""
+    return Markdown(_BLOCK_START.sub(_escape_block, md_escape(value), count=1))
+
+
+def _escape_block(m: re.Match[str]) -> str:
+    if m.group(1):
+        return f"{m.group(1)}\\{m.group(2)}"
+    return "\\" + m.group(3)
+
+
+def md_shell(value: Any) -> Markdown:
+    """A shell word for a fenced code block, where backslash escapes would show."""
+    return Markdown(shlex.quote(str(value)))
+
+
+def sentence(value: Any) -> str:
+    """One line ending in a full stop (not doubled after text that already has one)."""
+    text = " ".join(str(value).split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _md_finalize(value: Any) -> str:
+    """What every ``{{ ... }}`` of a Markdown template prints: record text escaped (the
+    Markdown counterpart of HTML autoescaping), None as n/a, Markdown as it is."""
+    if isinstance(value, Markdown):
+        return value
+    return NA if value is None else md_escape(value)
+
+
+@cache
+def markdown_environment() -> jinja2.Environment:
+    """The Markdown templates (``*.md.j2``): every printed value is Markdown-escaped."""
+    env = _environment(autoescape=False, finalize=_md_finalize)
+    env.filters.update(
+        code=md_code,
+        codes=md_codes,
+        item=md_item,
+        shell=md_shell,
+        sentence=sentence,
+        rendered=Markdown,  # a macro's output: already escaped inside
+    )
+    return env
+
+
+def render_markdown(template: str, **context: Any) -> str:
+    """A Markdown template rendered, blank-line runs left by skipped blocks closed up."""
+    text = markdown_environment().get_template(template).render(**context)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def markdown_page(markdown: str, title: str) -> str:
+    """A self-contained HTML page of ``markdown`` (CommonMark with GFM tables), styled as
+    the other pages. Raw HTML in the Markdown is not passed through: it shows as text."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return environment().get_template("markdown.html.j2").render(title=title, body=body)
 
 
 # --- validation ---------------------------------------------------------------------------

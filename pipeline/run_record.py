@@ -278,12 +278,7 @@ def write_card(
         verdict=verdict.summary(),
     )
     folder = context.out_dir / "card"
-    markdown = card.render_card(inputs)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model_card.md").write_text(markdown, encoding="utf-8")
-    (folder / "model_card.html").write_text(
-        card.card_html(markdown, f"{context.model_name} model card"), encoding="utf-8"
-    )
+    card.write_card(folder, inputs)
     tracking.log_folder(context.run_id, folder, "card")
     return folder
 

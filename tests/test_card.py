@@ -13,11 +13,14 @@ import pandas as pd
 import pytest
 
 from pipeline import bias, card, fairness, forgetting
-from pipeline.card import CardInputs, card_html, render_card
+from pipeline import tags as tag
+from pipeline.card import CardInputs, render_card, write_card
 from pipeline.config import BiasConfig, ForgettingConfig, RetuneConfig
 from pipeline.evaluate import classification_metrics
 from pipeline.finetune import EpochRecord, FineTuneResult
 from pipeline.forgetting import TaskOutputs
+from pipeline.gates import GateOutcome, GateStatus
+from pipeline.reports import markdown_page
 from pipeline.retention_tasks import RetentionTask
 from pipeline.validation import ExpectationOutcome, ValidationReport
 
@@ -367,7 +370,7 @@ def test_missing_reports_say_not_recorded():
     assert "**Validation:** not recorded" in md
     assert "retune reproduce m/1 --project-dir ." in md
     assert "git checkout <commit>" in md
-    card_html(md, "m")  # and it converts
+    assert "<h2>Reproduce</h2>" in markdown_page(md, "m")  # and it converts
 
 
 def test_partial_and_malformed_reports_do_not_crash(full):
@@ -411,31 +414,75 @@ def test_every_table_row_has_as_many_cells_as_its_header(full):
         assert {len(cells(r)) for r in rows} == {len(cells(rows[0]))}, rows[0]
 
 
-def test_html_renders_tables_and_escapes_markup(full):
+def test_write_card_writes_the_markdown_and_an_escaped_html_page(full, tmp_path):
     evil = with_labels(full, ["a|b", "<b>x</b> & `y`"], model_name="<script>alert(1)</script>")
-    md = render_card(evil)
-    page = card_html(md, f"Model card: {evil.model_name}")
+    md_path, html_path = write_card(tmp_path / "card", evil)
+    assert (md_path.name, html_path.name) == ("model_card.md", "model_card.html")
+    assert md_path.read_text(encoding="utf-8") == render_card(evil)
+    page = html_path.read_text(encoding="utf-8")
     assert "<script>" not in page and "<b>" not in page
-    assert "<title>Model card: &lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt; model card</title>" in page
     assert "<h1>Model card: &lt;script&gt;alert(1)&lt;/script&gt; version 3</h1>" in page
     assert page.count("<table>") == 7
-    assert "<td>a|b</td><td style='text-align:right'>0.8333</td>" in page
+    # markdown-it writes one cell per line, alignment as an inline style.
+    assert '<td>a|b</td>\n<td style="text-align:right">0.8333</td>' in page
     assert "<td>&lt;b&gt;x&lt;/b&gt; &amp; `y`</td>" in page
     assert "<li><strong>Task:</strong> text classification into 2 labels: <code>a|b</code>" in page
+    assert "<code>&lt;b&gt;x&lt;/b&gt; &amp; `y`</code>" in page
     assert (
-        "<code>`` `y` ``</code>" not in page
-        and "<code>&lt;b&gt;x&lt;/b&gt; &amp; `y`</code>" in page
-    )
-    assert (
-        "<pre><code>retune reproduce &#x27;&lt;script&gt;alert(1)&lt;/script&gt;/3&#x27; "
-        "--project-dir .</code></pre>"
+        '<pre><code class="language-bash">retune reproduce '
+        "'&lt;script&gt;alert(1)&lt;/script&gt;/3' --project-dir .\n</code></pre>"
     ) in page
-    assert "<h2>Limitations</h2>" in page and "<ul><li>" in page
+    assert "<h2>Limitations</h2>" in page and "<ul>\n<li>" in page
+    assert "border-collapse: collapse" in page  # the reports' own style sheet
 
 
-def test_html_inline_markdown():
-    page = card_html("a **b** ``c`d`` \\*e\\* **f", "t")
+def test_markdown_page_is_commonmark_with_tables_and_no_raw_html():
+    page = markdown_page(
+        "a **b** ``c`d`` \\*e\\* **f\n\n<b>raw</b> <!-- c -->\n\n"
+        "| h | n |\n| --- | ---: |\n| x | 1 |",
+        "t",
+    )
     assert "<p>a <strong>b</strong> <code>c`d</code> *e* **f</p>" in page
+    assert "<p>&lt;b&gt;raw&lt;/b&gt; &lt;!-- c --&gt;</p>" in page
+    assert '<th>h</th>\n<th style="text-align:right">n</th>' in page
+
+
+def test_gate_statuses_come_from_the_gate_tags(full):
+    outcomes = [
+        GateOutcome("validation", GateStatus.PASSED, "passed"),
+        GateOutcome("forgetting", GateStatus.WARNED, "warned: mean drop 0.129 > 0.02"),
+        GateOutcome("bias", GateStatus.REFUSED, "refused: equalized odds 1.000 > 0.10"),
+    ]
+    gate_tags = {k: v for o in outcomes for k, v in o.to_tags().items()}
+    md = render_card(replace(full, tags=full.tags | gate_tags))
+    assert "- **Gate statuses:** validation passed, forgetting warned, bias refused\n" in md
+    assert "Gate statuses" not in render_card(full)  # none recorded: no line
+    # A section whose report is missing still says what its gate recorded.
+    bare = render_card(CardInputs("m", "1", {}, {tag.gate_status("bias"): "refused"}, "r"))
+    assert "Bias: not recorded. The bias gate's recorded status: refused." in bare
+    assert "Forgetting: not recorded.\n" in bare
+
+
+def test_another_kind_of_task_is_not_described_as_text_classification(full):
+    """An image classifier with only test metrics: no text, language or lexicon claims."""
+    tags = {tag.IDENTITY_TASK: "image-classification", tag.BASE_MODEL: "efficientnet-lite0"}
+    only = {"test_metrics": full.reports["test_metrics"]}
+    md = render_card(CardInputs("scans", "2", only, tags, "r"))
+    assert "**Task:** image classification into 2 labels: `fresh`, `rotten`." in md
+    assert "meant for" not in md  # no dataset recorded
+    for claim in ("text", "English", "languages", "lexicons", "CrowS-Pairs", "retention suite"):
+        assert claim not in md.replace("context", ""), claim
+    for title in ("Per-group metrics", "Forgetting", "Bias"):
+        assert f"{title}: not recorded." in section(md, title), title
+    limits = section(md, "Limitations")
+    assert "one held-out split of the same source" in limits
+    assert "The weakest label is 'rotten' (F1 0.7500)." in limits
+    generative = render_card(
+        CardInputs("chat", "1", {}, {tag.IDENTITY_TASK: "text-generation"}, "r")
+    )
+    assert "- **Task:** text generation.\n" in generative
+    assert "Labels:" not in generative
 
 
 def test_lp_ft_epochs_and_a_multilingual_base_model(full):

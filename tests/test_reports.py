@@ -7,6 +7,7 @@ forgetting, bias and card reports from the tiny hand-computed run of test_card.
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from test_fairness import three_label_report
 from test_validation import good_frames, validate
 
 from pipeline import reports as pages
-from pipeline.card import CardInputs, card_html, render_card
+from pipeline.card import CardInputs, render_card, write_card
 from pipeline.config import ValidationConfig
 from pipeline.validation import ValidationReport, validate_dataset
 
@@ -181,6 +182,25 @@ def test_formatters():
     assert pages.fmt_num(None) == "n/a" and pages.fmt_num(2, 1) == "2.0"
     assert pages.fmt_pct(0.1234) == "12.3%" and pages.fmt_pct(float("inf")) == "n/a"
     assert pages.fmt_signed(0.01) == "+0.010" and pages.fmt_signed(-0.5, 1) == "-0.5"
+    assert pages.fmt_num(True) == "n/a" and pages.fmt_num("0.5") == "n/a"  # not numbers
+    assert pages.fmt_count(1234.0) == "1,234" and pages.fmt_count(None) == "n/a"
+    assert pages.fmt_interval(-0.01, 0.03) == "-0.010 to +0.030"
+    assert pages.fmt_interval(None, math.nan) == "n/a"
+    assert pages.fmt_interval(None, 0.5) == "n/a to +0.500"
+    assert pages.fmt_param(0.0001) == "0.0001" and pages.fmt_param(None) == "None"
+
+
+def test_markdown_escaping_keeps_record_text_literal():
+    assert pages.md_escape("a|b <x> *y* val_loss _z_\nnext") == (
+        "a\\|b \\<x> \\*y\\* val_loss \\_z\\_ next"
+    )
+    assert pages.md_code("a `b` c") == "``a `b` c``" and pages.md_code("`x") == "`` `x ``"
+    assert pages.md_item("1. first") == "1\\. first" and pages.md_item("- x") == "\\- x"
+    assert pages.sentence("done.") == "done." and pages.sentence("done") == "done."
+    # One template: a value prints escaped, a filter's Markdown as it is, None as n/a.
+    env = pages.markdown_environment()
+    out = env.from_string("{{ a }} {{ a | code }} {{ n }} {{ 0.5 | num }}").render(a="x|y", n=None)
+    assert out == "x\\|y `x|y` n/a 0.500"
 
 
 # --- every page in headless Chromium --------------------------------------------------------
@@ -216,11 +236,7 @@ def visible_text(path: Path, user_data: Path) -> str:
 
 def write_every_page(failed: ValidationReport, folder: Path) -> dict[str, Path]:
     card = CardInputs("retune-sentiment", "3", reports(), dict(TAGS), RUN_ID, "champion")
-    card_page = folder / "card" / "model_card.html"
-    card_page.parent.mkdir(parents=True)
-    card_page.write_text(
-        card_html(render_card(card), "retune-sentiment model card"), encoding="utf-8"
-    )
+    _, card_page = write_card(folder / "card", card)
     html_dir = folder / "html"
     return {
         "validation": pages.render_validation_page(
