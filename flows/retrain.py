@@ -360,7 +360,7 @@ def train_model(
     if cfg.strategy == "lora":
         if not cfg.lora_merge:
             model.save_pretrained(out_dir.parent / "adapter")
-        model = finetune.finish_lora(model, merge=True)  # the served model is always merged
+        model = finetune.finish_lora(model)  # the served model is always merged
     finetune.save_model(model, tokenizer, out_dir)
     return model, tokenizer, result
 

@@ -12,13 +12,13 @@ from pipeline.finetune import (
     _Logits,
     _pad_ids,
     _param_groups,
-    _tokenize_all,
     apply_lora,
     cache_frozen,
     fine_tune,
     finish_lora,
     freeze_for_strategy,
     resolve_base_model,
+    tokenize_all,
 )
 
 
@@ -31,7 +31,7 @@ def tokenizer():
 def test_cached_forward_computes_the_same_logits(tokenizer, k):
     model = tiny_model(tokenizer).eval()
     texts = ["a short one", "a somewhat longer text with more tokens in it", "mid length text"]
-    ids = _tokenize_all(tokenizer, texts, 64)
+    ids = tokenize_all(tokenizer, texts, 64)
     states = cache_frozen(model, ids, k, tokenizer.pad_token_id, bf16=False)
     if k == 3:
         assert states[0].shape == (32,)  # head: the pooled output is cached
@@ -99,10 +99,10 @@ def test_lora_trains_adapters_and_head_then_merges(tokenizer):
     )
     assert result.trainable_parameters == sum(model.get_parameter(n).numel() for n in trainable)
     assert result.trainable_parameters < sum(p.numel() for p in base.parameters()) / 10
-    merged = finish_lora(model, merge=True)
+    merged = finish_lora(model)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     ids = _pad_ids(
-        _tokenize_all(tokenizer, texts[:4], 32), tokenizer.pad_token_id, torch.device("cpu")
+        tokenize_all(tokenizer, texts[:4], 32), tokenizer.pad_token_id, torch.device("cpu")
     )
     with torch.no_grad():
         assert merged.eval()(**ids).logits.shape == (4, 2)
