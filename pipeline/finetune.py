@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import signal
 import threading
@@ -109,10 +110,14 @@ def use_bf16(setting: str | bool, device: torch.device) -> bool:
     return False
 
 
-def load_classifier(base_model: str, labels: Sequence[str], seed: int) -> tuple[Any, Any]:
+def load_classifier(
+    base_model: str, labels: Sequence[str], seed: int, pooling: str = "auto"
+) -> tuple[Any, Any]:
     """The base encoder with a freshly initialised classification head, and its tokenizer.
 
     The head's initial weights come from torch's global RNG, seeded here with ``seed``.
+    The head reads the encoder pooled as :func:`resolve_pooling` says; the choice is kept
+    in the model's config (``classifier_pooling``), so the saved model predicts the same.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -128,7 +133,78 @@ def load_classifier(base_model: str, labels: Sequence[str], seed: int) -> tuple[
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    mode = resolve_pooling(path, pooling)
+    if mode != "cls" and not isinstance(getattr(model, "classifier", None), nn.Linear):
+        raise ValueError(
+            f"train.pooling={pooling} ({mode}) needs a BERT-style head (a Linear on the "
+            f"pooled output); {type(model).__name__} pools inside its head: set train.pooling: cls"
+        )
+    model.config.classifier_pooling = mode
     return model, tokenizer
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"} | {
+    "pooling_mode_max_tokens": "max"
+}
+
+
+def resolve_pooling(base_path: str, setting: str = "auto") -> str:
+    """How the head pools the encoder's output: "mean", "cls" or "max".
+
+    ``auto`` reads a sentence-transformers model's own pooling config (``modules.json``'s
+    Pooling module, else ``1_Pooling/config.json``) and falls back to "cls" (BERT's pooler)
+    where there is none; any other setting is taken as it is.
+
+    Raises:
+        ValueError: the pooling config names none of mean / cls / max tokens.
+    """
+    if setting != "auto":
+        return setting
+    folder = Path(base_path)
+    pooling_dir = folder / "1_Pooling"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text(encoding="utf-8")):
+            if module.get("type", "").endswith("models.Pooling"):
+                pooling_dir = folder / module["path"]
+    config = pooling_dir / "config.json"
+    if not config.is_file():
+        return "cls"
+    flags = json.loads(config.read_text(encoding="utf-8"))
+    modes = [mode for key, mode in POOLING_MODES.items() if flags.get(key)]
+    if not modes:
+        raise ValueError(
+            f"{config} sets none of {', '.join(POOLING_MODES)}: "
+            "set train.pooling to mean, cls or max"
+        )
+    return modes[0]
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean or max of ``hidden`` (B, T, H) over the real tokens of each row: (B, H)."""
+    hidden = hidden.float()
+    mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def head_input(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """What the classification head reads from the last hidden states (B, T, H): (B, H)."""
+    mode = getattr(model.config, "classifier_pooling", "cls")
+    if mode == "cls":
+        return model.base_model.pooler(hidden)
+    return pool(hidden, attention_mask, mode)
+
+
+def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Logits (B, num_labels), the head reading the encoder pooled as the config says."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    mode = getattr(inner.config, "classifier_pooling", "cls")
+    if mode == "cls":  # BERT's pooler: the [CLS] token through dense + tanh
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return inner.classifier(inner.dropout(pool(hidden, attention_mask, mode)))  # (B, K)
 
 
 def load_saved_classifier(folder: Path) -> tuple[Any, Any]:
@@ -221,7 +297,7 @@ def predict_proba(
         idx = order[start : start + batch_size]
         batch = _tokenize(tokenizer, [texts[i] for i in idx], max_length, device)
         with _autocast(device, bf16):
-            logits = model(**batch).logits  # (B, num_labels)
+            logits = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
         probs[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs
 
@@ -300,7 +376,8 @@ def cache_frozen(
         batch = _pad_ids([ids[i] for i in idx], pad_id, device)
         with _autocast(device, bf16):
             if k == len(encoder.encoder.layer):
-                pooled = encoder(**batch).pooler_output  # (B, H)
+                hidden = encoder(**batch).last_hidden_state  # (B, T, H)
+                pooled = head_input(model, hidden, batch["attention_mask"])  # (B, H)
                 for row, i in enumerate(idx):
                     out[i] = pooled[row].to(torch.bfloat16 if bf16 else torch.float32).cpu()
                 continue
@@ -343,15 +420,13 @@ class _Logits(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.k is None:
-            return self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            return classifier_logits(self.model, batch["input_ids"], batch["attention_mask"])
         model, encoder = self.model, self.model.base_model
         if self.k == len(encoder.encoder.layer):
             pooled = batch["pooled"]  # (B, H)
         else:
             hidden = run_top_layers(encoder, batch["hidden"], batch["attention_mask"], self.k)
-            pooled = encoder.pooler(hidden)
+            pooled = head_input(model, hidden, batch["attention_mask"])
         return model.classifier(model.dropout(pooled))  # (B, num_labels)
 
 

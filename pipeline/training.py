@@ -60,7 +60,7 @@ def train_classifier(
     Raises:
         TrainingInterrupted: SIGTERM during training; the checkpoint resumes it.
     """
-    model, tokenizer = load_classifier(config.base_model, list(labels), config.seed)
+    model, tokenizer = load_classifier(config.base_model, list(labels), config.seed, config.pooling)
     regularizer = None
     if forgetting is not None:
         regularizer = build_regularizer(

@@ -14,6 +14,7 @@ from pipeline.finetune import (
     _param_groups,
     apply_lora,
     cache_frozen,
+    classifier_logits,
     fine_tune,
     finish_lora,
     freeze_for_strategy,
@@ -27,9 +28,11 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_base_model("packaged:all-MiniLM-L6-v2"))
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_cached_forward_computes_the_same_logits(tokenizer, k):
+def test_cached_forward_computes_the_same_logits(tokenizer, k, pooling):
     model = tiny_model(tokenizer).eval()
+    model.config.classifier_pooling = pooling
     texts = ["a short one", "a somewhat longer text with more tokens in it", "mid length text"]
     ids = tokenize_all(tokenizer, texts, 64)
     states = cache_frozen(model, ids, k, tokenizer.pad_token_id, bf16=False)
@@ -42,7 +45,8 @@ def test_cached_forward_computes_the_same_logits(tokenizer, k):
     inputs = _Inputs(None, states, tokenizer.pad_token_id)
     with torch.no_grad():
         cached = _Logits(model, k).eval()(_make_batch(inputs, [0, 1, 2], k, torch.device("cpu")))
-        direct = model(**_pad_ids(ids, tokenizer.pad_token_id, torch.device("cpu"))).logits
+        batch = _pad_ids(ids, tokenizer.pad_token_id, torch.device("cpu"))
+        direct = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
 
 
