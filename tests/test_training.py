@@ -1,4 +1,4 @@
-"""The training sequence (train_classifier) and distillation's cached frozen layers (tiny BERT)."""
+"""The training sequence (train_classifier), distillation's cached frozen layers, head pooling."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_resume_ddp import base_without_dropout
 
 from pipeline import mitigation
 from pipeline.config import ForgettingConfig, TrainConfig
@@ -18,17 +19,6 @@ TEXTS = [f"a {w} film, truly {w}" for w in ("fine", "lovely", "great", "superb")
 ]
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 NAMES = ["pos", "neg"]
-
-
-def without_dropout(folder: Path, out: Path) -> Path:
-    from transformers import AutoTokenizer, BertModel
-
-    model = BertModel.from_pretrained(
-        folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
-    return out
 
 
 def test_lora_merge_false_saves_an_adapter_that_predicts_as_the_served_model(
@@ -113,7 +103,7 @@ def test_distillation_on_cached_frozen_layers_equals_recomputing_them(tiny_base_
 def test_train_classifier_with_cached_distillation_matches_the_uncached_run(
     tiny_base_model: Path, tmp_path: Path
 ):
-    base = without_dropout(tiny_base_model, tmp_path / "base")
+    base = base_without_dropout(tiny_base_model, tmp_path / "base")
     keep = ForgettingConfig(distill=5.0, distill_batch_size=8)
     runs = []
     for cache in (True, False):
