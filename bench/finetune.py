@@ -106,7 +106,7 @@ def training_flops(model: Any, lengths: list[int], epochs: int) -> float:
 
 
 def run_retune(case: Case, epochs: int, data: dict) -> dict[str, Any]:
-    from pipeline.finetune import _tokenize_all, fine_tune, load_classifier
+    from pipeline.finetune import fine_tune, load_classifier, tokenize_all
 
     model, tokenizer = load_classifier(BASE_MODEL, DataConfig().labels, SEED)
     config = TrainConfig(
@@ -129,7 +129,7 @@ def run_retune(case: Case, epochs: int, data: dict) -> dict[str, Any]:
     start = time.perf_counter()
     result = fine_tune(model, tokenizer, train_x, train_y, val_x, val_y, config)
     wall = time.perf_counter() - start
-    lengths = [len(ids) for ids in _tokenize_all(tokenizer, train_x, MAX_LENGTH)]
+    lengths = [len(ids) for ids in tokenize_all(tokenizer, train_x, MAX_LENGTH)]
     return {
         "wall_s": wall,
         "loop_s": result.train_seconds,  # training steps only: no tokenising, cache, validation

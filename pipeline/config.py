@@ -241,6 +241,12 @@ class TrainConfig(_Section):
     frozen_layers: int = Field(
         3, ge=0, description="partial: embeddings and the first K encoder layers stay frozen."
     )
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        "auto",
+        description="What the head reads from the encoder: auto (as the base model was trained: "
+        "a sentence-transformers pooling config if it has one, else BERT's CLS pooler), mean or "
+        "max over the tokens, or cls.",
+    )
     cache_frozen: bool = Field(
         True,
         description="Compute the frozen layers once and train on their cached outputs "

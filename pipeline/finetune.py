@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,10 +110,14 @@ def use_bf16(setting: str | bool, device: torch.device) -> bool:
     return False
 
 
-def load_classifier(base_model: str, labels: Sequence[str], seed: int) -> tuple[Any, Any]:
+def load_classifier(
+    base_model: str, labels: Sequence[str], seed: int, pooling: str = "auto"
+) -> tuple[Any, Any]:
     """The base encoder with a freshly initialised classification head, and its tokenizer.
 
     The head's initial weights come from torch's global RNG, seeded here with ``seed``.
+    The head reads the encoder pooled as :func:`resolve_pooling` says; the choice is kept
+    in the model's config (``classifier_pooling``), so the saved model predicts the same.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -128,7 +133,78 @@ def load_classifier(base_model: str, labels: Sequence[str], seed: int) -> tuple[
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    mode = resolve_pooling(path, pooling)
+    if mode != "cls" and not isinstance(getattr(model, "classifier", None), nn.Linear):
+        raise ValueError(
+            f"train.pooling={pooling} ({mode}) needs a BERT-style head (a Linear on the "
+            f"pooled output); {type(model).__name__} pools inside its head: set train.pooling: cls"
+        )
+    model.config.classifier_pooling = mode
     return model, tokenizer
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"} | {
+    "pooling_mode_max_tokens": "max"
+}
+
+
+def resolve_pooling(base_path: str, setting: str = "auto") -> str:
+    """How the head pools the encoder's output: "mean", "cls" or "max".
+
+    ``auto`` reads a sentence-transformers model's own pooling config (``modules.json``'s
+    Pooling module, else ``1_Pooling/config.json``) and falls back to "cls" (BERT's pooler)
+    where there is none; any other setting is taken as it is.
+
+    Raises:
+        ValueError: the pooling config names none of mean / cls / max tokens.
+    """
+    if setting != "auto":
+        return setting
+    folder = Path(base_path)
+    pooling_dir = folder / "1_Pooling"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text(encoding="utf-8")):
+            if module.get("type", "").endswith("models.Pooling"):
+                pooling_dir = folder / module["path"]
+    config = pooling_dir / "config.json"
+    if not config.is_file():
+        return "cls"
+    flags = json.loads(config.read_text(encoding="utf-8"))
+    modes = [mode for key, mode in POOLING_MODES.items() if flags.get(key)]
+    if not modes:
+        raise ValueError(
+            f"{config} sets none of {', '.join(POOLING_MODES)}: "
+            "set train.pooling to mean, cls or max"
+        )
+    return modes[0]
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean or max of ``hidden`` (B, T, H) over the real tokens of each row: (B, H)."""
+    hidden = hidden.float()
+    mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def head_input(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """What the classification head reads from the last hidden states (B, T, H): (B, H)."""
+    mode = getattr(model.config, "classifier_pooling", "cls")
+    if mode == "cls":
+        return model.base_model.pooler(hidden)
+    return pool(hidden, attention_mask, mode)
+
+
+def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Logits (B, num_labels), the head reading the encoder pooled as the config says."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    mode = getattr(inner.config, "classifier_pooling", "cls")
+    if mode == "cls":  # BERT's pooler: the [CLS] token through dense + tanh
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return inner.classifier(inner.dropout(pool(hidden, attention_mask, mode)))  # (B, K)
 
 
 def load_saved_classifier(folder: Path) -> tuple[Any, Any]:
@@ -221,7 +297,7 @@ def predict_proba(
         idx = order[start : start + batch_size]
         batch = _tokenize(tokenizer, [texts[i] for i in idx], max_length, device)
         with _autocast(device, bf16):
-            logits = model(**batch).logits  # (B, num_labels)
+            logits = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
         probs[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs
 
@@ -247,7 +323,7 @@ class _Inputs:
         return len(self.ids if self.ids is not None else self.states)  # type: ignore[arg-type]
 
 
-def _tokenize_all(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def tokenize_all(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
@@ -261,7 +337,7 @@ def _pad_ids(ids: list[list[int]], pad_id: int, device: torch.device) -> dict[st
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _pad_states(
+def pad_states(
     states: list[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(s.shape[0] for s in states)
@@ -300,7 +376,8 @@ def cache_frozen(
         batch = _pad_ids([ids[i] for i in idx], pad_id, device)
         with _autocast(device, bf16):
             if k == len(encoder.encoder.layer):
-                pooled = encoder(**batch).pooler_output  # (B, H)
+                hidden = encoder(**batch).last_hidden_state  # (B, T, H)
+                pooled = head_input(model, hidden, batch["attention_mask"])  # (B, H)
                 for row, i in enumerate(idx):
                     out[i] = pooled[row].to(torch.bfloat16 if bf16 else torch.float32).cpu()
                 continue
@@ -317,6 +394,20 @@ def cache_frozen(
     return out  # type: ignore[return-value]
 
 
+def run_top_layers(
+    encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The encoder's layers after the first ``k`` on their input ``hidden``: (B, T, H)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(
+        config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+    )
+    for layer in encoder.encoder.layer[k:]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
 class _Logits(nn.Module):
     """The trainable forward: from token ids, or from cached outputs of the first k layers.
 
@@ -329,22 +420,13 @@ class _Logits(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.k is None:
-            return self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        from transformers.masking_utils import create_bidirectional_mask
-
+            return classifier_logits(self.model, batch["input_ids"], batch["attention_mask"])
         model, encoder = self.model, self.model.base_model
         if self.k == len(encoder.encoder.layer):
             pooled = batch["pooled"]  # (B, H)
         else:
-            hidden = batch["hidden"]  # (B, T, H)
-            mask = create_bidirectional_mask(
-                config=encoder.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
-            )
-            for layer in encoder.encoder.layer[self.k :]:
-                hidden = layer(hidden, mask)
-            pooled = encoder.pooler(hidden)
+            hidden = run_top_layers(encoder, batch["hidden"], batch["attention_mask"], self.k)
+            pooled = head_input(model, hidden, batch["attention_mask"])
         return model.classifier(model.dropout(pooled))  # (B, num_labels)
 
 
@@ -356,7 +438,7 @@ def _make_batch(
     states = [inputs.states[i] for i in idx]  # type: ignore[index]
     if states[0].ndim == 1:
         return {"pooled": torch.stack(states).to(device)}
-    hidden, mask = _pad_states(states, device)
+    hidden, mask = pad_states(states, device)
     return {"hidden": hidden, "attention_mask": mask}
 
 
@@ -484,81 +566,298 @@ def fine_tune(
             the same weights as an uninterrupted run.
         regularizer: a pull toward the pretrained model: its ``loss`` is added to the task
             loss at every step and its ``after_step`` runs after each optimizer step (see
-            :mod:`pipeline.mitigation`); for lp-ft only in the full phase. Single-process.
+            :mod:`pipeline.mitigation`); for lp-ft only in the full phase.
 
     Returns:
         Per-epoch history, the best epoch and throughput. For ``lora`` the returned
-        model is still wrapped by PEFT; :func:`finish_lora` merges or keeps the adapter.
+        model is still wrapped by PEFT; :func:`finish_lora` merges it.
     """
-    if config.strategy == "lp-ft":
-        probe = config.model_copy(
-            update={
-                "strategy": "head",
-                "epochs": config.lpft_probe_epochs,
-                "patience": config.lpft_probe_epochs,
-            }
+    texts = _Texts(train_texts, np.asarray(train_labels), val_texts, np.asarray(val_labels))
+    if config.strategy != "lp-ft":
+        return _train(
+            model, tokenizer, texts, config, logger, progress, checkpoint_dir, "", regularizer
         )
-        first = _train(
-            model,
-            tokenizer,
-            train_texts,
-            train_labels,
-            val_texts,
-            val_labels,
-            probe,
-            logger,
-            progress,
-            checkpoint_dir and checkpoint_dir / "probe",
-            "probe",
-        )
-        full = config.model_copy(update={"strategy": "full"})
-        second = _train(
-            model,
-            tokenizer,
-            train_texts,
-            train_labels,
-            val_texts,
-            val_labels,
-            full,
-            logger,
-            progress,
-            checkpoint_dir and checkpoint_dir / "full",
-            "full",
-            regularizer,
-        )
-        return FineTuneResult(
-            history=first.history + second.history,
-            best_epoch=second.best_epoch,
-            train_seconds=first.train_seconds + second.train_seconds,
-            trainable_parameters=second.trainable_parameters,
-            total_parameters=second.total_parameters,
-            device=second.device,
-            bf16=second.bf16,
-            loss_curve=first.loss_curve + second.loss_curve,
-        )
-    return _train(
+    probe = config.model_copy(
+        update={
+            "strategy": "head",
+            "epochs": config.lpft_probe_epochs,
+            "patience": config.lpft_probe_epochs,
+        }
+    )
+    first = _train(
         model,
         tokenizer,
-        train_texts,
-        train_labels,
-        val_texts,
-        val_labels,
-        config,
+        texts,
+        probe,
         logger,
         progress,
-        checkpoint_dir,
-        "",
+        checkpoint_dir and checkpoint_dir / "probe",
+        "probe",
+    )
+    full = config.model_copy(update={"strategy": "full"})
+    second = _train(
+        model,
+        tokenizer,
+        texts,
+        full,
+        logger,
+        progress,
+        checkpoint_dir and checkpoint_dir / "full",
+        "full",
         regularizer,
     )
+    return replace(
+        second,
+        history=first.history + second.history,
+        train_seconds=first.train_seconds + second.train_seconds,
+        loss_curve=first.loss_curve + second.loss_curve,
+    )
+
+
+@dataclass(frozen=True)
+class _Texts:
+    """The training and validation split; labels are indices, shape (N,)."""
+
+    train: list[str]
+    train_labels: np.ndarray
+    val: list[str]
+    val_labels: np.ndarray
+
+
+@dataclass
+class TrainState:
+    """Where a training phase stands: what a resumed run needs besides tensor states.
+
+    Saved in ``checkpoint.pt`` next to the model, optimizer, scheduler and RNG states,
+    through :func:`dataclasses.asdict`; read back with :meth:`from_checkpoint`.
+    """
+
+    phase: str = ""  # "" for one phase; lp-ft: "probe", then "full"
+    epoch: int = 1  # the epoch under way, from 1
+    step: int = 0  # optimizer steps taken in this phase
+    batch: int = 0  # batches of this epoch's order done
+    order: list[list[int]] | None = None  # this epoch's batches of row indices; None: not drawn
+    epoch_seen: int = 0  # rows seen this epoch
+    epoch_loss: float = 0.0  # sum of the task loss times rows this epoch
+    epoch_seconds: float = 0.0
+    history: list[EpochRecord] = field(default_factory=list)
+    loss_curve: list[float] = field(default_factory=list)  # the task loss of every step
+    best_value: float = math.inf  # of the early-stopping metric
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one
+    seconds: float = 0.0  # training time of finished epochs
+    finished: bool = False
+
+    @classmethod
+    def start(cls, phase: str, metric: str) -> TrainState:
+        """A phase before its first step; ``metric`` sets which way "best" points."""
+        return cls(phase=phase, best_value=math.inf if metric == "val_loss" else -math.inf)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """The state a checkpoint holds (tensor states under other keys are ignored)."""
+        missing = [f.name for f in fields(cls) if f.name not in saved]
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {', '.join(missing)} (written by an older retune?): "
+                "remove its folder to train from the start"
+            )
+        values = {f.name: saved[f.name] for f in fields(cls)}
+        values["history"] = [EpochRecord(**h) for h in values["history"]]
+        return cls(**values)
+
+    def new_epoch(self, order: list[list[int]]) -> None:
+        self.order, self.batch, self.epoch_seen, self.epoch_loss, self.epoch_seconds = (
+            order,
+            0,
+            0,
+            0.0,
+            0.0,
+        )
+
+
+class _Loop:
+    """One training phase's parts, set up in named steps: device, data, network, optimizer.
+
+    Checkpoints hold :class:`TrainState` plus :meth:`tensor_states`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, texts: _Texts, config: TrainConfig):
+        self.model, self.config, self.texts = model, config, texts
+        self.rank, self.world = rank_and_world()
+        torch.manual_seed(config.seed)
+        set_cpu_threads(config.num_threads)  # usable cores, unless train.num_threads
+        self.device = pick_device()
+        self.bf16 = use_bf16(config.bf16, self.device)
+        model.to(self.device)
+        if config.strategy == "lora":  # PEFT already set which parameters train
+            self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        else:
+            self.trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
+        self.total = sum(p.numel() for p in model.parameters())
+        self._setup_data(tokenizer)
+        self._setup_net()
+        self._setup_optimizer()
+
+    def _setup_data(self, tokenizer: Any) -> None:
+        config, texts, model = self.config, self.texts, self.model
+        k = (
+            cache_point(model, config.strategy, config.frozen_layers)
+            if config.cache_frozen
+            else None
+        )
+        pad_id = tokenizer.pad_token_id or 0
+        inputs = []
+        for split in (texts.train, texts.val):
+            ids = tokenize_all(tokenizer, split, config.max_length)
+            states = None if k is None else cache_frozen(model, ids, k, pad_id, self.bf16)
+            inputs.append(_Inputs(None if k is not None else ids, states, pad_id))
+        self.k, (self.train_in, self.val_in) = k, inputs
+        self.labels = torch.tensor(texts.train_labels, dtype=torch.long)
+        counts = np.bincount(texts.train_labels, minlength=model.config.num_labels)
+        self.weight = None
+        if config.class_weights == "balanced":  # N / (K * rows of the class)
+            self.weight = torch.tensor(
+                len(texts.train_labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32
+            )
+
+    def _setup_net(self) -> None:
+        self.core = _Logits(self.model, self.k)
+        self.net: nn.Module = self.core
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.core)
+
+    def _setup_optimizer(self) -> None:
+        config = self.config
+        # fused: one kernel for all parameters (about 5x faster steps on CPU than the loop).
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config), fused=self.device.type in {"cpu", "cuda"}
+        )
+        self.total_steps = math.ceil(len(self.train_in) / config.batch_size) * config.epochs
+        total, warmup = self.total_steps, max(1, int(config.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup + 1e-9))),
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.trainables = [p for p in self.model.parameters() if p.requires_grad]
+
+    def tensor_states(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_tensor_states(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+
+    def step(
+        self, idx: list[int], step: int, regularizer: Regularizer | None
+    ) -> tuple[float, float]:
+        """One optimizer step on the global batch ``idx``: (task loss, regulariser loss)."""
+        device, world = self.device, self.world
+        shard = idx[self.rank :: world]  # this rank's share of the global batch
+        with _autocast(device, self.bf16):
+            logits = self.net(_make_batch(self.train_in, shard, self.k, device))
+        # Sum over the shard / global batch size, times world: DDP's gradient mean then
+        # equals the gradient of the mean loss over the whole global batch.
+        weight = None if self.weight is None else self.weight.to(device)
+        loss = (
+            nn.functional.cross_entropy(
+                logits.float(), self.labels[shard].to(device), weight=weight, reduction="sum"
+            )
+            * world
+            / len(idx)
+        )
+        reg_value = 0.0
+        if regularizer is not None:
+            with _autocast(device, self.bf16):
+                reg = regularizer.loss(self.model, step)
+            if reg is not None:
+                reg_value = reg.item()
+                loss = loss + reg
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainables, self.config.max_grad_norm)
+        self.optimizer.step()
+        if regularizer is not None:
+            regularizer.after_step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() / world - reg_value, reg_value
+
+    def validate(self) -> dict[str, float]:
+        return _validate(
+            self.core, self.val_in, self.texts.val_labels, self.k, self.bf16, self.weight
+        )
+
+
+@dataclass
+class _Stop:
+    """Set by the SIGTERM handler; the loop checks it after every step."""
+
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop(stop: _Stop, enabled: bool) -> Iterator[None]:
+    """While inside, SIGTERM sets ``stop`` instead of killing; the previous handler returns."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Checkpoints:
+    """``checkpoint.pt`` (resume) and ``best.pt`` (best weights) in one folder, or nowhere."""
+
+    def __init__(self, folder: Path | None, rank: int):
+        self.folder, self.rank = folder, rank
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.last = folder / "checkpoint.pt" if folder is not None else None
+        self.best = folder / "best.pt" if folder is not None else None
+
+    def resume(self, loop: _Loop, phase: str) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+        """The saved state and best weights, loaded into ``loop``; a fresh state if none."""
+        state = TrainState.start(phase, loop.config.early_stopping_metric)
+        if self.last is not None and self.last.is_file():
+            saved = torch.load(self.last, weights_only=True)
+            state = TrainState.from_checkpoint(saved)
+            if state.phase != phase:
+                raise ValueError(
+                    f"{self.last} holds phase {state.phase!r}, not {phase!r}: "
+                    "remove the checkpoint folder to start over"
+                )
+            loop.load_tensor_states(saved)
+        best = None
+        if self.best is not None and self.best.is_file():
+            best = torch.load(self.best, weights_only=True)
+        return state, best
+
+    def save(self, loop: _Loop, state: TrainState) -> None:
+        if self.last is not None and self.rank == 0:
+            _save_checkpoint(self.last, asdict(state) | loop.tensor_states())
+
+    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.best is not None and self.rank == 0:
+            _save_checkpoint(self.best, weights)
 
 
 def _train(
     model: nn.Module,
     tokenizer: Any,
-    train_texts: list[str],
-    train_labels: np.ndarray,
-    val_texts: list[str],
-    val_labels: np.ndarray,
+    texts: _Texts,
     config: TrainConfig,
     logger: MetricLogger | None,
     progress: Callable[[int], Any] | None,
@@ -566,256 +865,152 @@ def _train(
     phase: str,
     regularizer: Regularizer | None = None,
 ) -> FineTuneResult:
-    logger = logger or NullLogger()
-    rank, world = rank_and_world()
-    torch.manual_seed(config.seed)
-    set_cpu_threads(config.num_threads)  # usable cores, unless train.num_threads
-    device = pick_device()
-    bf16 = use_bf16(config.bf16, device)
-    model.to(device)
-    if config.strategy == "lora":  # PEFT already set which parameters train
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    else:
-        trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
-    classifier = model
-    total = sum(p.numel() for p in model.parameters())
-    k = (
-        cache_point(classifier, config.strategy, config.frozen_layers)
-        if config.cache_frozen
-        else None
-    )
-    pad_id = tokenizer.pad_token_id or 0
-    train_ids = _tokenize_all(tokenizer, train_texts, config.max_length)
-    val_ids = _tokenize_all(tokenizer, val_texts, config.max_length)
-    if k is None:
-        train_in, val_in = _Inputs(train_ids, None, pad_id), _Inputs(val_ids, None, pad_id)
-    else:
-        train_in = _Inputs(None, cache_frozen(classifier, train_ids, k, pad_id, bf16), pad_id)
-        val_in = _Inputs(None, cache_frozen(classifier, val_ids, k, pad_id, bf16), pad_id)
-
-    net: nn.Module = _Logits(classifier, k)
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
-    core = net.module if world > 1 else net
-    counts = np.bincount(train_labels, minlength=classifier.config.num_labels)
-    weight = None
-    if config.class_weights == "balanced":
-        weight = torch.tensor(
-            len(train_labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32
-        )
-    # fused: one kernel for all parameters (about 5x faster steps on CPU than the loop).
-    optimizer = torch.optim.AdamW(
-        _param_groups(classifier, config), fused=device.type in {"cpu", "cuda"}
-    )
-    lengths = train_in.lengths()
-    steps_per_epoch = math.ceil(len(train_in) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(
-            (s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup + 1e-9))
-        ),
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    labels_t = torch.tensor(np.asarray(train_labels), dtype=torch.long)
-    trainables = [p for p in classifier.parameters() if p.requires_grad]
-
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 1,
-        "batch": 0,
-        "order": None,
-        "history": [],
-        "loss_curve": [],
-        "best_value": math.inf if config.early_stopping_metric == "val_loss" else -math.inf,
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "seconds": 0.0,
-        "finished": False,
-    }
-    ckpt = best_path = None
-    if checkpoint_dir is not None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        ckpt, best_path = checkpoint_dir / "checkpoint.pt", checkpoint_dir / "best.pt"
-        if ckpt.is_file():
-            saved = torch.load(ckpt, weights_only=True)
-            classifier.load_state_dict(saved.pop("model"))
-            optimizer.load_state_dict(saved.pop("optimizer"))
-            scheduler.load_state_dict(saved.pop("scheduler"))
-            generator.set_state(saved.pop("generator"))
-            torch.set_rng_state(saved.pop("torch_rng"))
-            state.update(saved)
-    stop = {"requested": False}
-    previous_handler = None
-    if ckpt is not None and threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-
-    def checkpoint() -> None:
-        if ckpt is None or rank != 0:
-            return
-        _save_checkpoint(
-            ckpt,
-            {
-                **state,
-                "model": classifier.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
-        )
-
-    bar = progress(total_steps) if progress and rank == 0 else None
-    if bar is not None:
-        bar.update(state["step"])
-    best_state = None
-    if best_path is not None and best_path.is_file():
-        best_state = torch.load(best_path, weights_only=True)
-    # Fast CPU dropout for the training loop only: the saved model keeps stock modules.
-    swaps = contextlib.ExitStack()
-    swaps.enter_context(
-        fast_cpu_dropout(classifier, enabled=config.fast_dropout and device.type == "cpu")
-    )
-    try:
-        while not state["finished"] and state["epoch"] <= config.epochs:
-            net.train()
-            if state["order"] is None:  # a new epoch: draw its batches
-                state["order"] = bucketed_batches(lengths, config.batch_size, generator)
-                state["batch"], state["epoch_seen"], state["epoch_loss"], state["epoch_seconds"] = (
-                    0,
-                    0,
-                    0.0,
-                    0.0,
-                )
-            order = state["order"]
-            tick = time.perf_counter()
-            while state["batch"] < len(order):
-                idx = order[state["batch"]]
-                shard = idx[rank::world]  # this rank's share of the global batch
-                with _autocast(device, bf16):
-                    logits = net(_make_batch(train_in, shard, k, device))
-                # Sum over the shard / global batch size, times world: DDP's gradient mean
-                # then equals the gradient of the mean loss over the whole global batch.
-                loss = (
-                    nn.functional.cross_entropy(
-                        logits.float(),
-                        labels_t[shard].to(device),
-                        weight=None if weight is None else weight.to(device),
-                        reduction="sum",
-                    )
-                    * world
-                    / len(idx)
-                )
-                reg_value = 0.0
-                if regularizer is not None:
-                    with _autocast(device, bf16):
-                        reg = regularizer.loss(classifier, state["step"])
-                    if reg is not None:
-                        reg_value = reg.item()
-                        loss = loss + reg
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainables, config.max_grad_norm)
-                optimizer.step()
-                if regularizer is not None:
-                    regularizer.after_step(optimizer)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["batch"] += 1
-                value = loss.item() / world - reg_value
-                state["epoch_seen"] += len(idx)
-                state["epoch_loss"] += value * len(idx)
-                state["loss_curve"].append(value)
-                now = time.perf_counter()
-                state["epoch_seconds"] += now - tick
-                tick = now
-                rate = state["epoch_seen"] / max(state["epoch_seconds"], 1e-9)
-                if bar is not None:
-                    bar.set_postfix(epoch=state["epoch"], loss=f"{value:.4f}", seq_s=f"{rate:.0f}")
-                    bar.update(1)
-                if state["step"] % 20 == 0 and rank == 0:
-                    logger.log_metrics(
-                        {
-                            f"{phase + '_' if phase else ''}train_loss": value,
-                            "learning_rate": scheduler.get_last_lr()[0],
-                            "samples_per_second": rate,
-                        }
-                        | ({"regularizer_loss": reg_value} if regularizer is not None else {}),
-                        state["step"],
-                    )
-                if stop["requested"]:
-                    checkpoint()
-                    raise TrainingInterrupted(
-                        f"stopped at step {state['step']}; checkpoint in {ckpt}"
-                    )
-                if state["step"] % config.checkpoint_every_steps == 0:
-                    checkpoint()
-            metrics = _validate(core, val_in, np.asarray(val_labels), k, bf16, weight)
-            seconds = state["epoch_seconds"]
-            record = EpochRecord(
-                state["epoch"],
-                state["epoch_loss"] / state["epoch_seen"],
-                metrics["val_loss"],
-                metrics["val_accuracy"],
-                seconds,
-                state["epoch_seen"] / max(seconds, 1e-9),
-                metrics["val_macro_f1"],
-            )
-            state["history"].append(asdict(record))
-            state["seconds"] += seconds
-            if rank == 0:
-                logger.log_metrics(
-                    {f"{phase + '_' if phase else ''}{k_}": v for k_, v in metrics.items()}
-                    | {"epoch_train_loss": record.train_loss},
-                    state["step"],
-                )
-            value = metrics[config.early_stopping_metric]
-            if _better(config.early_stopping_metric, value, state["best_value"]):
-                state["best_value"], state["best_epoch"], state["bad_epochs"] = (
-                    value,
-                    state["epoch"],
-                    0,
-                )
-                best_state = {n: t.detach().clone() for n, t in classifier.state_dict().items()}
-                if best_path is not None and rank == 0:
-                    _save_checkpoint(best_path, best_state)
-            else:
-                state["bad_epochs"] += 1
-                if state["bad_epochs"] >= config.patience:
-                    state["finished"] = True
-            state["epoch"] += 1
-            state["order"] = None
-            if state["epoch"] > config.epochs:
-                state["finished"] = True
-            checkpoint()
-    finally:
-        swaps.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+    """One phase: set up, resume if a checkpoint exists, run the epochs, restore the best."""
+    loop = _Loop(model, tokenizer, texts, config)
+    saves = _Checkpoints(checkpoint_dir, loop.rank)
+    state, best = saves.resume(loop, phase)
+    log = _PhaseLog(logger or NullLogger(), phase, loop.rank, regularizer is not None)
+    stop = _Stop()
+    with contextlib.ExitStack() as stack:
+        # Fast CPU dropout for the training loop only: the saved model keeps stock modules.
+        enabled = config.fast_dropout and loop.device.type == "cpu"
+        stack.enter_context(fast_cpu_dropout(model, enabled=enabled))
+        stack.enter_context(_sigterm_requests_stop(stop, enabled=saves.last is not None))
+        bar = progress(loop.total_steps) if progress and loop.rank == 0 else None
         if bar is not None:
-            bar.close()
-    if stop["requested"]:  # it came after the last step: whoever handled it before decides
+            stack.callback(bar.close)
+            bar.update(state.step)
+        while not state.finished and state.epoch <= config.epochs:
+            _run_epoch(loop, state, regularizer, log, bar, stop, saves)
+            best = _end_epoch(loop, state, log, saves) or best
+    if stop.requested:  # it came after the last step: whoever handled it before decides
         signal.raise_signal(signal.SIGTERM)
-    history = [EpochRecord(**h) for h in state["history"]]
-    if best_state is not None and state["best_epoch"] != history[-1].epoch:
-        classifier.load_state_dict(best_state)
-    classifier.eval()
+    if best is not None and state.best_epoch != state.history[-1].epoch:
+        model.load_state_dict(best)
+    model.eval()
     return FineTuneResult(
-        history=history,
-        best_epoch=state["best_epoch"],
-        train_seconds=state["seconds"],
-        trainable_parameters=trainable,
-        total_parameters=total,
-        device=str(device),
-        bf16=bf16,
-        loss_curve=list(state["loss_curve"]),
+        history=list(state.history),
+        best_epoch=state.best_epoch,
+        train_seconds=state.seconds,
+        trainable_parameters=loop.trainable,
+        total_parameters=loop.total,
+        device=str(loop.device),
+        bf16=loop.bf16,
+        loss_curve=list(state.loss_curve),
     )
 
 
-def finish_lora(model: nn.Module, merge: bool) -> nn.Module:
-    """Merge LoRA weights into the base model, or keep the PEFT wrapper (adapter)."""
-    return model.merge_and_unload() if merge else model
+@dataclass(frozen=True)
+class _PhaseLog:
+    """Metric names carry the lp-ft phase ("probe_train_loss"); only rank 0 logs."""
+
+    logger: MetricLogger
+    phase: str
+    rank: int
+    regularized: bool
+
+    def name(self, metric: str) -> str:
+        return f"{self.phase}_{metric}" if self.phase else metric
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0:
+            self.logger.log_metrics(metrics, step)
+
+
+def _run_epoch(
+    loop: _Loop,
+    state: TrainState,
+    regularizer: Regularizer | None,
+    log: _PhaseLog,
+    bar: Any,
+    stop: _Stop,
+    saves: _Checkpoints,
+) -> None:
+    """The rest of this epoch's steps (all of them unless resumed mid-epoch)."""
+    loop.net.train()
+    if state.order is None:  # a new epoch: draw its batches
+        state.new_epoch(
+            bucketed_batches(loop.train_in.lengths(), loop.config.batch_size, loop.generator)
+        )
+    order = state.order
+    assert order is not None
+    tick = time.perf_counter()
+    while state.batch < len(order):
+        idx = order[state.batch]
+        value, reg_value = loop.step(idx, state.step, regularizer)
+        state.step += 1
+        state.batch += 1
+        state.epoch_seen += len(idx)
+        state.epoch_loss += value * len(idx)
+        state.loss_curve.append(value)
+        now = time.perf_counter()
+        state.epoch_seconds += now - tick
+        tick = now
+        rate = state.epoch_seen / max(state.epoch_seconds, 1e-9)
+        if bar is not None:
+            bar.set_postfix(epoch=state.epoch, loss=f"{value:.4f}", seq_s=f"{rate:.0f}")
+            bar.update(1)
+        if state.step % 20 == 0:
+            metrics = {
+                log.name("train_loss"): value,
+                "learning_rate": loop.scheduler.get_last_lr()[0],
+                "samples_per_second": rate,
+            }
+            log.log(
+                metrics | ({"regularizer_loss": reg_value} if log.regularized else {}), state.step
+            )
+        if stop.requested:
+            saves.save(loop, state)
+            raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint in {saves.last}")
+        if state.step % loop.config.checkpoint_every_steps == 0:
+            saves.save(loop, state)
+
+
+def _end_epoch(
+    loop: _Loop, state: TrainState, log: _PhaseLog, saves: _Checkpoints
+) -> dict[str, torch.Tensor] | None:
+    """Validate, record the epoch, decide on early stopping, checkpoint.
+
+    Returns:
+        A copy of the weights if this epoch is the best so far, else None.
+    """
+    config = loop.config
+    metrics = loop.validate()
+    seconds = state.epoch_seconds
+    record = EpochRecord(
+        state.epoch,
+        state.epoch_loss / state.epoch_seen,
+        metrics["val_loss"],
+        metrics["val_accuracy"],
+        seconds,
+        state.epoch_seen / max(seconds, 1e-9),
+        metrics["val_macro_f1"],
+    )
+    state.history.append(record)
+    state.seconds += seconds
+    log.log(
+        {log.name(k): v for k, v in metrics.items()} | {"epoch_train_loss": record.train_loss},
+        state.step,
+    )
+    best = None
+    value = metrics[config.early_stopping_metric]
+    if _better(config.early_stopping_metric, value, state.best_value):
+        state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+        best = {n: t.detach().clone() for n, t in loop.model.state_dict().items()}
+        saves.save_best(best)
+    else:
+        state.bad_epochs += 1
+        state.finished = state.bad_epochs >= config.patience
+    state.epoch += 1
+    state.order = None
+    state.finished = state.finished or state.epoch > config.epochs
+    saves.save(loop, state)
+    return best
+
+
+def finish_lora(model: nn.Module) -> nn.Module:
+    """Merge LoRA weights into the base model: a plain classifier, as served."""
+    return model.merge_and_unload()
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:

@@ -88,6 +88,12 @@ class EmbeddingDistillation:
     model as it is when this is built: the base model. Step ``s`` uses the texts at a
     seeded permutation's positions ``s * batch .. (s + 1) * batch`` (mod N), so a resumed
     run sees the same batches as an uninterrupted one.
+
+    With ``frozen=K`` (the layers that stay frozen while training, see
+    :func:`pipeline.finetune.cache_point`) the student's embeddings and first K layers run
+    once, here, as ``cache_frozen`` does for the task: each step runs only the layers that
+    train, and the frozen ones run without dropout. With every layer frozen the student is
+    the teacher, and the loss is None.
     """
 
     def __init__(
@@ -99,8 +105,10 @@ class EmbeddingDistillation:
         batch_size: int = 16,
         max_length: int = 128,
         seed: int = 0,
+        frozen: int | None = None,
     ):
         from pipeline.embeddings import embed_texts
+        from pipeline.finetune import cache_frozen, tokenize_all
 
         if not texts:
             raise ValueError("embedding distillation needs general text")
@@ -113,6 +121,13 @@ class EmbeddingDistillation:
         )  # (N, H)
         model.train(was_training)
         self.order = np.random.default_rng(seed).permutation(len(texts))
+        layers = len(model.base_model.encoder.layer)
+        self.frozen = frozen if frozen else None
+        self.states: list[torch.Tensor] | None = None  # per text (len_i, H) after K layers
+        if self.frozen is not None and self.frozen < layers:
+            ids = tokenize_all(tokenizer, texts, max_length)
+            pad_id = tokenizer.pad_token_id or 0
+            self.states = cache_frozen(model, ids, self.frozen, pad_id, bf16=False)
 
     def batch_indices(self, step: int) -> np.ndarray:
         positions = (step * self.batch_size + np.arange(self.batch_size)) % len(self.texts)
@@ -122,29 +137,45 @@ class EmbeddingDistillation:
         pass
 
     def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if self.frozen is not None and self.states is None:
+            return None  # the whole encoder is frozen: the student is the teacher
         idx = self.batch_indices(step)
         rank, world = rank_and_world()
         shard = idx[rank::world]  # under DDP each rank takes its share, like the task batch
-        device = next(model.parameters()).device
-        batch = self.tokenizer(
-            [self.texts[i] for i in shard],
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(device)
-        # Under PEFT, base_model is the LoRA wrapper; the encoder (adapters injected in
-        # place) sits inside the wrapped classifier.
-        classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = classifier.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state  # (B, T, H)
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        cosine = nn.functional.cosine_similarity(pooled, self.teacher[shard].to(device), dim=-1)
+        pooled = self.student(model, shard)  # (B, H)
+        cosine = nn.functional.cosine_similarity(
+            pooled, self.teacher[shard].to(pooled.device), dim=-1
+        )
         # Sum over the shard / batch size, times world: DDP's gradient mean then equals the
         # gradient of the mean over the whole batch, as in single-process training.
         return self.weight * (1.0 - cosine).sum() * world / len(idx)
+
+    def student(self, model: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        """Mean-pooled embeddings of ``texts[rows]`` by ``model`` as it is now: (B, H)."""
+        from pipeline.finetune import pad_states, run_top_layers
+
+        device = next(model.parameters()).device
+        # Under PEFT, base_model is the LoRA wrapper; the encoder (adapters injected in
+        # place) sits inside the wrapped classifier.
+        classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+        encoder = classifier.base_model
+        if self.states is not None:
+            hidden, attention = pad_states([self.states[i] for i in rows], device)
+            hidden = run_top_layers(encoder, hidden, attention, self.frozen or 0)  # (B, T, H)
+        else:
+            batch = self.tokenizer(
+                [self.texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            attention = batch["attention_mask"]
+            hidden = encoder(
+                input_ids=batch["input_ids"], attention_mask=attention
+            ).last_hidden_state  # (B, T, H)
+        mask = attention.unsqueeze(-1).float()
+        return (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class Regularizers:
@@ -163,15 +194,27 @@ class Regularizers:
 
 
 def build_regularizer(
-    model: nn.Module, tokenizer: Any, l2sp: float, distill: float, batch_size: int, seed: int
+    model: nn.Module,
+    tokenizer: Any,
+    l2sp: float,
+    distill: float,
+    batch_size: int,
+    seed: int,
+    frozen: int | None = None,
 ) -> Regularizers | None:
-    """The configured regulariser(s) for ``model`` (call before training), or None."""
+    """The configured regulariser(s) for ``model`` (call before training), or None.
+
+    ``frozen``: layers that stay frozen during training, whose outputs distillation may
+    cache (see :class:`EmbeddingDistillation`).
+    """
     parts: list[Any] = []
     if l2sp > 0:
         parts.append(L2SP(model, l2sp))
     if distill > 0:
         texts = load_general_text()
-        parts.append(EmbeddingDistillation(model, tokenizer, texts, distill, batch_size, 128, seed))
+        parts.append(
+            EmbeddingDistillation(model, tokenizer, texts, distill, batch_size, 128, seed, frozen)
+        )
     return Regularizers(parts) if parts else None
 
 

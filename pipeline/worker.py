@@ -25,17 +25,8 @@ import torch
 
 from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.cpu import set_cpu_threads, worker_env
-from pipeline.finetune import (
-    EpochRecord,
-    FineTuneResult,
-    TrainingInterrupted,
-    apply_lora,
-    fine_tune,
-    finish_lora,
-    load_classifier,
-    save_model,
-)
-from pipeline.mitigation import build_regularizer
+from pipeline.finetune import EpochRecord, FineTuneResult, TrainingInterrupted
+from pipeline.training import train_classifier
 
 
 def write_spec(
@@ -81,27 +72,19 @@ def run(spec_path: Path) -> int:
     index = {label: i for i, label in enumerate(labels)}
     train = pd.read_csv(spec["train_csv"], dtype=str, keep_default_na=False)
     val = pd.read_csv(spec["val_csv"], dtype=str, keep_default_na=False)
-    model, tokenizer = load_classifier(config.base_model, labels, config.seed)
-    regularizer = None
-    if spec.get("forgetting"):
-        keep = ForgettingConfig.model_validate(spec["forgetting"])
-        regularizer = build_regularizer(
-            model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, config.seed
-        )  # from the pretrained weights, before any step
-    if config.strategy == "lora":
-        model = apply_lora(model, config)
-    checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
+    keep = spec.get("forgetting")
+    out = Path(spec["out_dir"])
     try:
-        result = fine_tune(
-            model,
-            tokenizer,
+        _, _, result = train_classifier(
+            config,
+            ForgettingConfig.model_validate(keep) if keep else None,
+            labels,
             train["text"].tolist(),
             train["label"].map(index).to_numpy(dtype=np.int64),
             val["text"].tolist(),
             val["label"].map(index).to_numpy(dtype=np.int64),
-            config,
-            checkpoint_dir=checkpoint_dir,
-            regularizer=regularizer,
+            out,
+            checkpoint_dir=Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None,
         )
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
@@ -109,13 +92,7 @@ def run(spec_path: Path) -> int:
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-    if rank == 0:
-        out = Path(spec["out_dir"])
-        if config.strategy == "lora":
-            if not config.lora_merge:
-                model.save_pretrained(out.parent / "adapter")
-            model = finish_lora(model, merge=True)  # the served model is always merged
-        save_model(model, tokenizer, out)
+    if rank == 0:  # train_classifier saved the model there
         (out / "result.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return 0
 

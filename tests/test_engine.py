@@ -12,13 +12,14 @@ from pipeline.finetune import (
     _Logits,
     _pad_ids,
     _param_groups,
-    _tokenize_all,
     apply_lora,
     cache_frozen,
+    classifier_logits,
     fine_tune,
     finish_lora,
     freeze_for_strategy,
     resolve_base_model,
+    tokenize_all,
 )
 
 
@@ -27,11 +28,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_base_model("packaged:all-MiniLM-L6-v2"))
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_cached_forward_computes_the_same_logits(tokenizer, k):
+def test_cached_forward_computes_the_same_logits(tokenizer, k, pooling):
     model = tiny_model(tokenizer).eval()
+    model.config.classifier_pooling = pooling
     texts = ["a short one", "a somewhat longer text with more tokens in it", "mid length text"]
-    ids = _tokenize_all(tokenizer, texts, 64)
+    ids = tokenize_all(tokenizer, texts, 64)
     states = cache_frozen(model, ids, k, tokenizer.pad_token_id, bf16=False)
     if k == 3:
         assert states[0].shape == (32,)  # head: the pooled output is cached
@@ -42,7 +45,8 @@ def test_cached_forward_computes_the_same_logits(tokenizer, k):
     inputs = _Inputs(None, states, tokenizer.pad_token_id)
     with torch.no_grad():
         cached = _Logits(model, k).eval()(_make_batch(inputs, [0, 1, 2], k, torch.device("cpu")))
-        direct = model(**_pad_ids(ids, tokenizer.pad_token_id, torch.device("cpu"))).logits
+        batch = _pad_ids(ids, tokenizer.pad_token_id, torch.device("cpu"))
+        direct = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
 
 
@@ -99,10 +103,10 @@ def test_lora_trains_adapters_and_head_then_merges(tokenizer):
     )
     assert result.trainable_parameters == sum(model.get_parameter(n).numel() for n in trainable)
     assert result.trainable_parameters < sum(p.numel() for p in base.parameters()) / 10
-    merged = finish_lora(model, merge=True)
+    merged = finish_lora(model)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     ids = _pad_ids(
-        _tokenize_all(tokenizer, texts[:4], 32), tokenizer.pad_token_id, torch.device("cpu")
+        tokenize_all(tokenizer, texts[:4], 32), tokenizer.pad_token_id, torch.device("cpu")
     )
     with torch.no_grad():
         assert merged.eval()(**ids).logits.shape == (4, 2)

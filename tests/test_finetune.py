@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import signal
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +13,10 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from pipeline.config import TrainConfig
 from pipeline.finetune import (
+    EpochRecord,
     NullLogger,
+    TrainingInterrupted,
+    TrainState,
     bucketed_batches,
     fine_tune,
     freeze_for_strategy,
@@ -221,3 +228,89 @@ def test_fine_tune_sizes_torch_threads_and_train_num_threads_overrides(tokenizer
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class SigtermAt:
+    """A logger that sends this process SIGTERM when it sees ``metric`` (deterministic)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric, self.sent = metric, False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.metric in metrics and not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_sigterm_after_the_last_step_is_delivered_to_the_previous_handler(tokenizer, tmp_path):
+    texts, labels = toy_data(2)
+    received: list[int] = []
+
+    def handler(signum, frame) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        # The epoch's validation metrics are logged after its (here the run's) last step.
+        result = fine_tune(
+            tiny_model(tokenizer),
+            tokenizer,
+            texts,
+            labels,
+            texts,
+            labels,
+            train_config(epochs=1),
+            logger=SigtermAt("val_loss"),
+            checkpoint_dir=tmp_path,
+        )
+        assert signal.getsignal(signal.SIGTERM) is handler  # restored before re-raising
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+    assert len(result.history) == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["finished"] is True
+
+
+def test_sigterm_mid_run_checkpoints_and_resuming_gives_the_same_weights(tokenizer, tmp_path):
+    texts, labels = toy_data(4)  # 40 rows, 5 steps an epoch
+    config = train_config(epochs=6, patience=6, checkpoint_every_steps=3)
+    straight = tiny_model(tokenizer)
+    expected = fine_tune(straight, tokenizer, texts, labels, texts, labels, config)
+
+    with pytest.raises(TrainingInterrupted, match="stopped at step 20"):
+        fine_tune(
+            tiny_model(tokenizer),
+            tokenizer,
+            texts,
+            labels,
+            texts,
+            labels,
+            config,
+            logger=SigtermAt("train_loss"),  # logged every 20 steps
+            checkpoint_dir=tmp_path,
+        )
+    saved = TrainState.from_checkpoint(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert (saved.step, saved.epoch, saved.batch) == (20, 4, 5)
+    assert [h.epoch for h in saved.history] == [1, 2, 3]
+    resumed = tiny_model(tokenizer)
+    result = fine_tune(
+        resumed, tokenizer, texts, labels, texts, labels, config, checkpoint_dir=tmp_path
+    )
+    assert result.loss_curve == expected.loss_curve
+    assert [h.val_loss for h in result.history] == [h.val_loss for h in expected.history]
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+
+
+def test_train_state_round_trips_through_a_checkpoint_and_names_what_is_missing(tmp_path):
+    state = TrainState.start("probe", "val_accuracy")
+    assert state.best_value == -math.inf
+    state.new_epoch([[0, 2], [1]])
+    state.history.append(EpochRecord(1, 0.5, 0.4, 0.75, 2.0, 10.0, 0.7))
+    state.loss_curve.extend([0.9, 0.5])
+    state.step, state.batch, state.finished = 2, 2, True
+    torch.save(asdict(state) | {"model": {"w": torch.ones(2)}}, tmp_path / "c.pt")
+    assert TrainState.from_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True)) == state
+    old = asdict(state)
+    del old["phase"]
+    with pytest.raises(ValueError, match="lacks phase .*remove its folder"):
+        TrainState.from_checkpoint(old)

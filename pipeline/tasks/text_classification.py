@@ -212,31 +212,22 @@ def train_here(
     With LoRA and ``lora_merge: false`` the adapter is also saved, to ``adapter/``."""
     from tqdm.auto import tqdm
 
-    cfg, keep, labels = config.train, config.forgetting, config.data.labels
-    model, tokenizer = finetune.load_classifier(cfg.base_model, labels, cfg.seed)
-    regularizer = mitigation.build_regularizer(
-        model, tokenizer, keep.l2sp, keep.distill, keep.distill_batch_size, cfg.seed
-    )  # built from the pretrained weights, before any step
-    if cfg.strategy == "lora":
-        model = finetune.apply_lora(model, cfg)
-    result = finetune.fine_tune(
-        model,
-        tokenizer,
+    from pipeline.training import train_classifier
+
+    labels = config.data.labels
+    model, tokenizer, result = train_classifier(
+        config.train,
+        config.forgetting,
+        labels,
         train["text"].tolist(),
         label_ids(train, labels),
         val["text"].tolist(),
         label_ids(val, labels),
-        cfg,
+        out_dir,
+        checkpoint_dir=out_dir.parent / "checkpoints",
         logger=logger,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
-        checkpoint_dir=out_dir.parent / "checkpoints",
-        regularizer=regularizer,
     )
-    if cfg.strategy == "lora":
-        if not cfg.lora_merge:
-            model.save_pretrained(out_dir.parent / "adapter")
-        model = finetune.finish_lora(model, merge=True)  # the served model is always merged
-    finetune.save_model(model, tokenizer, out_dir)
     return Trained(model, tokenizer, result, out_dir)
 
 
