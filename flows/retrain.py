@@ -44,7 +44,7 @@ from pipeline.config import RetuneConfig
 from pipeline.cpu import set_cpu_threads
 from pipeline.reports import render_bias_page, render_forgetting_page, render_validation_page
 from pipeline.run_record import ModelRefused, RunContext, RunSummary
-from pipeline.tasks import Baseline, Champion, Evaluation, Trained
+from pipeline.tasks.base import Baseline, Champion, Evaluation, Trained
 from pipeline.tasks.text_classification import classifier_predict, label_ids
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -514,25 +514,19 @@ def crash_flow_run(flow_run_id: str, message: str) -> None:
 
 @task(**TASK_OPTIONS)
 def record_results(
-    context: RunContext,
-    config: RetuneConfig,
-    reports: dict[str, Any],
-    trained: Trained,
-    evaluation: Evaluation,
-    base: Baseline,
-    champion: Champion | None,
-    outcomes: list[Any],
-    model_bias: fairness.ModelBiasReport,
-    kept: forgetting.ForgettingReport,
+    context: RunContext, config: RetuneConfig, results: run_record.Results
 ) -> tuple[promotion.PromotionVerdict, promotion.CandidateFigures]:
     """Log the reports, plots, metrics and gate tags; the promotion policy's verdict."""
-    run_record.write_reports(context, reports)
-    run_record.log_artifacts(context, trained.result, kept)
-    run_record.log_results(context, trained.result, evaluation, base.probe, kept, model_bias)
-    candidate = run_record.record_gates(
-        context, config, evaluation, base.probe, outcomes, model_bias
+    trained, probe = results.trained.result, results.base.probe
+    run_record.write_reports(context, results.reports(config))
+    run_record.log_artifacts(context, trained, results.kept)
+    run_record.log_results(
+        context, trained, results.evaluation, probe, results.kept, results.model_bias
     )
-    figures = run_record.champion_figures(config, champion, model_bias)
+    candidate = run_record.record_gates(
+        context, config, results.evaluation, probe, results.outcomes(), results.model_bias
+    )
+    figures = run_record.champion_figures(config, results.champion, results.model_bias)
     verdict = promotion.decide_promotion(candidate, figures, config.promotion)
     get_run_logger().info("promotion: %s", verdict.summary())
     run_record.record_verdict(context, verdict)
@@ -580,53 +574,29 @@ def retrain(
             config, test, trained, evaluation, base, champion, root, out_dir
         )
         kept = check_forgetting(config, base, evaluation, champion, suite, mitigations, out_dir)
-        outcomes = [report.outcome(), kept.gate.outcome(), model_bias.gate.outcome()]
-        reports = {
-            "validation": report.to_dict(),
-            "data_bias": data_bias.to_dict(),
-            "test_metrics": evaluation.report.to_dict(),
-            "probe_baseline": base.probe.to_dict(),
-            "forgetting": kept.to_dict(),
-            "bias": model_bias.to_dict(),
-            "training": run_record.training_report(trained.result),
-            "config": config.model_dump(),
-        }
-        verdict, candidate = record_results(
-            context,
-            config,
-            reports,
-            trained,
-            evaluation,
+        used = {"train_used": len(train), "test_used": len(test)}
+        results = run_record.Results(
+            version,
+            frames,
+            used,
+            report,
+            data_bias,
             base,
             champion,
-            outcomes,
+            trained,
+            evaluation,
             model_bias,
             kept,
         )
-        registered = register_model(
-            config, context, trained, test, verdict, candidate, champion, version.md5
-        )
-        reports["rows"] = {s: len(frames[s]) for s in data.SPLITS}
+        verdict, candidate = record_results(context, config, results)
+        registered = register_model(config, context, results, test, verdict, candidate)
         final = registered.verdict if registered else verdict
+        reports = results.reports(config) | {"rows": results.rows()}
         run_record.write_card(context, reports, registered and registered.version, final)
     tracking.end_run(context.run_id)
     if verdict.refused or registered is None:
         raise ModelRefused(context.run_id, kept, model_bias)
-    used = {"train_used": len(train), "test_used": len(test)}
-    return summarize(
-        context,
-        version,
-        frames,
-        used,
-        report,
-        data_bias,
-        evaluation,
-        base,
-        kept,
-        model_bias,
-        trained,
-        registered,
-    )
+    return summarize(context, results, registered)
 
 
 def refuse_other_kinds(config: RetuneConfig, context: RunContext) -> None:
@@ -648,12 +618,10 @@ def refuse_other_kinds(config: RetuneConfig, context: RunContext) -> None:
 def register_model(
     config: RetuneConfig,
     context: RunContext,
-    trained: Trained,
+    results: run_record.Results,
     test: pd.DataFrame,
     verdict: promotion.PromotionVerdict,
     candidate: promotion.CandidateFigures,
-    champion: Champion | None,
-    data_md5: str,
 ) -> Registered | None:
     """Register the candidate unless a gate refused it (``promotion.register_refused``
     registers it anyway, without an alias); the saved model folder is removed after."""
@@ -663,14 +631,14 @@ def register_model(
         registered = register(
             config,
             context.run_id,
-            trained.model_dir,
+            results.trained.model_dir,
             test["text"].head(2).tolist(),
             context.tags,
             verdict,
-            champion.version if champion else None,
+            results.champion.version if results.champion else None,
             registry.default_actor(out_dir.name),
             partial(promotion_lock, context.project_dir, context.tracking_uri, name),
-            decide_again(config, name, candidate, data_md5, test, out_dir),
+            decide_again(config, name, candidate, results.version.md5, test, out_dir),
         )
         tracking.set_tags(
             context.run_id,
@@ -679,39 +647,29 @@ def register_model(
                 tag.POLICY: registered.verdict.summary()[:4000],
             },
         )
-    shutil.rmtree(trained.model_dir)  # a registered copy lives in MLflow's artifacts
+    shutil.rmtree(results.trained.model_dir)  # a registered copy lives in MLflow's artifacts
     return registered
 
 
 def summarize(
-    context: RunContext,
-    version: versioning.DataVersion,
-    frames: dict[str, pd.DataFrame],
-    used: dict[str, int],
-    report: validation.ValidationReport,
-    data_bias: bias.DataBiasReport,
-    evaluation: Evaluation,
-    base: Baseline,
-    kept: forgetting.ForgettingReport,
-    model_bias: fairness.ModelBiasReport,
-    trained: Trained,
-    registered: Registered,
+    context: RunContext, results: run_record.Results, registered: Registered
 ) -> RunSummary:
     """What the CLI prints and tests read."""
+    report, kept, model_bias = results.validation, results.kept, results.model_bias
     return RunSummary(
-        data_md5=version.md5,
-        rows={s: len(frames[s]) for s in data.SPLITS} | used,
+        data_md5=results.version.md5,
+        rows=results.rows() | results.used,
         validation=report.summary(),
         validation_table=report.table_rows(),
-        groups=[asdict(g) for g in data_bias.groups],
-        test=evaluation.report.to_dict(),
-        probe=base.probe.to_dict(),
+        groups=[asdict(g) for g in results.data_bias.groups],
+        test=results.evaluation.report.to_dict(),
+        probe=results.base.probe.to_dict(),
         forgetting=kept.to_dict(),
         forgetting_table=kept.table_rows(),
         bias=model_bias.to_dict(),
         bias_table=model_bias.table_rows(),
         bias_groups=model_bias.group_rows(),
-        data_bias_flags=data_bias.flags(),
+        data_bias_flags=results.data_bias.flags(),
         model_name=registered.name,
         version=registered.version,
         aliases=registered.aliases,
@@ -719,7 +677,7 @@ def summarize(
         champion_version=registered.champion_version,
         mlflow_run_id=context.run_id,
         tracking_uri=context.tracking_uri,
-        train_seconds=trained.result.train_seconds,
+        train_seconds=results.trained.result.train_seconds,
         report_dir=str(context.out_dir / "reports"),
         links=tracking.ui_links(
             context.tracking_uri, context.run_id, registered.name, registered.version

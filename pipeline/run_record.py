@@ -21,7 +21,7 @@ from pipeline import data, lineage, plots, promotion, retention, tracking, valid
 from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 from pipeline.gates import GateOutcome
-from pipeline.tasks import Champion, Evaluation, TaskKind
+from pipeline.tasks.base import Baseline, Champion, Evaluation, TaskKind, Trained
 
 MAX_TAG_CHARS = 4000
 
@@ -90,6 +90,47 @@ class RunSummary:
     train_seconds: float
     report_dir: str
     links: dict[str, str]  # MLflow UI: the run and the model version
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything one run measured, from validation to the gates."""
+
+    version: versioning.DataVersion
+    frames: dict[str, pd.DataFrame]
+    used: dict[str, int]  # rows of the train and test splits the run used (subsampled)
+    validation: validation.ValidationReport
+    data_bias: Any  # bias.DataBiasReport
+    base: Baseline
+    champion: Champion | None
+    trained: Trained
+    evaluation: Evaluation
+    model_bias: Any  # fairness.ModelBiasReport
+    kept: Any  # forgetting.ForgettingReport
+
+    def outcomes(self) -> list[GateOutcome]:
+        """The validation, forgetting and bias gates' outcomes, in that order."""
+        return [
+            self.validation.outcome(),
+            self.kept.gate.outcome(),
+            self.model_bias.gate.outcome(),
+        ]
+
+    def reports(self, config: RetuneConfig) -> dict[str, Any]:
+        """The run's JSON reports by name (what the card and ``retune promote`` read)."""
+        return {
+            "validation": self.validation.to_dict(),
+            "data_bias": self.data_bias.to_dict(),
+            "test_metrics": self.evaluation.report.to_dict(),
+            "probe_baseline": self.base.probe.to_dict(),
+            "forgetting": self.kept.to_dict(),
+            "bias": self.model_bias.to_dict(),
+            "training": training_report(self.trained.result),
+            "config": config.model_dump(),
+        }
+
+    def rows(self) -> dict[str, int]:
+        return {s: len(self.frames[s]) for s in data.SPLITS}
 
 
 def flat_params(config: RetuneConfig) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pipeline import (
     worker,
 )
 from pipeline.config import RetuneConfig
-from pipeline.tasks import Baseline, Champion, Evaluation, Frames, Retention, Trained
+from pipeline.tasks.base import Baseline, Champion, Evaluation, Frames, Retention, Trained
 
 Predict = Any  # Callable[[list[str]], np.ndarray]: texts -> (N, K) class probabilities
 
