@@ -580,9 +580,19 @@ def test_image_defaults_match_the_cli_runtime_defaults() -> None:
 
 
 def test_dockerfile_stages_use_the_project_python() -> None:
-    assert set(dockerfile()[1]) == {"mlflow-server", "worker"}
+    assert set(dockerfile()[1]) == {"mlflow-server", "retention-sources", "worker"}
     for stage in dockerfile()[1]:
         assert stage_image(stage) == f"python:{python_minor()}-slim"
+
+
+def test_the_worker_image_carries_the_retention_sources_make_builds() -> None:
+    # A run only reads the Brown corpus; the image builds it as a checkout does.
+    assert "make retention-sources" in stage_runs("retention-sources")[-1]
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    sources = makefile_var("SOURCES_DIR")
+    assert f"COPY --from=retention-sources /opt/retune/{sources} ./{sources}" in text
+    patterns = (INFRA / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "!Makefile" in patterns
 
 
 def test_dockerfile_installs_torch_first_from_the_makefile_spec() -> None:
@@ -617,6 +627,8 @@ def test_dockerfile_pins_match_installed_packages() -> None:
 
 def test_dockerfile_runs_as_non_root_without_entrypoint() -> None:
     for stage, steps in dockerfile()[1].items():
+        if stage == "retention-sources":  # build-only: its files are copied, it never runs
+            continue
         users = [rest for instruction, rest in steps if instruction == "USER"]
         assert users and users[-1] not in ("root", "0"), f"{stage} runs as root"
     worker = dockerfile()[1]["worker"]
@@ -633,7 +645,7 @@ def test_dockerignore_admits_everything_the_build_copies() -> None:
     assert "*" in patterns  # a whitelist: everything else stays out
     for stage in dockerfile()[1].values():
         for instruction, rest in stage:
-            if instruction == "COPY":
+            if instruction == "COPY" and not rest.startswith("--from="):  # from the context
                 for source in rest.split()[:-1]:
                     source = source.rstrip("/")
                     assert source in admitted or any(
