@@ -999,8 +999,7 @@ def card(
     """Print the model card of a registered version (Markdown, or HTML with --html)."""
     project_dir = project_dir.resolve()
     _registry(project_dir)
-    import mlflow
-    from pipeline import registry
+    from pipeline import registry, tracking
 
     try:
         version = registry.resolve_version(ref)
@@ -1008,7 +1007,7 @@ def card(
         _fail(str(err))
     name = "model_card.html" if html else "model_card.md"
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{version.run_id}/card/{name}")
+        text = tracking.read_text(version.run_id or "", f"card/{name}")
     except Exception as err:  # the run predates model cards, or the artifact is gone
         _fail(f"{ref}: its run {version.run_id} holds no card/{name} ({err})")
     typer.echo(text)
@@ -1119,7 +1118,7 @@ def deploy(
     )
     if worker_code_dir:
         _set_working_directory(deployment_id, worker_code_dir)
-    from flows.retrain import ensure_promotion_limit
+    from flows.locks import ensure_promotion_limit
     from pipeline.registry import model_name
 
     limit = ensure_promotion_limit(model_name(loaded))

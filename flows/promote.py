@@ -10,8 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from flows.retrain import promotion_lock
-from pipeline import gates, lineage, promotion, registry, tracking
+from flows.locks import promotion_lock
+from pipeline import gates, lineage, modelstore, promotion, registration, registry, tracking
 from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 
@@ -66,19 +66,6 @@ def _recorded_config(run_id: str) -> RetuneConfig:
     return RetuneConfig.model_validate(tracking.read_report(run_id, "reports/config.json"))
 
 
-def _gated_groups(run_id: str) -> dict[str, float]:
-    try:
-        report = tracking.read_report(run_id, "reports/bias.json")
-    except Exception:  # an older run without the report: no group criterion
-        return {}
-    groups = (report.get("gate_groups") or {}).get("groups") or []
-    return {
-        g["group"]: g["accuracy"]
-        for g in groups
-        if not g.get("too_small") and g.get("accuracy") is not None
-    }
-
-
 def candidate_figures(version: registry.VersionInfo, config: RetuneConfig):
     """What the policy reads about a registered version, from its run and tags."""
     assert version.run_id is not None
@@ -90,7 +77,7 @@ def candidate_figures(version: registry.VersionInfo, config: RetuneConfig):
         metric=run.metrics[f"test_{key}"],
         probe_metric=run.metrics.get(f"probe_test_{key}"),
         gates=gates.outcomes_from_tags(tags),
-        group_accuracy=_gated_groups(version.run_id),
+        group_accuracy=registration.recorded_group_accuracy(version.run_id),
     )
 
 
@@ -112,7 +99,8 @@ def champion_figures(
         metric = tracking.get_run(champion.run_id).metrics[f"test_{key}"]
     else:
         metric = _evaluate_on_split(candidate, champion, config, project_dir)
-    return promotion.ChampionFigures(champion.version, metric, _gated_groups(champion.run_id))
+    groups = registration.recorded_group_accuracy(champion.run_id)
+    return promotion.ChampionFigures(champion.version, metric, groups)
 
 
 def _evaluate_on_split(
@@ -121,7 +109,6 @@ def _evaluate_on_split(
     config: RetuneConfig,
     project_dir: Path,
 ) -> float:
-    import mlflow.pyfunc
     import numpy as np
 
     from pipeline import data, evaluate, versioning
@@ -133,7 +120,7 @@ def _evaluate_on_split(
         )
         test = data.read_splits(folder)["test"]
         test = data.subsample(test, config.evaluate.max_test_samples, config.train.seed)
-    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    model = modelstore.load_version(champion.name, champion.version)
     predicted = model.predict(test[["text"]])["label"].tolist()
     index = {label: i for i, label in enumerate(config.data.labels)}
     y_true = np.array([index[x] for x in test["label"]])
@@ -175,7 +162,7 @@ def promote(
     verdict = decide(name, version, project_dir)
     if not verdict.promote and not force:
         raise PromotionRefused(verdict)
-    current = _champion_version(name)
+    current = registry.champion_version(name)
     recorded = verdict.summary() if verdict.promote else f"forced over: {verdict.summary()}"
     entry = registry.move_champion(
         name,
@@ -209,15 +196,8 @@ def rollback(name: str, reason: str, project_dir: Path) -> registry.AuditEntry:
         action="rollback",
         lock=_lock(project_dir, name),
         smoke_texts=SMOKE_TEXTS,
-        expected_champion=_champion_version(name),
+        expected_champion=registry.champion_version(name),
     )
-
-
-def _champion_version(name: str) -> str:
-    try:
-        return registry.resolve_version(f"{name}@{registry.CHAMPION}").version
-    except registry.ModelRefError:
-        return ""
 
 
 def _lock(project_dir: Path, name: str):

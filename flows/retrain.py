@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,20 +20,19 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.locks import promotion_lock
 from pipeline import (
     bias,
     data,
     datasets,
-    evaluate,
     fairness,
-    finetune,
     forgetting,
     plots,
     promotion,
+    registration,
     registry,
     retention,
     run_record,
-    serving,
     tasks,
     tracking,
     validation,
@@ -42,10 +41,10 @@ from pipeline import (
 from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 from pipeline.cpu import set_cpu_threads
+from pipeline.registration import Recompute, Registered
 from pipeline.reports import render_bias_page, render_forgetting_page, render_validation_page
 from pipeline.run_record import ModelRefused, RunContext, RunSummary
 from pipeline.tasks.base import Baseline, Champion, Evaluation, Trained
-from pipeline.tasks.text_classification import classifier_predict, label_ids
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 __all__ = ["ModelRefused", "RunSummary", "retrain"]
@@ -53,10 +52,6 @@ __all__ = ["ModelRefused", "RunSummary", "retrain"]
 
 def _kind(config: RetuneConfig) -> tasks.TaskKind:
     return tasks.get(config.task)
-
-
-def _label_ids(frame: pd.DataFrame, config: RetuneConfig) -> Any:
-    return label_ids(frame, config.data.labels)
 
 
 @task(**TASK_OPTIONS)
@@ -256,55 +251,12 @@ def check_forgetting(
     return report
 
 
-@dataclass(frozen=True)
-class Registered:
-    name: str
-    version: str
-    aliases: list[str]
-    verdict: promotion.PromotionVerdict
-    champion_version: str
-
-
-def promotion_lock(project_dir: Path, tracking_uri: str | None, name: str) -> Any:
-    """The lock every promotion of ``name`` takes: a file lock beside the embedded store, or
-    a Prefect global concurrency limit (``retune-promote-NAME``, limit 1) with a server."""
-    if tracking_uri is None or tracking_uri.startswith("sqlite:"):
-        return registry.file_lock(project_dir / "mlflow" / f"promote-{name}.lock")
-    from prefect.concurrency.sync import concurrency
-
-    return concurrency(ensure_promotion_limit(name), occupy=1, strict=True)
-
-
-def ensure_promotion_limit(model_name: str) -> str:
-    """The Prefect global concurrency limit promotions of a model take, created if missing."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = f"retune-promote-{model_name}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-            except ObjectAlreadyExists:  # another run created it meanwhile
-                pass
-    return name
-
-
-Recompute = Callable[[], tuple[str, promotion.PromotionVerdict]]  # -> (champion, verdict)
-STALE_RETRIES = 3  # champion changes tolerated while one run takes its alias
-
-
 @task(**TASK_OPTIONS)
 def register(
     config: RetuneConfig,
     run_id: str,
     model_dir: Path,
-    example: list[str],
+    test: pd.DataFrame,
     tags: dict[str, str],
     verdict: promotion.PromotionVerdict,
     champion_version: str | None,
@@ -312,121 +264,43 @@ def register(
     lock: Callable[[], Any],
     recompute: Recompute | None = None,
 ) -> Registered:
-    """Log the model, register a version with its tags, then give it the alias the policy
-    chose (champion: all or nothing, audited). A failure deletes the version again.
+    """Log the model for serving, then register it with the alias the policy chose (see
+    :func:`pipeline.registration.register_candidate`; a failed move deletes the version).
 
     Args:
         lock: makes the lock each alias move holds (a fresh one per move).
-        recompute: decides again against the champion that now holds the alias, when it
-            changed while this run trained (see :func:`apply_verdict`).
+        recompute: decides again when the champion changed while this run trained.
     """
-    name = registry.model_name(config)
-    model_uri = serving.log_classifier(run_id, model_dir, example, config.train.max_length)
-    version = registry.register_version(model_uri, name, run_id, tags)
-    try:
-        verdict = apply_verdict(
-            name,
-            version.version,
-            verdict,
-            champion_version or "",
-            actor,
-            lock,
-            example,
-            recompute,
-            get_run_logger(),
-        )
-    except BaseException:
-        registry.delete_version(name, version.version)
-        raise
-    registry.tag_version(name, version.version, tag.POLICY, verdict.summary()[:4000])
-    current = registry.resolve_version(f"{name}/{version.version}")
-    champion = registry.champion_metric(name, f"test_{config.registry.primary_metric}")[0]
-    return Registered(name, version.version, current.aliases, verdict, str(champion))
-
-
-def apply_verdict(
-    name: str,
-    version: str,
-    verdict: promotion.PromotionVerdict,
-    champion_version: str,
-    actor: str,
-    lock: Callable[[], Any],
-    smoke_texts: list[str],
-    recompute: Recompute | None,
-    logger: Any,
-) -> promotion.PromotionVerdict:
-    """Give ``version`` the alias ``verdict`` earns; returns the verdict that was applied.
-
-    If the champion changed since the verdict (another run promoted meanwhile), the
-    verdict is recomputed against the champion that now holds the alias and applied
-    instead, up to STALE_RETRIES times; every move is audited by the registry.
-
-    Raises:
-        registry.StaleChampionError: the champion kept changing, or no ``recompute``.
-    """
-    reason = "promotion policy after retraining"
-    for _ in range(STALE_RETRIES):
-        try:
-            if verdict.promote:
-                registry.move_champion(
-                    name,
-                    version,
-                    actor,
-                    reason,
-                    verdict.summary(),
-                    lock=lock(),
-                    smoke_texts=smoke_texts,
-                    expected_champion=champion_version,
-                )
-            elif verdict.alias == registry.CHALLENGER:
-                registry.set_challenger(name, version, actor, reason, verdict.summary(), lock())
-            return verdict
-        except registry.StaleChampionError as err:
-            if recompute is None:
-                raise
-            logger.warning("%s: deciding again against the current champion", err)
-            champion_version, verdict = recompute()
-            against = f"v{champion_version}" if champion_version else "no champion"
-            reason = f"promotion policy after retraining, decided again against {against}"
-            logger.info("promotion (decided again): %s", verdict.summary())
-    raise registry.StaleChampionError(
-        f"{name}: the champion changed {STALE_RETRIES} times while v{version} took its alias; "
-        f"v{version} is not registered. Run again, or promote it by hand: "
-        f"retune promote {name} <version> --reason ..."
+    kind = _kind(config)
+    model_uri = kind.log_model(config, run_id, model_dir, test)
+    return registration.register_candidate(
+        registry.model_name(config),
+        run_id,
+        model_uri,
+        tags,
+        verdict,
+        champion_version or "",
+        actor,
+        lock,
+        smoke_texts=kind.examples(test),
+        recompute=recompute,
+        logger=get_run_logger(),
     )
 
 
 def current_champion_figures(
     config: RetuneConfig, name: str, data_md5: str, test: pd.DataFrame, work_dir: Path
 ) -> promotion.ChampionFigures | None:
-    """The figures of the champion that holds the alias now, for a verdict decided again.
-
-    Its recorded test metric (and gated groups) when it was evaluated on the same data
-    version (same data md5); otherwise it is evaluated on ``test`` (groups not compared).
-    None when there is no champion.
-    """
-    from flows.promote import _gated_groups  # flows.promote imports this module
-
-    try:
-        champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
-    except registry.ModelRefError:
-        return None
-    key = config.registry.primary_metric
-    assert champion.run_id is not None
-    record = tracking.get_run(champion.run_id)
-    if champion.tags.get(tag.DATA_MD5) == data_md5 and f"test_{key}" in record.metrics:
-        metric = record.metrics[f"test_{key}"]
-        return promotion.ChampionFigures(champion.version, metric, _gated_groups(champion.run_id))
-    folder = serving.download_classifier(champion.name, champion.version, work_dir / "recheck")
-    try:
-        model, tokenizer = finetune.load_saved_classifier(folder)
-        probs = classifier_predict(config, model, tokenizer)(test["text"].tolist())
-    finally:
-        shutil.rmtree(work_dir / "recheck", ignore_errors=True)
-    report = evaluate.classification_metrics(
-        _label_ids(test, config), probs.argmax(1), config.data.labels
+    """The figures of the champion that holds the alias now, for a verdict decided again
+    (see :func:`pipeline.registration.current_champion_figures`)."""
+    kind = _kind(config)
+    return registration.current_champion_figures(
+        name,
+        data_md5,
+        config.registry.primary_metric,
+        partial(kind.loaded_metric, config, test=test),
+        work_dir,
     )
-    return promotion.ChampionFigures(champion.version, getattr(report, key), {})
 
 
 def decide_again(
@@ -438,13 +312,8 @@ def decide_again(
     work_dir: Path,
 ) -> Recompute:
     """The ``recompute`` for :func:`register`: the policy against the champion of now."""
-
-    def recompute() -> tuple[str, promotion.PromotionVerdict]:
-        figures = current_champion_figures(config, name, data_md5, test, work_dir)
-        verdict = promotion.decide_promotion(candidate, figures, config.promotion)
-        return (figures.version if figures else ""), verdict
-
-    return recompute
+    figures = partial(current_champion_figures, config, name, data_md5, test, work_dir)
+    return registration.decide_again(candidate, config.promotion, figures)
 
 
 @task(**TASK_OPTIONS)
@@ -456,36 +325,10 @@ def check_compatibility(
     actor: str,
     lock: Callable[[], Any],
 ) -> promotion.PromotionVerdict | None:
-    """Refuse a candidate of another kind (task, labels, input) than ``name``'s champion.
-
-    Returns None when there is no champion or it is the same kind of model; otherwise the
-    refusing verdict, recorded on the run (tagged refused) and in the audit trail.
-    """
-    try:
-        champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
-    except registry.ModelRefError:
-        return None
-    recorded = registry.version_identity(champion)
-    if recorded is None:
-        return None
-    differences = promotion.compare_identity(model_identity, recorded)
-    if not differences:
-        return None
+    """Refuse a candidate of another kind than ``name``'s champion (recorded on the run and
+    in the audit trail); None when it is the same kind or there is no champion."""
     own_name = registry.MODEL_NAME_PREFIX + data.dataset_name(config.data)
-    verdict = promotion.refuse_incompatible(
-        promotion.compatibility_criterion(differences, name, champion.version, own_name)
-    )
-    tracking.set_tags(run_id, {tag.VERDICT: "refused", tag.POLICY: verdict.summary()[:4000]})
-    tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
-    registry.record_refusal(
-        name,
-        champion.version,
-        actor,
-        f"refused run {run_id}: not the same kind of model as champion v{champion.version}",
-        verdict.summary(),
-        lock(),
-    )
-    return verdict
+    return registration.check_compatibility(name, model_identity, run_id, actor, lock, own_name)
 
 
 def mark_orphaned_runs(experiment: str) -> list[tracking.Orphan]:
@@ -632,7 +475,7 @@ def register_model(
             config,
             context.run_id,
             results.trained.model_dir,
-            test["text"].head(2).tolist(),
+            test,
             context.tags,
             verdict,
             results.champion.version if results.champion else None,

@@ -694,16 +694,6 @@ TABLE_HEADER = ("measure", "model", "95% CI", "base probe", "champion", "vs cham
 GROUP_TABLE_HEADER = ("group", "rows", "accuracy", "macro-F1", "FPR", "FNR", "selection", "")
 
 
-class BiasRefused(RuntimeError):
-    """The bias gate refused the candidate; carries the report."""
-
-    def __init__(self, report: ModelBiasReport, run_id: str | None = None):
-        self.report, self.run_id = report, run_id
-        where = f" (recorded as MLflow run {run_id}, not registered)" if run_id else ""
-        failures = report.gate.failures if report.gate else []
-        super().__init__("bias gate refused the model" + where + ": " + "; ".join(failures))
-
-
 def check_model_bias(
     y_true: np.ndarray,
     y_pred: np.ndarray,

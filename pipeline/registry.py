@@ -13,8 +13,6 @@ import contextlib
 import dataclasses
 import getpass
 import os
-import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +44,6 @@ MODEL_NAME_PREFIX = "retune-"
 SEQUENCE_DIGITS = 8  # zero-padded so that the tag sorts as a string
 MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
 FLOW_RUN_ACTOR = "prefect-flow-run:"
-# MLflow loads a "models from code" model through module-level globals: one load at a time
-# per process (threads of one flow may promote at once).
-_LOAD_LOCK = threading.Lock()
 # What a version must predict before it takes champion: short, long and empty-ish text.
 SMOKE_TEXTS = [
     "A warm, funny and beautifully acted film.",
@@ -70,140 +65,11 @@ def model_name(config: RetuneConfig) -> str:
     return MODEL_NAME_PREFIX + dataset_name(config.data)
 
 
-@dataclass(frozen=True)
-class AliasDecision:
-    alias: str  # the alias the candidate gets
-    reason: str
-
-
-def decide_aliases(
-    candidate_metric: float, champion_metric: float | None, metric: str
-) -> AliasDecision:
-    """The first version becomes champion; a later one only if strictly better.
-
-    The full promotion policy (gates, margins, per-group checks) replaces this later.
-    """
-    if champion_metric is None:
-        return AliasDecision(CHAMPION, "no champion yet")
-    if candidate_metric > champion_metric:
-        return AliasDecision(
-            CHAMPION, f"test {metric} {candidate_metric:.4f} > champion's {champion_metric:.4f}"
-        )
-    return AliasDecision(
-        CHALLENGER, f"test {metric} {candidate_metric:.4f} <= champion's {champion_metric:.4f}"
-    )
-
-
-@dataclass(frozen=True)
-class RegisteredVersion:
-    name: str
-    version: str
-    aliases: list[str]
-    decision: AliasDecision
-    champion_version: str
-
-
-def champion_metric(name: str, metric_key: str) -> tuple[str | None, float | None]:
-    """The current champion's version and the value of ``metric_key`` in its run."""
-    from mlflow.exceptions import MlflowException
-
+def champion_version(name: str) -> str:
+    """The version that holds ``champion`` now, or "" if none (or no such model)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None
-    if not version.run_id:
-        return version.version, None
-    value = client.get_run(version.run_id).data.metrics.get(metric_key)
-    return version.version, value
-
-
-def register_model(
-    model_uri: str,
-    name: str,
-    run_id: str,
-    tags: Mapping[str, str],
-    candidate_metric: float,
-    metric_key: str,
-    *,
-    actor: str | None = None,
-    lock: contextlib.AbstractContextManager[Any] | None = None,
-) -> RegisteredVersion:
-    """Create a new version, tag it, set its alias and record the change in the audit trail.
-
-    If anything fails after the version exists, the version is deleted again so that
-    the registry holds no half-registered model, and the error is re-raised.
-
-    Args:
-        actor: who registers (default: :func:`default_actor`).
-        lock: held while the champion is read and the alias moves (see :func:`move_champion`).
-    """
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    with _held(lock):
-        _ensure_registered_model(client, name)
-        previous_champion, previous_value = champion_metric(name, metric_key)
-        previous_challenger = _alias_version(client, name, CHALLENGER)
-        decision = decide_aliases(candidate_metric, previous_value, metric_key)
-        version = client.create_model_version(
-            name, model_uri, run_id=run_id, tags=dict(tags), model_id=_model_id(model_uri)
-        )
-        try:
-            client.set_model_version_tag(
-                name, version.version, "retune.alias_decision", decision.reason
-            )
-            if decision.alias == CHAMPION:
-                client.set_registered_model_alias(name, CHAMPION, version.version)
-                # The challenger lost to the old champion; the new champion beat both.
-                _delete_alias_if_set(client, name, CHALLENGER)
-                moved_from = previous_champion or ""
-            else:
-                client.set_registered_model_alias(name, CHALLENGER, version.version)
-                moved_from = previous_challenger
-            actor = actor or default_actor()
-            if decision.alias == CHAMPION and previous_challenger:
-                append_audit(
-                    name,
-                    CHALLENGER,
-                    previous_challenger,
-                    "",
-                    actor,
-                    f"v{version.version} beat the champion it lost to",
-                    decision.reason,
-                    "register",
-                    "done",
-                )
-            append_audit(
-                name,
-                decision.alias,
-                moved_from,
-                str(version.version),
-                actor,
-                f"registered from run {run_id}",
-                decision.reason,
-                "register",
-                "done",
-            )
-        except Exception:
-            client.delete_model_version(name, version.version)
-            if previous_champion is not None:
-                client.set_registered_model_alias(name, CHAMPION, previous_champion)
-            if previous_challenger:  # deleting the version dropped its aliases only
-                client.set_registered_model_alias(name, CHALLENGER, previous_challenger)
-            raise
-    current = client.get_model_version(name, version.version)
-    return RegisteredVersion(
-        name=name,
-        version=str(version.version),
-        aliases=sorted(current.aliases),
-        decision=decision,
-        champion_version=str(version.version)
-        if decision.alias == CHAMPION
-        else str(previous_champion),
-    )
+    return _alias_version(MlflowClient(), name, CHAMPION)
 
 
 def _delete_alias_if_set(client: object, name: str, alias: str) -> None:
@@ -547,16 +413,14 @@ def smoke_test(name: str, version: str, texts: list[str] | None = None) -> None:
     """
     import math
 
-    import mlflow.pyfunc
     import pandas as pd
+
+    from pipeline import modelstore
 
     texts = list(texts or SMOKE_TEXTS)
     uri = f"models:/{name}/{version}"
     try:
-        with tempfile.TemporaryDirectory(prefix="retune-smoke-") as local:
-            with _LOAD_LOCK:
-                model = mlflow.pyfunc.load_model(uri, dst_path=local)
-            out = model.predict(pd.DataFrame({"text": texts}))
+        out = modelstore.load_version(name, version).predict(pd.DataFrame({"text": texts}))
     except Exception as err:
         raise PromotionError(
             f"{uri} failed to load or predict, so champion was not moved: "

@@ -1,26 +1,25 @@
-"""Serving: the fine-tuned classifier as an MLflow pyfunc model, and batch prediction on files.
+"""Serving the text classifier: its predictor, signature and logging, and batch prediction.
 
-The model is logged "from code": MLflow stores a three-line entry file that builds a
-:class:`TextClassifier`, and the saved classifier folder (safetensors weights, config with
-the label map, tokenizer) as an artifact. Nothing is pickled; the weights are read in
-``load_context``. Importing this module imports MLflow (and with it pandas), but not torch,
-transformers or Prefect.
+:class:`TextClassifier` is a plain predictor: it loads a saved classifier folder
+(safetensors weights, config with the label map, tokenizer) and predicts labels and class
+probabilities. :func:`log_classifier` logs such a folder through :mod:`pipeline.modelstore`,
+which serves the predictor as an MLflow pyfunc. Importing this module imports neither MLflow
+nor torch, transformers or Prefect.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow.pyfunc
-import pandas as pd  # already imported by mlflow.pyfunc
+import pandas as pd
 
 from pipeline.cpu import set_cpu_threads
 
-ARTIFACT_KEY = "classifier"  # the classifier folder inside the logged model's artifacts
+if TYPE_CHECKING:
+    from pipeline.modelstore import Signature
+
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
 PROB_PREFIX = "prob_"
@@ -28,53 +27,47 @@ DEFAULT_MAX_LENGTH = 128  # tokens, as TrainConfig.max_length
 DEFAULT_BATCH_SIZE = 64
 READERS = (".csv", ".jsonl")
 
-# The "models from code" entry point that MLflow stores with the model and runs on load.
-ENTRY_POINT = '''"""MLflow entry point for retune's classifier, logged from code (no pickle)."""
-
-import mlflow
-
-from pipeline.serving import TextClassifier
-
-mlflow.models.set_model(TextClassifier())
-'''
-
 
 class ServingInputError(ValueError):
     """A model folder, input file or input frame that cannot be served or predicted."""
 
 
-class TextClassifier(mlflow.pyfunc.PythonModel):
-    """A saved sequence classifier behind MLflow's pyfunc interface.
+class TextClassifier:
+    """A saved sequence classifier that predicts labels and class probabilities.
 
-    The instance holds no weights until ``load_context`` reads them from the artifact folder.
     ``predict`` takes a DataFrame with a ``text`` column (or a list or Series of strings) and
     returns ``label`` plus one ``prob_<label>`` column per label, in the model's label order.
     """
 
-    def load_context(self, context: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        id2label = model.config.id2label
+        self.labels = [id2label[i] for i in range(model.config.num_labels)]
+
+    @classmethod
+    def load(cls, folder: Path, config: dict[str, Any]) -> TextClassifier:
+        """The classifier saved in ``folder``, on the GPU if there is one.
+
+        Args:
+            config: the logged model config: ``max_length`` (tokens) and ``batch_size``.
+        """
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        folder = context.artifacts[ARTIFACT_KEY]
-        config = context.model_config or {}
-        self.max_length = int(config.get("max_length", DEFAULT_MAX_LENGTH))
-        self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, use_safetensors=True, trust_remote_code=False
-        ).to(device)
-        self.model.eval()
-        id2label = self.model.config.id2label
-        self.labels = [id2label[i] for i in range(self.model.config.num_labels)]
+        from pipeline.finetune import load_saved_classifier
 
-    # MLflow reads the hint on model_input: pd.DataFrame turns its type-hint validation off
-    # (a union with list[str] would be refused). Called directly, a list or Series works too.
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise
+        model, tokenizer = load_saved_classifier(Path(folder))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(
+            model.to(device).eval(),
+            tokenizer,
+            int(config.get("max_length", DEFAULT_MAX_LENGTH)),
+            int(config.get("batch_size", DEFAULT_BATCH_SIZE)),
+        )
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Labels and class probabilities, one row per input text, in input order."""
         from pipeline.finetune import predict_proba  # batched, length-sorted, no grad
 
@@ -145,29 +138,18 @@ def check_model_dir(model_dir: Path) -> list[str]:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
-def model_signature(labels: list[str]) -> Any:
+def model_signature(labels: list[str]) -> Signature:
     """Input: a ``text`` string column; output: ``label`` and ``prob_<label>`` floats."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from pipeline.modelstore import Column, Param, Signature
 
-    outputs = [ColSpec("string", LABEL_COLUMN)] + [
-        ColSpec("float", f"{PROB_PREFIX}{label}") for label in labels
-    ]
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
-        outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
+    return Signature(
+        inputs=(Column(TEXT_COLUMN, "string"),),
+        outputs=(
+            Column(LABEL_COLUMN, "string"),
+            *(Column(f"{PROB_PREFIX}{label}", "float") for label in labels),
+        ),
+        params=(Param("batch_size", "long", DEFAULT_BATCH_SIZE),),
     )
-
-
-def pip_requirements() -> list[str]:
-    """Pinned versions of what the model needs at load time (torch without a local tag)."""
-    return [
-        f"torch=={version('torch').split('+')[0]}",
-        f"transformers=={version('transformers')}",
-        f"mlflow=={version('mlflow')}",
-        f"pandas=={version('pandas')}",
-    ]
 
 
 def log_classifier(
@@ -176,10 +158,7 @@ def log_classifier(
     example_texts: list[str],
     max_length: int = DEFAULT_MAX_LENGTH,
 ) -> str:
-    """Log a saved classifier folder to a run as a pyfunc model.
-
-    The run need not be active in this thread. The ``pipeline`` package goes with the model
-    (``code/pipeline``), so it loads where only the pinned requirements are installed.
+    """Log a saved classifier folder to a run as a pyfunc model serving :class:`TextClassifier`.
 
     Args:
         model_dir: a folder written by ``pipeline.finetune.save_model``.
@@ -188,24 +167,24 @@ def log_classifier(
 
     Returns:
         The model URI to register (``models:/<model_id>``).
+
+    Raises:
+        ServingInputError: the folder does not hold a servable classifier (see
+            :func:`check_model_dir`).
     """
+    from pipeline import modelstore
+
     model_dir = Path(model_dir)
     labels = check_model_dir(model_dir)
-    package_dir = Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        entry = Path(tmp) / "retune_classifier.py"
-        entry.write_text(ENTRY_POINT, encoding="utf-8")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=entry,
-            artifacts={ARTIFACT_KEY: str(model_dir)},
-            model_config={"max_length": max_length, "batch_size": DEFAULT_BATCH_SIZE},
-            code_paths=[str(package_dir)],
-            signature=model_signature(labels),
-            input_example=pd.DataFrame({TEXT_COLUMN: list(example_texts[:2])}),
-            pip_requirements=pip_requirements(),
-        )
-    return info.model_uri
+    return modelstore.log_model(
+        run_id,
+        model_dir,
+        example=pd.DataFrame({TEXT_COLUMN: list(example_texts[:2])}),
+        signature=model_signature(labels),
+        predictor_class=TextClassifier,
+        model_config={"max_length": max_length, "batch_size": DEFAULT_BATCH_SIZE},
+        requirements=modelstore.pins("torch", "transformers"),
+    )
 
 
 def read_table(path: Path, text_column: str) -> pd.DataFrame:
@@ -280,11 +259,10 @@ def predict_file(
         raise ServingInputError(f"output {out} is the input file; write somewhere else")
     frame = read_table(path, text_column).reset_index(drop=True)
     set_cpu_threads()  # the cores this process may use, before the model's first forward
-    with tempfile.TemporaryDirectory(prefix="retune-model-") as local:
-        # Load from a copy that is removed afterwards: a server's download would otherwise stay.
-        model = mlflow.pyfunc.load_model(model_uri, dst_path=local)
-    schema = model.metadata.get_output_schema()
-    output_columns = [c.name for c in schema.inputs] if schema is not None else [LABEL_COLUMN]
+    from pipeline import modelstore
+
+    model = modelstore.load_model(model_uri)
+    output_columns = model.output_columns or [LABEL_COLUMN]
     clash = [c for c in output_columns if c in frame.columns]
     if clash:
         raise ServingInputError(
@@ -314,21 +292,3 @@ def _predict_by_length(
             parts.append(model.predict(chunk, params={"batch_size": batch_size}).set_axis(idx))
             bar.update(len(idx))
     return pd.concat(parts).sort_index() if parts else pd.DataFrame()
-
-
-def download_classifier(name: str, version: str, dest: Path) -> Path:
-    """The saved classifier folder of a registered version, downloaded under ``dest``.
-
-    Returns the folder that :func:`pipeline.finetune.load_saved_classifier` reads.
-    """
-    root = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
-        )
-    )
-    found = [
-        p.parent for p in root.rglob("config.json") if (p.parent / "model.safetensors").is_file()
-    ]
-    if not found:
-        raise ServingInputError(f"models:/{name}/{version} holds no saved classifier folder")
-    return found[0]

@@ -280,9 +280,14 @@ def get_run(run_id: str) -> RunRecord:
 
 def read_report(run_id: str, artifact_file: str) -> dict[str, Any]:
     """A JSON report logged with :func:`log_report`."""
+    return json.loads(read_text(run_id, artifact_file))
+
+
+def read_text(run_id: str, artifact_file: str) -> str:
+    """A text artifact of a run, e.g. ``card/model_card.md``."""
     import mlflow
 
-    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
 
 
 def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:

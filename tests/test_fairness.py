@@ -22,7 +22,6 @@ from pipeline.fairness import (
     METRICS,
     OVERALL,
     TABLE_HEADER,
-    BiasRefused,
     CounterfactualReport,
     CrowsPairsType,
     Estimate,
@@ -386,15 +385,6 @@ def test_gate_crows_pairs_warns_by_default_and_ignores_small_types():
     assert strict.refused
     small = bias_gate(make_report(crows=crows[1:]), BiasConfig())
     assert statuses(small)["crows_pairs"] == "not run"
-
-
-def test_bias_refused_carries_the_report():
-    config = BiasConfig()
-    report = evaluate_model_bias(make_report(eo_high=0.2), config)
-    error = BiasRefused(report, run_id="abc")
-    assert error.report is report
-    assert str(error).startswith("bias gate refused the model (recorded as MLflow run abc")
-    assert "equalized odds difference 0.050" in str(error)
 
 
 # --- the report --------------------------------------------------------------------------------

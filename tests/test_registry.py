@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import threading
 import time
@@ -14,16 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from pipeline import registry, tracking
 from pipeline import tags as tag
-from pipeline.registry import CHALLENGER, CHAMPION, decide_aliases
-
-
-def test_first_version_is_champion_later_only_if_strictly_better():
-    assert decide_aliases(0.7, None, "test_macro_f1").alias == CHAMPION
-    assert decide_aliases(0.80, 0.79, "test_macro_f1").alias == CHAMPION
-    equal = decide_aliases(0.79, 0.79, "test_macro_f1")
-    assert equal.alias == CHALLENGER
-    assert "0.7900 <= champion's 0.7900" in equal.reason
-    assert decide_aliases(0.5, 0.79, "m").alias == CHALLENGER
+from pipeline.registry import CHALLENGER, CHAMPION
 
 
 @pytest.fixture
@@ -42,46 +34,6 @@ def candidate(store: Path, f1: float) -> tuple[str, str]:
 
 def aliases(name: str) -> dict[str, str]:
     return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
-
-
-def test_register_sets_champion_then_challenger_then_moves_champion(store: Path):
-    run1, uri1 = candidate(store, 0.80)
-    v1 = registry.register_model(
-        uri1, "m", run1, {"retune.data_md5": "abc.dir"}, 0.80, "test_macro_f1"
-    )
-    assert (v1.version, v1.aliases, v1.champion_version) == ("1", [CHAMPION], "1")
-    assert MlflowClient().get_model_version("m", "1").tags["retune.data_md5"] == "abc.dir"
-
-    run2, uri2 = candidate(store, 0.80)
-    v2 = registry.register_model(uri2, "m", run2, {}, 0.80, "test_macro_f1")
-    assert (v2.version, v2.aliases, v2.champion_version) == ("2", [CHALLENGER], "1")
-    assert aliases("m") == {CHAMPION: "1", CHALLENGER: "2"}
-
-    run3, uri3 = candidate(store, 0.81)
-    v3 = registry.register_model(uri3, "m", run3, {}, 0.81, "test_macro_f1")
-    assert v3.aliases == [CHAMPION]
-    assert aliases("m") == {CHAMPION: "3"}
-    assert (
-        "0.8100 > champion's 0.8000"
-        in MlflowClient().get_model_version("m", "3").tags["retune.alias_decision"]
-    )
-
-
-def test_failure_after_the_version_exists_leaves_no_half_registered_model(store: Path, monkeypatch):
-    run1, uri1 = candidate(store, 0.80)
-    registry.register_model(uri1, "m", run1, {}, 0.80, "test_macro_f1")
-    run2, uri2 = candidate(store, 0.90)
-
-    def broken(self, name, alias, version):
-        raise RuntimeError("registry went away")
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
-    with pytest.raises(RuntimeError, match="registry went away"):
-        registry.register_model(uri2, "m", run2, {}, 0.90, "test_macro_f1")
-    monkeypatch.undo()
-    versions = MlflowClient().search_model_versions("name='m'")
-    assert [str(v.version) for v in versions] == ["1"]
-    assert aliases("m") == {CHAMPION: "1"}
 
 
 # --- audit trail and all-or-nothing champion moves, with real pyfunc models -------------
@@ -264,26 +216,6 @@ def test_rollback_walks_back_along_the_trail_and_the_trail_keeps_everything(name
     assert registry.audit_problems(registry.read_audit(name)) == []
 
 
-def test_register_model_records_its_alias_changes(store: Path):
-    run1, uri1 = candidate(store, 0.80)
-    registry.register_model(uri1, "m", run1, {}, 0.80, "test_macro_f1", actor="ci")
-    run2, uri2 = candidate(store, 0.79)
-    registry.register_model(uri2, "m", run2, {}, 0.79, "test_macro_f1", actor="ci")
-    run3, uri3 = candidate(store, 0.85)
-    registry.register_model(uri3, "m", run3, {}, 0.85, "test_macro_f1", actor="ci")
-
-    assert trail("m") == [
-        ("register", "done", CHAMPION, "", "1", 1),
-        ("register", "done", CHALLENGER, "", "2", 2),
-        ("register", "done", CHALLENGER, "2", "", 3),
-        ("register", "done", CHAMPION, "1", "3", 4),
-    ]
-    assert aliases("m") == {CHAMPION: "3"}
-    assert registry.read_audit("m")[3].verdict == "test test_macro_f1 0.8500 > champion's 0.8000"
-    assert registry.read_audit("m")[0].reason == f"registered from run {run1}"
-    assert registry.previous_champion("m") == "1"
-
-
 def _promote_in_child(root: str, name: str, version: str, lock_path: str, barrier) -> None:
     """One "flow": wait for the other, then promote under the shared file lock."""
     tracking.configure(Path(root))
@@ -387,7 +319,7 @@ def _verdict(alias: str):
 def _apply(name: str, verdict, champion: str, recompute, lock_dir: Path):
     import logging
 
-    from flows.retrain import apply_verdict
+    from pipeline.registration import apply_verdict
 
     def lock():  # a fresh lock per move: a file lock is used once
         return registry.file_lock(lock_dir / "promote.lock")
@@ -420,7 +352,7 @@ def test_a_stale_verdict_is_decided_again_against_the_champion_of_now(name: str,
 
 
 def test_a_champion_that_keeps_changing_is_retried_a_bounded_number_of_times(name: str, tmp_path):
-    from flows.retrain import STALE_RETRIES
+    from pipeline.registration import STALE_RETRIES
 
     promote(name, "1")
     calls = []
@@ -469,3 +401,138 @@ def test_a_signal_ends_a_run_killed_anything_else_failed():
 
     assert tracking.end_status(TrainingInterrupted("checkpoint written")) == "KILLED"
     assert tracking.end_status(ValueError("bad")) == "FAILED"
+
+
+# --- registering a candidate: the alias its verdict earns, all or nothing ----------------
+
+
+def versions(name: str) -> list[str]:
+    return [v.version for v in registry.list_versions(name)]
+
+
+def _register(name: str, model_store: dict[str, str], verdict, lock, champion: str = "1"):
+    from pipeline.registration import register_candidate
+
+    return register_candidate(
+        name,
+        model_store["run_id"],
+        model_store["model_uri"],
+        {tag.DATA_MD5: "abc.dir"},
+        verdict,
+        champion,
+        "prefect-flow-run:r2",
+        lock,
+    )
+
+
+def test_a_registered_candidate_gets_its_alias_and_its_verdict_tag(
+    name: str, model_store: dict[str, str], tmp_path: Path
+):
+    promote(name, "1")
+
+    def lock():
+        return registry.file_lock(tmp_path / "promote.lock")
+
+    kept = _register(name, model_store, _verdict(CHALLENGER), lock)
+    assert (kept.version, kept.aliases, kept.champion_version) == ("5", [CHALLENGER], "1")
+    won = _register(name, model_store, _verdict(CHAMPION), lock)
+    assert (won.version, won.aliases, won.champion_version) == ("6", [CHAMPION], "6")
+    assert aliases(name) == {CHAMPION: "6", CHALLENGER: "5"}
+    tags = MlflowClient().get_model_version(name, "6").tags
+    assert tags[tag.POLICY] == "promote to champion: champion ok (decided for champion)"
+    assert tags[tag.DATA_MD5] == "abc.dir"
+    assert [t[:5] for t in trail(name)] == [
+        ("promote", "done", CHAMPION, "", "1"),
+        ("promote", "done", CHALLENGER, "", "5"),
+        ("promote", "done", CHAMPION, "1", "6"),
+    ]
+
+
+def test_a_lock_that_fails_deletes_the_new_version_and_moves_nothing(
+    name: str, model_store: dict[str, str]
+):
+    promote(name, "1")
+    before = registry.read_audit(name)
+
+    @contextlib.contextmanager
+    def unreachable():
+        raise ConnectionError("the Prefect API is unreachable")
+        yield
+
+    with pytest.raises(ConnectionError, match="unreachable"):
+        _register(name, model_store, _verdict(CHAMPION), unreachable)
+    assert versions(name) == ["4", "3", "2", "1"]  # v5 was created, then deleted
+    assert aliases(name) == {CHAMPION: "1"}
+    assert registry.read_audit(name) == before
+
+
+def test_a_move_that_fails_after_the_alias_moved_restores_the_champion_and_deletes_the_version(
+    name: str, model_store: dict[str, str], tmp_path: Path
+):
+    """The audit experiment deleted under a running flow: the alias moves, its record fails
+    (AuditTrailError), the champion goes back to v1 and v5 is deleted again."""
+    promote(name, "1")
+    before = registry.read_audit(name)
+    client = MlflowClient()
+    audit = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT).experiment_id
+    moved_to = []
+    original = MlflowClient.set_registered_model_alias
+
+    def recording(self, model, alias, version):  # the real move, recorded
+        moved_to.append((alias, str(version)))
+        return original(self, model, alias, version)
+
+    client.delete_experiment(audit)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(MlflowClient, "set_registered_model_alias", recording)
+            with pytest.raises(registry.AuditTrailError, match="was deleted") as raised:
+                _register(
+                    name,
+                    model_store,
+                    _verdict(CHAMPION),
+                    lambda: registry.file_lock(tmp_path / "promote.lock"),
+                )
+    finally:
+        client.restore_experiment(audit)
+    assert moved_to == [(CHAMPION, "5"), (CHAMPION, "1")]  # moved, then put back
+    assert "the audit entry for the restore was not written" in "\n".join(raised.value.__notes__)
+    assert versions(name) == ["4", "3", "2", "1"]
+    assert aliases(name) == {CHAMPION: "1"}
+    assert registry.read_audit(name) == before
+    assert registry.audit_problems(registry.read_audit(name)) == []
+
+
+def test_the_champion_of_now_is_read_from_its_run_or_evaluated(
+    name: str, model_store: dict[str, str]
+):
+    from pipeline.registration import current_champion_figures, decide_again
+
+    def never(loaded):
+        raise AssertionError("the recorded metric should be used")
+
+    assert current_champion_figures(name, "abc.dir", "macro_f1", never) is None
+    promote(name, "1")
+    client = MlflowClient()
+    client.set_model_version_tag(name, "1", tag.DATA_MD5, "abc.dir")
+    client.log_metric(model_store["run_id"], "test_macro_f1", 0.75)
+
+    same = current_champion_figures(name, "abc.dir", "macro_f1", never)
+    assert (same.version, same.metric, same.group_accuracy) == ("1", 0.75, {})
+
+    seen = []
+
+    def evaluate(loaded) -> float:  # another data version: the champion predicts again
+        seen.append(loaded.predictor.labels)
+        return 0.5
+
+    other = current_champion_figures(name, "other.dir", "macro_f1", evaluate)
+    assert (other.version, other.metric) == ("1", 0.5) and seen == [LABELS]
+
+    from pipeline.config import PromotionConfig
+    from pipeline.promotion import CandidateFigures
+
+    candidate = CandidateFigures("macro_f1", 0.9, None, gates=[], group_accuracy={})
+    champion, verdict = decide_again(candidate, PromotionConfig(), lambda: other)()
+    assert champion == "1" and verdict.promote
+    assert "test macro_f1 0.9000" in verdict.summary() and "0.5000" in verdict.summary()

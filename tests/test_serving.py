@@ -1,4 +1,4 @@
-"""The pyfunc classifier through a real MLflow SQLite store: log, register, alias, load, predict."""
+"""The served classifier through a real MLflow SQLite store: log, register, alias, load, predict."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 
 import mlflow
 from mlflow import MlflowClient
-from pipeline import serving, tracking
+from pipeline import modelstore, serving, tracking
 from pipeline.finetune import predict_proba, save_model
 from pipeline.serving import ServingInputError, TextClassifier
 
@@ -123,24 +123,23 @@ def test_champion_predicts_like_predict_proba_in_input_order(champion, reference
 def test_text_classifier_takes_lists_and_series_and_keeps_the_index(
     classifier_dir: Path, reference: np.ndarray
 ):
-    model = TextClassifier()
-    assert vars(model) == {}  # nothing but a class reference until load_context
-    model.load_context(mlflow.pyfunc.PythonModelContext({"classifier": str(classifier_dir)}, {}))
+    model = TextClassifier.load(classifier_dir, {})  # a plain predictor: no MLflow
+    assert (model.max_length, model.batch_size, model.labels) == (128, 64, LABELS)
 
-    from_list = model.predict(None, TEXTS)
+    from_list = model.predict(TEXTS)
     np.testing.assert_allclose(from_list[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
     series = pd.Series(TEXTS, index=[10 * i for i in range(len(TEXTS))])
-    from_series = model.predict(None, series)
+    from_series = model.predict(series)
     assert from_series.index.tolist() == series.index.tolist()
     np.testing.assert_allclose(from_series[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
-    assert model.predict(None, []).columns.tolist() == ["label", *PROB_COLUMNS]
+    assert model.predict([]).columns.tolist() == ["label", *PROB_COLUMNS]
 
     with pytest.raises(ServingInputError, match=r"no 'text' column; found: review, id"):
-        model.predict(None, pd.DataFrame({"review": ["a"], "id": [1]}))
+        model.predict(pd.DataFrame({"review": ["a"], "id": [1]}))
     with pytest.raises(ServingInputError, match=r"not at positions 1 \(NoneType\)"):
-        model.predict(None, ["fine", None])
+        model.predict(["fine", None])
     with pytest.raises(ServingInputError, match=r"got str"):
-        model.predict(None, "one text")
+        model.predict("one text")
 
 
 def test_logged_model_holds_safetensors_code_and_no_pickles(
@@ -152,7 +151,10 @@ def test_logged_model_holds_safetensors_code_and_no_pickles(
 
     weights = f"artifacts/{classifier_dir.name}"
     assert {f"{weights}/model.safetensors", f"{weights}/config.json"} <= files
-    assert {"retune_classifier.py", "code/pipeline/serving.py", "requirements.txt"} <= files
+    assert {"retune_model.py", "code/pipeline/serving.py", "requirements.txt"} <= files
+    entry = (local / "retune_model.py").read_text()
+    assert "from pipeline.serving import TextClassifier" in entry
+    assert "mlflow.models.set_model(ServedModel(TextClassifier))" in entry
     pickled = {".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt"}
     assert [f for f in files if Path(f).suffix in pickled] == []
 
@@ -170,6 +172,31 @@ def test_logged_model_holds_safetensors_code_and_no_pickles(
     info = mlflow.models.get_model_info(store["model_uri"])
     assert info.signature.inputs.input_names() == ["text"]
     assert info.signature.outputs.input_names() == ["label", *PROB_COLUMNS]
+
+
+def test_load_version_is_the_served_model_and_leaves_no_download(
+    store: dict[str, str], classifier_dir: Path, reference: np.ndarray, tmp_path: Path
+):
+    from pipeline.lineage import folder_sha256
+
+    tracking.configure(Path(store["root"]))
+    work = tmp_path / "work"
+    loaded = modelstore.load_version(NAME, "1", work, digest=folder_sha256)
+
+    assert loaded.uri == f"models:/{NAME}/1"
+    assert loaded.output_columns == ["label", *PROB_COLUMNS]
+    assert loaded.digest == folder_sha256(classifier_dir)  # the logged weights, unchanged
+    assert list(work.iterdir()) == []  # the downloaded copy is gone, the weights in memory
+    out = loaded.predict(pd.DataFrame({"text": TEXTS}), params={"batch_size": 2})
+    np.testing.assert_allclose(out[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    # The plain predictor inside is the text classifier, with its torch model and tokenizer.
+    assert isinstance(loaded.predictor, TextClassifier)
+    assert loaded.predictor.labels == LABELS and loaded.predictor.max_length == 128
+    direct = loaded.predictor.predict(TEXTS)
+    np.testing.assert_allclose(direct[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    # The pyfunc enforces the signature, as when served.
+    with pytest.raises(Exception, match="text"):
+        loaded.predict(pd.DataFrame({"review": ["good"]}))
 
 
 @pytest.mark.parametrize(
@@ -248,10 +275,10 @@ def test_log_classifier_refuses_folders_without_safetensors(classifier_dir: Path
     assert serving.check_model_dir(classifier_dir) == LABELS
 
 
-def test_importing_serving_loads_no_torch_transformers_or_prefect():
+def test_importing_serving_loads_no_mlflow_torch_transformers_or_prefect():
     code = (
-        "import sys, pipeline.serving; "
-        "print(sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules))"
+        "import sys, pipeline.serving; print(sorted(m for m in "
+        "('mlflow', 'torch', 'transformers', 'prefect') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

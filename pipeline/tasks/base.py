@@ -171,6 +171,15 @@ class TaskKind(Protocol):
         """The bias probes on candidate, base and champion; the bias gate on the candidate."""
         ...
 
+    def loaded_metric(self, config: RetuneConfig, model: Any, test: pd.DataFrame) -> float:
+        """The primary metric, on this test split, of a registered model loaded through
+        :func:`pipeline.modelstore.load_version` (a champion that changed mid-run)."""
+        ...
+
+    def examples(self, test: pd.DataFrame) -> list[Any]:
+        """A few inputs from the test split: the registered model's example and smoke test."""
+        ...
+
     def log_model(
         self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
     ) -> str:

@@ -29,6 +29,7 @@ from pipeline import (
     identity,
     lineage,
     mitigation,
+    modelstore,
     promotion,
     registry,
     retention,
@@ -150,13 +151,11 @@ def measure_champion(
         champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
     except registry.ModelRefError:
         return None
-    folder = serving.download_classifier(champion.name, champion.version, work_dir / "champion")
-    try:
-        model, tokenizer = finetune.load_saved_classifier(folder)
-        sha = lineage.folder_sha256(folder)
-        scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, sha)
-    finally:
-        shutil.rmtree(work_dir / "champion", ignore_errors=True)
+    loaded = modelstore.load_version(
+        champion.name, champion.version, work_dir, digest=lineage.folder_sha256
+    )
+    model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
+    scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, loaded.digest)
     predict = classifier_predict(config, model, tokenizer)
     probs = predict(test["text"].tolist())
     labels = config.data.labels
@@ -391,8 +390,20 @@ class TextClassification:
 
     check_model_bias = staticmethod(check_model_bias)
 
+    def loaded_metric(self, config: RetuneConfig, model: Any, test: pd.DataFrame) -> float:
+        predictor = model.predictor
+        probs = classifier_predict(config, predictor.model, predictor.tokenizer)(
+            test["text"].tolist()
+        )
+        labels = config.data.labels
+        report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
+        return float(getattr(report, config.registry.primary_metric))
+
+    def examples(self, test: pd.DataFrame) -> list[Any]:
+        return test["text"].head(2).tolist()
+
     def log_model(
         self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
     ) -> str:
-        example = test["text"].head(2).tolist()
+        example = self.examples(test)
         return serving.log_classifier(run_id, model_dir, example, config.train.max_length)
