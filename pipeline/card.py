@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import reports
+from pipeline import formatting, reports
 from pipeline import tags as tag
 from pipeline.gates import GateStatus, outcomes_from_tags
 from pipeline.promotion import TEXT_CLASSIFICATION
@@ -211,8 +211,8 @@ def _model(inputs: CardInputs) -> dict[str, Any]:
         "data_parallel": workers > 1,
         "training": _training(_report(inputs, "training")),
         "keep": keep,
-        "distill": reports.finite(keep.get("distill")) or 0.0,
-        "l2sp": reports.finite(keep.get("l2sp")) or 0.0,
+        "distill": formatting.finite(keep.get("distill")) or 0.0,
+        "l2sp": formatting.finite(keep.get("l2sp")) or 0.0,
         "wise_ft": _dict(mitigation.get("wise_ft")),
         "commit": inputs.tags.get(tag.GIT_COMMIT),
         "dirty": _dirty(inputs),
@@ -307,7 +307,7 @@ def _test_metrics(inputs: CardInputs) -> dict[str, Any]:
 
 
 def _diff(a: Any, b: Any) -> float | None:
-    x, y = reports.finite(a), reports.finite(b)
+    x, y = formatting.finite(a), formatting.finite(b)
     return None if x is None or y is None else x - y
 
 
@@ -347,7 +347,7 @@ def _forgetting(inputs: CardInputs) -> dict[str, Any]:
     report = _report(inputs, "forgetting")
     base, champion, gate = (_dict(report.get(k)) for k in ("base", "champion", "gate"))
     vs_champion = {t.get("task"): t for t in _records(champion.get("tasks"))}
-    cka = [reports.finite(v) for v in _list(report.get("cka"))]
+    cka = [formatting.finite(v) for v in _list(report.get("cka"))]
     finite = [(v, i) for i, v in enumerate(cka) if v is not None]
     return {
         "recorded": bool(base),
@@ -408,10 +408,10 @@ def _first_label(bias: dict[str, Any]) -> str:
 
 def _crows_pooled(report: dict[str, Any]) -> float | None:
     types = _records(report.get("crows_pairs"))
-    pairs = sum(reports.finite(t.get("pairs")) or 0 for t in types)
+    pairs = sum(formatting.finite(t.get("pairs")) or 0 for t in types)
     if not pairs:
         return None
-    rates = ((reports.finite(t.get("differ_rate")) or 0) * (t.get("pairs") or 0) for t in types)
+    rates = ((formatting.finite(t.get("differ_rate")) or 0) * (t.get("pairs") or 0) for t in types)
     return sum(rates) / pairs
 
 
@@ -494,13 +494,13 @@ def _imbalance(inputs: CardInputs) -> list[dict[str, Any]]:
     per_class = [
         c
         for c in _records(_report(inputs, "test_metrics").get("per_class"))
-        if reports.finite(c.get("support")) is not None
+        if formatting.finite(c.get("support")) is not None
     ]
     if len(per_class) < 2:
         return []
     most = max(per_class, key=lambda c: c["support"])
     least = min(per_class, key=lambda c: c["support"])
-    weakest = min(per_class, key=lambda c: reports.finite(c.get("f1")) or 0.0)
+    weakest = min(per_class, key=lambda c: formatting.finite(c.get("f1")) or 0.0)
     found: list[dict[str, Any]] = []
     if least["support"] == 0:
         found.append({"kind": "no_test_rows", "label": least.get("label")})

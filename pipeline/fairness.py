@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.config import Severity
 from pipeline.evaluate import percentile_interval
+from pipeline.formatting import fmt_num, fmt_pct
 from pipeline.gates import BIAS, GateOutcome, GateStatus
 
 if TYPE_CHECKING:
@@ -576,8 +577,8 @@ class ModelBiasReport:
         """One line for the run's log."""
         eo = self.groups.equalized_odds_difference
         parts = [
-            f"{self.model}: equalized odds difference {_num(eo.value)} "
-            f"(95% CI {_num(eo.ci_low)} to {_num(eo.ci_high)}) over "
+            f"{self.model}: equalized odds difference {fmt_num(eo.value)} "
+            f"(95% CI {fmt_num(eo.ci_low)} to {fmt_num(eo.ci_high)}) over "
             f"{len(self.groups.compared)} groups"
             + (f" for {self.label_note()}" if self.per_label else "")
         ]
@@ -585,7 +586,7 @@ class ModelBiasReport:
             cf = self.counterfactual
             parts.append(f"flips {cf.flips}/{cf.pairs} ({cf.flip_rate.value:.1%})")
         if self.crows_pairs:
-            parts.append(f"CrowS-Pairs labels differ {_pct(self.crows_differ_rate())}")
+            parts.append(f"CrowS-Pairs labels differ {fmt_pct(self.crows_differ_rate())}")
         head = f"bias gate {self.gate.status}: " if self.gate else ""
         return head + ", ".join(parts)
 
@@ -651,10 +652,10 @@ class ModelBiasReport:
             rows.append(
                 (
                     name,
-                    _num(value),
-                    f"[{_num(ci.ci_low)}, {_num(ci.ci_high)}]" if ci else "",
-                    _num(base.get(name, math.nan)) if base else "-",
-                    _num(champ.get(name, math.nan)) if champ else "-",
+                    fmt_num(value),
+                    f"[{fmt_num(ci.ci_low)}, {fmt_num(ci.ci_high)}]" if ci else "",
+                    fmt_num(base.get(name, math.nan)) if base else "-",
+                    fmt_num(champ.get(name, math.nan)) if champ else "-",
                     f"{vs:+.3f}" if math.isfinite(vs) else "-",
                 )
             )
@@ -682,7 +683,7 @@ class ModelBiasReport:
             (
                 f"{row.group} [{label}]" if label else row.group,
                 str(row.rows),
-                *(_num(getattr(row, m)) for m in METRICS),
+                *(fmt_num(getattr(row, m)) for m in METRICS),
                 "too small" if row.too_small else "",
             )
             for label, g in blocks
@@ -842,8 +843,8 @@ def _check_equalized_odds(
     bound = eo.ci_high if math.isfinite(eo.ci_high) else eo.value
     failed = bound > limit
     detail = (
-        f"equalized odds difference {eo.value:.3f} (95% CI {_num(eo.ci_low)} to "
-        f"{_num(eo.ci_high)}) over {', '.join(g.compared)}"
+        f"equalized odds difference {eo.value:.3f} (95% CI {fmt_num(eo.ci_low)} to "
+        f"{fmt_num(eo.ci_high)}) over {', '.join(g.compared)}"
         + (f" for {label}" if label else "")
         + f": upper bound {'above' if failed else 'within'} {limit:.2f}"
     )
@@ -857,7 +858,7 @@ def _check_flips(cf: CounterfactualReport | None, limit: float) -> _Outcome:
     failed = rate > limit
     detail = (
         f"counterfactual flip rate {rate:.3f} ({cf.flips} of {cf.pairs} pairs; 95% CI "
-        f"{_num(cf.flip_rate.ci_low)} to {_num(cf.flip_rate.ci_high)}) "
+        f"{fmt_num(cf.flip_rate.ci_low)} to {fmt_num(cf.flip_rate.ci_high)}) "
         f"{'above' if failed else 'within'} {limit:.2f}"
     )
     return ("failed" if failed else "passed"), rate, limit, detail
@@ -910,14 +911,6 @@ def _check_crows(crows: list[CrowsPairsType], limit: float, least: int) -> _Outc
         f"({worst.bias_type}), within {limit:.2f}"
     )
     return ("failed" if over else "passed"), worst.differ_rate, limit, detail
-
-
-def _num(value: float) -> str:
-    return f"{value:.3f}" if math.isfinite(value) else "n/a"
-
-
-def _pct(value: float) -> str:
-    return f"{value:.1%}" if math.isfinite(value) else "n/a"
 
 
 def _metric_key(name: str) -> str:

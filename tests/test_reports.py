@@ -20,6 +20,7 @@ from test_card import RUN_ID, TAGS, forgetting_report, model_bias_report, report
 from test_fairness import three_label_report
 from test_validation import good_frames, validate
 
+from pipeline import formatting
 from pipeline import reports as pages
 from pipeline.card import CardInputs, render_card, write_card
 from pipeline.config import ValidationConfig
@@ -178,16 +179,16 @@ def test_bias_page_with_three_labels_names_every_label(tmp_path: Path):
 
 
 def test_formatters():
-    assert pages.fmt_num(0.12345) == "0.123" and pages.fmt_num(float("nan")) == "n/a"
-    assert pages.fmt_num(None) == "n/a" and pages.fmt_num(2, 1) == "2.0"
-    assert pages.fmt_pct(0.1234) == "12.3%" and pages.fmt_pct(float("inf")) == "n/a"
-    assert pages.fmt_signed(0.01) == "+0.010" and pages.fmt_signed(-0.5, 1) == "-0.5"
-    assert pages.fmt_num(True) == "n/a" and pages.fmt_num("0.5") == "n/a"  # not numbers
-    assert pages.fmt_count(1234.0) == "1,234" and pages.fmt_count(None) == "n/a"
-    assert pages.fmt_interval(-0.01, 0.03) == "-0.010 to +0.030"
-    assert pages.fmt_interval(None, math.nan) == "n/a"
-    assert pages.fmt_interval(None, 0.5) == "n/a to +0.500"
-    assert pages.fmt_param(0.0001) == "0.0001" and pages.fmt_param(None) == "None"
+    assert formatting.fmt_num(0.12345) == "0.123" and formatting.fmt_num(float("nan")) == "n/a"
+    assert formatting.fmt_num(None) == "n/a" and formatting.fmt_num(2, 1) == "2.0"
+    assert formatting.fmt_pct(0.1234) == "12.3%" and formatting.fmt_pct(float("inf")) == "n/a"
+    assert formatting.fmt_signed(0.01) == "+0.010" and formatting.fmt_signed(-0.5, 1) == "-0.5"
+    assert formatting.fmt_num(True) == "n/a" and formatting.fmt_num("0.5") == "n/a"  # not numbers
+    assert formatting.fmt_count(1234.0) == "1,234" and formatting.fmt_count(None) == "n/a"
+    assert formatting.fmt_interval(-0.01, 0.03) == "-0.010 to +0.030"
+    assert formatting.fmt_interval(None, math.nan) == "n/a"
+    assert formatting.fmt_interval(None, 0.5) == "n/a to +0.500"
+    assert formatting.fmt_param(0.0001) == "0.0001" and formatting.fmt_param(None) == "None"
 
 
 def test_markdown_escaping_keeps_record_text_literal():
