@@ -27,6 +27,13 @@ def runs_newest_first(project: Path) -> list:
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
 
 
+def project_with(folder: Path, rows: list[dict[str, str]]) -> Path:
+    """A fresh project in ``folder`` holding ``rows`` as reviews.csv (USER_DATA's source)."""
+    project = make_project(folder / "project")
+    write_csv(project / "reviews.csv", rows)
+    return project
+
+
 # --- the bias gate and a lexicon folder of the project's own -----------------------------
 
 
@@ -63,8 +70,7 @@ def biased(tiny_base_model: Path) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def champion_project(prefect_harness, tmp_path_factory, tiny_base_model):
     """A project whose first run (flips only warned about) registered version 1."""
-    project = make_project(tmp_path_factory.mktemp("bias") / "project")
-    write_csv(project / "reviews.csv", pronoun_reviews())
+    project = project_with(tmp_path_factory.mktemp("bias"), pronoun_reviews())
     (project / "lexicons").mkdir()
     (project / "lexicons" / "gender.json").write_text(json.dumps(OWN_GENDER))
     first = run_cli(
@@ -161,8 +167,7 @@ WISE_FT = (
 @pytest.fixture(scope="module")
 def wise_run(prefect_harness, tmp_path_factory, tiny_base_model):
     """One WiSE-FT run of the CLI, its process wall time in seconds."""
-    project = make_project(tmp_path_factory.mktemp("wise") / "project")
-    write_csv(project / "reviews.csv", reviews())
+    project = project_with(tmp_path_factory.mktemp("wise"), reviews())
     clock = time.perf_counter()
     result = run_cli(prefect_harness, project, *WISE_FT, f"train.base_model={tiny_base_model}")
     seconds = time.perf_counter() - clock
