@@ -9,6 +9,7 @@ identity-term swaps and CrowS-Pairs; it is served as an MLflow pyfunc that reads
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -20,6 +21,7 @@ import pandas as pd
 
 from pipeline import (
     bias,
+    cache,
     data,
     datasets,
     evaluate,
@@ -101,6 +103,25 @@ def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Pred
     return predict
 
 
+def probe_features(
+    config: RetuneConfig, weights_sha: str, texts: list[str], project_dir: Path, embed: Any
+) -> np.ndarray:
+    """The frozen base's embeddings of the training texts, cached by the base weights'
+    sha256 and the texts' md5: they change only when the base model or the data does."""
+    max_length = config.train.max_length
+    if weights_sha.startswith("unresolved:"):  # a hub id not on disk: nothing to key by
+        return embed(texts, max_length)
+    key = {
+        "what": "probe-train-embeddings",
+        "weights_sha256": weights_sha,
+        "texts_md5": hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest(),
+        "max_length": str(max_length),
+        "bf16": str(finetune.use_bf16(config.train.bf16, finetune.pick_device())),
+    }
+    folder = project_dir / config.forgetting.cache_dir / "probe"
+    return cache.cached_array(folder, key, lambda: embed(texts, max_length))
+
+
 def measure_base(
     config: RetuneConfig,
     train: pd.DataFrame,
@@ -121,18 +142,16 @@ def measure_base(
     def embed(texts: list[str], max_length: int) -> np.ndarray:
         return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
 
-    fitted = evaluate.fit_probe(
-        embed(train["text"].tolist(), config.train.max_length),
-        label_ids(train, labels),
-        config.evaluate.probe_c,
-    )
+    texts = train["text"].tolist()
+    sha = lineage.weights_sha256(config.train.base_model)
+    features = probe_features(config, sha, texts, project_dir, embed)
+    fitted = evaluate.fit_probe(features, label_ids(train, labels), config.evaluate.probe_c)
 
     def predict(texts: list[str]) -> np.ndarray:
         return fitted.predict_proba(embed(texts, config.train.max_length))
 
     test_probs = predict(test["text"].tolist())
     probe = evaluate.classification_metrics(label_ids(test, labels), test_probs.argmax(1), labels)
-    sha = lineage.weights_sha256(config.train.base_model)
     cache_key = None if sha.startswith("unresolved:") else sha
     retained = score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
     return Baseline(probe, retained, predict)
@@ -233,7 +252,7 @@ def train_here(
 def blend_with_base(
     config: RetuneConfig,
     trained: Trained,
-    val: pd.DataFrame,
+    validation: pd.DataFrame,
     suite: retention.Suite,
     base: Baseline,
 ) -> mitigation.AlphaChoice:
@@ -243,11 +262,11 @@ def blend_with_base(
     base_encoder, _ = finetune.load_encoder(config.train.base_model)
     base_state = mitigation.encoder_state(base_encoder)
     del base_encoder
-    labels = label_ids(val, config.data.labels)
+    labels = label_ids(validation, config.data.labels)
     budget = cfg.model_copy(update={"gate": "error"})
 
     def validate(blend: Any) -> float:
-        probs = classifier_predict(config, blend, tokenizer)(val["text"].tolist())
+        probs = classifier_predict(config, blend, tokenizer)(validation["text"].tolist())
         report = evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels)
         return float(getattr(report, config.registry.primary_metric))
 
