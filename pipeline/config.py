@@ -244,8 +244,9 @@ class TrainConfig(_Section):
     pooling: Literal["auto", "mean", "cls", "max"] = Field(
         "auto",
         description="What the head reads from the encoder: auto (as the base model was trained: "
-        "a sentence-transformers pooling config if it has one, else BERT's CLS pooler), mean or "
-        "max over the tokens, or cls.",
+        "a sentence-transformers pooling config if it has one, L2-normalised where modules.json "
+        "lists Normalize, else BERT's CLS pooler), mean or max over the tokens (not normalised), "
+        "or cls.",
     )
     cache_frozen: bool = Field(
         True,
