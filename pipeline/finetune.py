@@ -116,8 +116,10 @@ def load_classifier(
     """The base encoder with a freshly initialised classification head, and its tokenizer.
 
     The head's initial weights come from torch's global RNG, seeded here with ``seed``.
-    The head reads the encoder pooled as :func:`resolve_pooling` says; the choice is kept
-    in the model's config (``classifier_pooling``), so the saved model predicts the same.
+    The head reads the encoder pooled as :func:`resolve_pooling` says, then L2-normalised
+    where ``pooling`` is auto and the base has a Normalize module (:func:`normalizes`); both
+    choices are kept in the model's config (``classifier_pooling``,
+    ``classifier_normalize``), so the saved model predicts the same.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -140,6 +142,7 @@ def load_classifier(
             f"pooled output); {type(model).__name__} pools inside its head: set train.pooling: cls"
         )
     model.config.classifier_pooling = mode
+    model.config.classifier_normalize = pooling == "auto" and mode != "cls" and normalizes(path)
     return model, tokenizer
 
 
@@ -162,11 +165,9 @@ def resolve_pooling(base_path: str, setting: str = "auto") -> str:
         return setting
     folder = Path(base_path)
     pooling_dir = folder / "1_Pooling"
-    modules = folder / "modules.json"
-    if modules.is_file():
-        for module in json.loads(modules.read_text(encoding="utf-8")):
-            if module.get("type", "").endswith("models.Pooling"):
-                pooling_dir = folder / module["path"]
+    for module in _modules(folder):
+        if module.get("type", "").endswith("models.Pooling"):
+            pooling_dir = folder / module["path"]
     config = pooling_dir / "config.json"
     if not config.is_file():
         return "cls"
@@ -178,6 +179,25 @@ def resolve_pooling(base_path: str, setting: str = "auto") -> str:
             "set train.pooling to mean, cls or max"
         )
     return modes[0]
+
+
+def _modules(folder: Path) -> list[dict[str, Any]]:
+    """A sentence-transformers folder's ``modules.json`` entries; [] where it has none."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return []
+    return json.loads(modules.read_text(encoding="utf-8"))
+
+
+def normalizes(base_path: str) -> bool:
+    """Whether a sentence-transformers base L2-normalises its pooled output.
+
+    True where ``modules.json`` lists a Normalize module after its Pooling module, as
+    all-MiniLM-L6-v2 does: the base was trained (and is probed) on unit-length embeddings.
+    """
+    types = [module.get("type", "") for module in _modules(Path(base_path))]
+    pooled = [i for i, kind in enumerate(types) if kind.endswith("models.Pooling")]
+    return bool(pooled) and any(kind.endswith("models.Normalize") for kind in types[pooled[0] :])
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -194,7 +214,10 @@ def head_input(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Ten
     mode = getattr(model.config, "classifier_pooling", "cls")
     if mode == "cls":
         return model.base_model.pooler(hidden)
-    return pool(hidden, attention_mask, mode)
+    pooled = pool(hidden, attention_mask, mode)
+    if getattr(model.config, "classifier_normalize", False):
+        pooled = nn.functional.normalize(pooled, dim=-1)  # unit length, as the base was trained
+    return pooled
 
 
 def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -204,7 +227,7 @@ def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if mode == "cls":  # BERT's pooler: the [CLS] token through dense + tanh
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return inner.classifier(inner.dropout(pool(hidden, attention_mask, mode)))  # (B, K)
+    return inner.classifier(inner.dropout(head_input(inner, hidden, attention_mask)))  # (B, K)
 
 
 def load_saved_classifier(folder: Path) -> tuple[Any, Any]:

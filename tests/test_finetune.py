@@ -314,3 +314,79 @@ def test_train_state_round_trips_through_a_checkpoint_and_names_what_is_missing(
     del old["phase"]
     with pytest.raises(ValueError, match="lacks phase .*remove its folder"):
         TrainState.from_checkpoint(old)
+
+
+def sentence_transformers_base(folder, out, normalize: bool):
+    """A copy of a base model as sentence-transformers saves it: modules.json, 1_Pooling
+    (mean) and, with ``normalize``, 2_Normalize (unit-length embeddings)."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, out)
+    (out / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling), encoding="utf-8")
+    kinds = ["Transformer", "Pooling"] + (["Normalize"] if normalize else [])
+    paths = ["", "1_Pooling", "2_Normalize"]
+    modules = [
+        {"idx": i, "name": str(i), "path": paths[i], "type": f"sentence_transformers.models.{kind}"}
+        for i, kind in enumerate(kinds)
+    ]
+    if normalize:
+        (out / "2_Normalize").mkdir()
+    (out / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    return out
+
+
+def test_the_head_reads_unit_length_mean_pooling_where_the_base_has_a_normalize_module(
+    tiny_base_model, tmp_path
+):
+    from pipeline.finetune import load_classifier, load_saved_classifier, normalizes
+
+    normed = sentence_transformers_base(tiny_base_model, tmp_path / "normed", normalize=True)
+    plain = sentence_transformers_base(tiny_base_model, tmp_path / "plain", normalize=False)
+    assert normalizes(str(normed)) and not normalizes(str(plain))
+    assert not normalizes(str(tiny_base_model))  # no modules.json at all
+    assert normalizes(resolve_base_model("packaged:all-MiniLM-L6-v2"))
+    model, tok = load_classifier(str(normed), ["pos", "neg"], seed=0)
+    assert model.config.classifier_normalize and model.config.classifier_pooling == "mean"
+    assert not load_classifier(str(plain), ["pos", "neg"], 0)[0].config.classifier_normalize
+    explicit = load_classifier(str(normed), ["pos", "neg"], 0, pooling="mean")[0]
+    assert not explicit.config.classifier_normalize  # train.pooling set: taken as it is
+
+    model.eval()
+    texts = ["short", "a much longer text than the other one"]  # padding in the batch
+    with torch.no_grad():
+        expected = []
+        for text in texts:  # one at a time: no padding
+            mean = model.bert(**tok(text, return_tensors="pt")).last_hidden_state.mean(1)
+            expected.append(torch.softmax(model.classifier(mean / mean.norm()), -1)[0])
+    probs = predict_proba(model, tok, texts)
+    np.testing.assert_allclose(probs, torch.stack(expected).numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(predict_proba(explicit, tok, texts), probs, atol=1e-4)  # raw differs
+
+    save_model(model, tok, tmp_path / "saved")
+    saved, _ = load_saved_classifier(tmp_path / "saved")
+    assert saved.config.classifier_normalize
+    np.testing.assert_allclose(predict_proba(saved, tok, texts), probs, rtol=1e-5, atol=1e-7)
+
+
+def test_the_cached_head_trains_on_unit_length_features_and_serves_the_same(
+    tiny_base_model, tmp_path
+):
+    from pipeline.finetune import cache_frozen, load_classifier, tokenize_all
+
+    normed = sentence_transformers_base(tiny_base_model, tmp_path / "normed", normalize=True)
+    texts, labels = toy_data(2)
+    model, tok = load_classifier(str(normed), ["pos", "neg"], seed=0)
+    cached = cache_frozen(model, tokenize_all(tok, texts, 32), 2, tok.pad_token_id, bf16=False)
+    norms = torch.stack(cached).norm(dim=-1)  # (N,): what the head reads
+    torch.testing.assert_close(norms, torch.ones(len(texts)))
+    config = train_config(strategy="head", head_learning_rate=5e-2, max_length=32)
+    result = fine_tune(model, tok, texts, labels, texts, labels, config)
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    served = predict_proba(model, tok, texts, max_length=32)  # uncached: pools and normalises
+    best = result.history[result.best_epoch - 1]
+    assert best.val_accuracy == float((served.argmax(1) == labels).mean())
+    expected_loss = -np.log(served[np.arange(len(labels)), labels]).mean()
+    assert best.val_loss == pytest.approx(expected_loss, rel=1e-4)
