@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,9 @@ def scratch_project(parent: Path) -> Path:
     """A clone of this checkout's last commit: as a fresh clone's ``make run`` sees it."""
     project = parent / "retune"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+    sources = ROOT / ".retune" / "sources"  # what `make setup` builds (git-ignored)
+    if sources.is_dir():
+        shutil.copytree(sources, project / ".retune" / "sources")
     return project
 
 

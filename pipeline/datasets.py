@@ -68,12 +68,18 @@ def import_dataset(
         extra=dict(extra or {}),
         dropped=dict(dropped or {}),
     )
-    restore_builtin(project_dir, config.data_dir, keep=name)
+    notes = restore_builtin(project_dir, config.data_dir, keep=name)
     staged = versioning.stage_folder(project_dir)
     write_splits(frames, staged)
     expected = recorded[name].md5 if config.source == EXAMPLE_SOURCE and name in recorded else None
-    return versioning.commit_dataset(
-        project_dir, config.data_dir, staged, record, expected_md5=expected, push=config.dvc_push
+    return _commit(
+        notes,
+        project_dir=project_dir,
+        data_dir=config.data_dir,
+        staged=staged,
+        record=record,
+        expected_md5=expected,
+        push=config.dvc_push,
     )
 
 
@@ -119,10 +125,11 @@ def restore_builtin(project_dir: Path, data_dir: str, keep: str) -> list[str]:
     :func:`pipeline.versioning.commit_dataset` pulls the rest.
 
     Returns:
-        The recorded datasets still missing (to be pulled).
+        Why a missing recorded dataset could not be rebuilt here, one line each (DVC must
+        restore those; if it cannot, the error carries these lines).
     """
     recorded = versioning.recorded_datasets(project_dir / f"{data_dir}.dvc")
-    missing = []
+    notes = []
     for name, record in recorded.items():
         folder = project_dir / data_dir / name
         if name == keep or folder.is_dir():
@@ -130,25 +137,33 @@ def restore_builtin(project_dir: Path, data_dir: str, keep: str) -> list[str]:
         if name == EXAMPLE_NAME:
             # Not checked here: commit_dataset refuses an example that hashes differently.
             write_splits(prepare_frames(DataConfig(), folder), folder)
-        elif name != retention.SUITE_NAME or not _rebuild_suite(folder, record.md5, project_dir):
-            missing.append(name)
-    return missing
+        elif name == retention.SUITE_NAME:
+            notes += _rebuild_suite(folder, record.md5, project_dir)
+    return notes
 
 
-def _rebuild_suite(folder: Path, md5: str, project_dir: Path) -> bool:
-    """Build the default suite into ``folder``, kept only if it hashes to ``md5``.
-
-    A suite recorded with another config, or a source not built here, is not rebuilt: DVC
-    must restore it.
-    """
+def _rebuild_suite(folder: Path, md5: str, project_dir: Path) -> list[str]:
+    """Build the default suite into ``folder``, kept only if it hashes to ``md5``; why
+    not, otherwise (a suite recorded with another config, or a source not built here)."""
     try:
         retention.build_suite(folder, ForgettingConfig(), project_dir)
         if versioning.folder_md5(folder) == md5:
-            return True
-    except DataError:
-        pass
+            return []
+        note = f"{retention.SUITE_NAME} was recorded with another forgetting config"
+    except DataError as err:
+        note = f"{retention.SUITE_NAME} could not be rebuilt here: {err}"
     shutil.rmtree(folder, ignore_errors=True)
-    return False
+    return [note]
+
+
+def _commit(notes: list[str], **commit: Any) -> versioning.DataVersion:
+    """``versioning.commit_dataset``; a failed restore says why the rebuild was not done."""
+    try:
+        return versioning.commit_dataset(**commit)
+    except versioning.DataVersionError as err:
+        if not notes:
+            raise
+        raise versioning.DataVersionError(f"{err}; " + "; ".join(notes)) from err
 
 
 def ensure_suite(
@@ -188,11 +203,18 @@ def ensure_suite(
             labels=[],
             source="retention suite: " + ", ".join(task.name for task in tasks),
         )
-        restore_builtin(project_dir, data_dir, keep=name)
+        notes = restore_builtin(project_dir, data_dir, keep=name)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    version = versioning.commit_dataset(project_dir, data_dir, staged, record, push=push)
+    version = _commit(
+        notes,
+        project_dir=project_dir,
+        data_dir=data_dir,
+        staged=staged,
+        record=record,
+        push=push,
+    )
     return retention.Suite(retention.load_suite(folder), version.md5, warnings, folder)
 
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO_ROOT, make_project
 
 from pipeline import retention
-from pipeline.config import ForgettingConfig, RetentionTaskConfig
-from pipeline.data import DataError, package_file
-from pipeline.datasets import ensure_suite, restore_builtin
+from pipeline.config import DataConfig, ForgettingConfig, RetentionTaskConfig
+from pipeline.data import DataError, package_file, prepare_frames
+from pipeline.datasets import ensure_suite, import_dataset, restore_builtin
 from pipeline.retention import (
     BROWN_FOLDER,
     SOURCES_DIR,
@@ -30,7 +30,7 @@ from pipeline.retention import (
     read_brown_sentences,
 )
 from pipeline.retention_tasks import RetentionTask, load_lee
-from pipeline.versioning import folder_md5, recorded_datasets
+from pipeline.versioning import DataVersionError, folder_md5, recorded_datasets
 
 WORD_TASKS = ["lee", "men", "wordsim353", "simlex999"]
 # What the README's forgetting figures were measured on (data.dvc's retention-suite).
@@ -418,14 +418,23 @@ def test_restore_builtin_leaves_other_suites_to_dvc(
     # Recorded with another config than the default: a rebuild is not that version.
     suite = ensure_suite(project, config(tasks=["wordsim353"]), push=False)
     shutil.rmtree(suite.folder)
-    assert restore_builtin(project, "data", keep="mine") == [SUITE_NAME]
+    assert restore_builtin(project, "data", keep="mine") == [
+        f"{SUITE_NAME} was recorded with another forgetting config"
+    ]
     assert not suite.folder.exists()
     assert restore_builtin(project, "data", keep=SUITE_NAME) == []  # the one being versioned
     # Nor is the default suite rebuilt where its Brown corpus is not built.
     project = make_project(tmp_path / "q")
     monkeypatch.setattr(retention, "SOURCES_DIR", tmp_path / "unbuilt")
-    assert restore_builtin(project, "data", keep="rotten-tomatoes") == [SUITE_NAME]
+    (note,) = restore_builtin(project, "data", keep="rotten-tomatoes")
+    assert note.startswith(f"{SUITE_NAME} could not be rebuilt here: ")
+    assert "make retention-sources" in note
     assert not (project / "data" / SUITE_NAME).exists()
+    # Importing data there (no DVC remote holds the suite) says why, and changes nothing.
+    before = (project / "data.dvc").read_bytes()
+    with pytest.raises(DataVersionError, match=r"could not be rebuilt here: .*retention-sources"):
+        import_dataset(prepare_frames(DataConfig(), tmp_path / "x"), DataConfig(), project)
+    assert (project / "data.dvc").read_bytes() == before
 
 
 def test_ensure_suite_needs_a_dvc_repo(tmp_path: Path):
