@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--experiment", default="retune", help="registry.experiment of the job")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--log", type=Path, help="keep the run's own output in this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="retune-overhead-") as scratch:
         project = (args.project_dir or scratch_project(Path(scratch))).resolve()
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(key, value)
         os.environ.setdefault("PREFECT_HOME", str(project / ".prefect"))  # the run's history
         times = measure_run(project, args.experiment, started, seconds)
+        if args.log:
+            shutil.copyfile(log, args.log)
     print(f"exit code {code}; load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print(format_table(times))
     if args.json:
