@@ -374,7 +374,8 @@ def run(
     stop_on_sigterm()
     try:
         start_embedded_prefect()
-        with quiet_expected_errors((*bad_input, ModelRefused, StaleChampionError)):
+        expected = (*bad_input, ModelRefused, StaleChampionError, TrainingInterrupted)
+        with quiet_expected_errors(expected):  # a SIGTERM in training is no bug either
             summary = retrain(cfg, str(project_dir), uri)
     except bad_input as err:
         _fail(str(err))

@@ -85,6 +85,17 @@ def wait_for_running_run(project: Path, proc: subprocess.Popen[str], timeout: fl
     raise AssertionError("no MLflow run appeared")
 
 
+def wait_for_training(project: Path, proc: subprocess.Popen[str], timeout: float = 600) -> None:
+    """Until the run's training loop has written its first checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, finish(proc)
+        if list((project / "runs").glob("*/checkpoints/checkpoint.pt")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("training never wrote a checkpoint")
+
+
 def test_two_runs_at_once_both_end_with_the_alias_they_earn(project, tiny_base_model):
     write_tiny_config(project, tiny_base_model)
     write_csv(project / "reviews.csv", reviews())
@@ -117,8 +128,10 @@ def test_two_runs_at_once_both_end_with_the_alias_they_earn(project, tiny_base_m
 def test_sigterm_ends_the_run_killed_without_a_traceback(project, tiny_base_model):
     write_tiny_config(project, tiny_base_model)
     write_csv(project / "reviews.csv", reviews())
-    proc = start(project, "run")
+    # Long enough that the signal lands in the training loop (it checkpoints, then stops).
+    proc = start(project, "run", "--set", "train.epochs=200", "--set", "train.patience=200")
     run_id = wait_for_running_run(project, proc)
+    wait_for_training(project, proc)
     proc.send_signal(signal.SIGTERM)  # the main process only, as `kill PID` does
     out = finish(proc, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-4000:]

@@ -23,6 +23,8 @@ NAME = "retune-serving-test"
 CHAMPION_URI = f"models:/{NAME}@champion"
 LABELS = ["fresh", "rotten"]
 PROB_COLUMNS = ["prob_fresh", "prob_rotten"]
+# Served and reference probabilities batch (and so pad) texts differently: fp32 sums differ
+# in the fifth decimal, so they are compared to 1e-4.
 # Lengths from 0 to ~900 characters, not sorted, so length-sorted batches reorder them.
 TEXTS = [
     "An epic that never drags, " * 30,
@@ -103,7 +105,7 @@ def test_champion_predicts_like_predict_proba_in_input_order(champion, reference
     assert len(out) == len(TEXTS)
     probs = out[PROB_COLUMNS].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(probs, reference, atol=1e-5)
+    np.testing.assert_allclose(probs, reference, atol=1e-4)
     assert out["label"].tolist() == [LABELS[i] for i in reference.argmax(axis=1)]
     assert set(out["label"]) == set(LABELS)  # the head is decisive enough to use both
 
@@ -114,10 +116,10 @@ def test_champion_predicts_like_predict_proba_in_input_order(champion, reference
     assert np.diff(np.sort(probs[:, 0])).min() > 0.01
     # A smaller batch size (a signature param) changes nothing but the batching.
     small = champion.predict(frame, params={"batch_size": 2})
-    np.testing.assert_allclose(small[PROB_COLUMNS].to_numpy(), probs, atol=1e-5)
+    np.testing.assert_allclose(small[PROB_COLUMNS].to_numpy(), probs, atol=1e-4)
     # A Series named like the input column passes MLflow's schema check too.
     series = champion.predict(pd.Series(TEXTS[:2], name="text"))
-    np.testing.assert_allclose(series[PROB_COLUMNS].to_numpy(), probs[:2], atol=1e-5)
+    np.testing.assert_allclose(series[PROB_COLUMNS].to_numpy(), probs[:2], atol=1e-4)
 
 
 def test_text_classifier_takes_lists_and_series_and_keeps_the_index(
@@ -127,11 +129,15 @@ def test_text_classifier_takes_lists_and_series_and_keeps_the_index(
     assert (model.max_length, model.batch_size, model.labels) == (128, 64, LABELS)
 
     from_list = model.predict(TEXTS)
-    np.testing.assert_allclose(from_list[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        from_list[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
+    )
     series = pd.Series(TEXTS, index=[10 * i for i in range(len(TEXTS))])
     from_series = model.predict(series)
     assert from_series.index.tolist() == series.index.tolist()
-    np.testing.assert_allclose(from_series[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        from_series[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
+    )
     assert model.predict([]).columns.tolist() == ["label", *PROB_COLUMNS]
 
     with pytest.raises(ServingInputError, match=r"no 'text' column; found: review, id"):
@@ -188,12 +194,16 @@ def test_load_version_is_the_served_model_and_leaves_no_download(
     assert loaded.digest == folder_sha256(classifier_dir)  # the logged weights, unchanged
     assert list(work.iterdir()) == []  # the downloaded copy is gone, the weights in memory
     out = loaded.predict(pd.DataFrame({"text": TEXTS}), params={"batch_size": 2})
-    np.testing.assert_allclose(out[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        out[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
+    )
     # The plain predictor inside is the text classifier, with its torch model and tokenizer.
     assert isinstance(loaded.predictor, TextClassifier)
     assert loaded.predictor.labels == LABELS and loaded.predictor.max_length == 128
     direct = loaded.predictor.predict(TEXTS)
-    np.testing.assert_allclose(direct[PROB_COLUMNS].to_numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        direct[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
+    )
     # The pyfunc enforces the signature, as when served.
     with pytest.raises(Exception, match="text"):
         loaded.predict(pd.DataFrame({"review": ["good"]}))
@@ -226,7 +236,9 @@ def test_predict_file_writes_rows_labels_and_probabilities(
     assert list(written.columns) == ["id", "review", "label", *PROB_COLUMNS]
     assert written["id"].tolist() == rows["id"].tolist()
     assert written["review"].tolist() == TEXTS
-    np.testing.assert_allclose(written[PROB_COLUMNS].to_numpy(float), reference, atol=1e-5)
+    np.testing.assert_allclose(
+        written[PROB_COLUMNS].to_numpy(float), reference, atol=1e-4
+    )
     assert written["label"].tolist() == [LABELS[i] for i in reference.argmax(axis=1)]
 
 
