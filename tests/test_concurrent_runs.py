@@ -96,6 +96,7 @@ def wait_for_training(project: Path, proc: subprocess.Popen[str], timeout: float
     raise AssertionError("training never wrote a checkpoint")
 
 
+@pytest.mark.slow  # minutes of real flow runs: make test-slow (CI runs it too)
 def test_two_runs_at_once_both_end_with_the_alias_they_earn(project, tiny_base_model):
     write_tiny_config(project, tiny_base_model)
     write_csv(project / "reviews.csv", reviews())

@@ -30,6 +30,7 @@ def cli(api, project, *args):
     return run_retune(project, api, *args, "--project-dir", str(project))
 
 
+@pytest.mark.slow  # minutes of real flow runs: make test-slow (CI runs it too)
 def test_another_label_set_is_refused_and_the_champion_stays(
     prefect_harness, project, tiny_base_model
 ):
