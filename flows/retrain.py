@@ -487,7 +487,7 @@ def register_model(
             context.run_id,
             {
                 tag.REGISTERED_VERSION: registered.version,
-                tag.POLICY: registered.verdict.summary()[:4000],
+                tag.POLICY: registered.verdict.summary()[: tag.SUMMARY_CHARS],
             },
         )
     shutil.rmtree(results.trained.model_dir)  # a registered copy lives in MLflow's artifacts

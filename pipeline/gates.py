@@ -15,7 +15,6 @@ from pipeline import tags as tag
 
 VALIDATION, FORGETTING, BIAS = "validation", "forgetting", "bias"
 SUMMARY_TAGS = {VALIDATION: tag.VALIDATION, FORGETTING: tag.FORGETTING_GATE, BIAS: tag.BIAS_GATE}
-MAX_TAG_CHARS = 4000
 
 
 class GateStatus(StrEnum):
@@ -43,7 +42,7 @@ class GateOutcome:
     def to_tags(self) -> dict[str, str]:
         return {
             tag.gate_status(self.gate): self.status.value,
-            SUMMARY_TAGS[self.gate]: self.summary[:MAX_TAG_CHARS],
+            SUMMARY_TAGS[self.gate]: self.summary[: tag.SUMMARY_CHARS],
         }
 
     @classmethod

@@ -20,7 +20,6 @@ from pipeline import tags as tag
 Lock = Callable[[], contextlib.AbstractContextManager[Any]]  # a fresh lock per alias move
 Recompute = Callable[[], tuple[str, promotion.PromotionVerdict]]  # -> (champion, verdict)
 STALE_RETRIES = 3  # champion changes tolerated while one run takes its alias
-POLICY_TAG_CHARS = 4000  # the verdict's summary as a tag, cut to this length
 _LOG = logging.getLogger(__name__)
 
 
@@ -75,7 +74,7 @@ def register_candidate(
     except BaseException:
         registry.delete_version(name, version.version)
         raise
-    summary = verdict.summary()[:POLICY_TAG_CHARS]
+    summary = verdict.summary()[: tag.SUMMARY_CHARS]
     registry.tag_version(name, version.version, tag.POLICY, summary)
     current = registry.resolve_version(f"{name}/{version.version}")
     champion = registry.champion_version(name) or "none"
@@ -222,7 +221,7 @@ def check_compatibility(
     verdict = promotion.refuse_incompatible(
         promotion.compatibility_criterion(differences, name, champion.version, own_name)
     )
-    summary = verdict.summary()[:POLICY_TAG_CHARS]
+    summary = verdict.summary()[: tag.SUMMARY_CHARS]
     tracking.set_tags(run_id, {tag.VERDICT: "refused", tag.POLICY: summary})
     tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
     registry.record_refusal(

@@ -23,8 +23,6 @@ from pipeline.config import RetuneConfig
 from pipeline.gates import GateOutcome
 from pipeline.tasks.base import Baseline, Champion, Evaluation, TaskKind, Trained
 
-MAX_TAG_CHARS = 4000
-
 
 class ModelRefused(RuntimeError):
     """A gate refused the model: recorded in MLflow (tagged refused), never registered."""
@@ -296,7 +294,7 @@ def champion_figures(
 
 
 def record_verdict(context: RunContext, verdict: promotion.PromotionVerdict) -> None:
-    context.tags[tag.POLICY] = verdict.summary()[:MAX_TAG_CHARS]
+    context.tags[tag.POLICY] = verdict.summary()[: tag.SUMMARY_CHARS]
     tracking.set_tags(context.run_id, context.tags)
     tracking.log_report(context.run_id, verdict.to_dict(), "reports/promotion.json")
 

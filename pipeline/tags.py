@@ -40,6 +40,9 @@ def gate_status(gate: str) -> str:
     return f"{GATE_STATUS_PREFIX}{gate}"
 
 
+# Human summaries (gates, the policy's verdict) are cut to this length as tag values.
+SUMMARY_CHARS = 4000
+
 # Verdicts.
 VERDICT = "retune.verdict"  # accepted | refused | skipped (scheduled run with nothing new)
 POLICY = "retune.promotion_verdict"  # the promotion policy's summary
