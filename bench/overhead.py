@@ -211,7 +211,9 @@ def run_job(project_dir: Path, overrides: list[str], log: Path) -> tuple[int, fl
         (exit code, Unix start time, process wall seconds).
     """
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "flows.cli", "run", "--project-dir", str(project_dir)]
+    # -P: not the working folder first on sys.path, so a clone of the project there does
+    # not shadow this checkout's code (PYTHONPATH).
+    command = [sys.executable, "-P", "-m", "flows.cli", "run", "--project-dir", str(project_dir)]
     for item in overrides:
         command += ["--set", item]
     started, clock = time.time(), time.perf_counter()

@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 DEFAULT_CONFIG = "retune.yaml"
-REFUSED_EXIT = 3  # a gate refused the model: recorded in MLflow, not registered
+REFUSED_EXIT = 3  # a gate or the promotion policy refused the model: nothing moved
 
 
 DEBUG = {"on": False}  # --debug: tracebacks for expected errors too
@@ -429,6 +429,9 @@ IMPORT_FLAGS = {
     "identity_column": "--identity-col",
 }
 
+# Settings `retune data import` has flags for, named so in its validation fixes.
+IMPORT_SETTINGS = {"data.labels": "--labels"}
+
 
 @data_app.command("import")
 def data_import(
@@ -543,7 +546,7 @@ def _validate_import(
     from pipeline.reports import render_validation_page
     from pipeline.validation import validate_dataset
 
-    report = validate_dataset(frames, config, labels, tokens=tokens)
+    report = validate_dataset(frames, config, labels, tokens=tokens, flags=IMPORT_SETTINGS)
     print_validation_table(report.table_rows())
     typer.echo(f"validation (labels {', '.join(labels)}): {report.summary()}")
     typer.echo(f"validation report: {render_validation_page(report, page, str(source))}")
@@ -894,16 +897,18 @@ def promote(
     """Make VERSION the champion: the policy runs again and must agree, unless --force."""
     project_dir = project_dir.resolve()
     _registry(project_dir)
-    from flows.promote import PromotionRefused
+    from flows.promote import IncompatibleModel, PromotionRefused
     from flows.promote import promote as promote_version
     from pipeline import registry
 
     try:
         verdict, entry = promote_version(name, version, reason, force, project_dir)
-    except PromotionRefused as refused:  # (IncompatibleModel is a PromotionError: exit 1 below)
+    except PromotionRefused as refused:
         for c in refused.verdict.criteria:
             typer.echo(f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}", err=True)
-        _fail(f"{name}/{version}: {refused} (use --force with a --reason to override)")
+        _refuse(f"{name}/{version}: {refused} (use --force with a --reason to override)")
+    except IncompatibleModel as refused:  # another kind of model: not even --force
+        _refuse(str(refused))
     except (registry.ModelRefError, registry.PromotionError, ValueError) as err:
         _fail(str(err))
     for c in verdict.criteria:
@@ -1204,6 +1209,13 @@ def _fail(message: str) -> None:
     _debug_traceback()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+def _refuse(message: str) -> None:
+    """A refusal (the policy, a gate): one ``refused:`` line, exit 3; nothing moved."""
+    _debug_traceback()
+    typer.echo(f"refused: {message}", err=True)
+    raise typer.Exit(code=REFUSED_EXIT)
 
 
 def main() -> None:  # pragma: no cover - console entry point

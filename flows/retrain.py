@@ -313,7 +313,9 @@ def decide_again(
 ) -> Recompute:
     """The ``recompute`` for :func:`register`: the policy against the champion of now."""
     figures = partial(current_champion_figures, config, name, data_md5, test, work_dir)
-    return registration.decide_again(candidate, config.promotion, figures)
+    identity = _kind(config).identity(config)
+    incompatible = partial(registration.incompatibility, name, identity, _own_name(config))
+    return registration.decide_again(candidate, config.promotion, figures, incompatible)
 
 
 @task(**TASK_OPTIONS)
@@ -327,8 +329,14 @@ def check_compatibility(
 ) -> promotion.PromotionVerdict | None:
     """Refuse a candidate of another kind than ``name``'s champion (recorded on the run and
     in the audit trail); None when it is the same kind or there is no champion."""
-    own_name = registry.MODEL_NAME_PREFIX + data.dataset_name(config.data)
-    return registration.check_compatibility(name, model_identity, run_id, actor, lock, own_name)
+    return registration.check_compatibility(
+        name, model_identity, run_id, actor, lock, _own_name(config)
+    )
+
+
+def _own_name(config: RetuneConfig) -> str:
+    """The model name the run's own dataset gives it (the fix a refusal suggests)."""
+    return registry.MODEL_NAME_PREFIX + data.dataset_name(config.data)
 
 
 def mark_orphaned_runs(experiment: str) -> list[tracking.Orphan]:
@@ -432,13 +440,12 @@ def retrain(
             kept,
         )
         verdict, candidate = record_results(context, config, results)
-        registered = register_model(config, context, results, test, verdict, candidate)
-        final = registered.verdict if registered else verdict
+        registered, final = register_model(config, context, results, test, verdict, candidate)
         reports = results.reports(config) | {"rows": results.rows()}
         run_record.write_card(context, reports, registered and registered.version, final)
     tracking.end_run(context.run_id)
-    if verdict.refused or registered is None:
-        raise ModelRefused(context.run_id, kept, model_bias)
+    if final.refused or registered is None:
+        raise ModelRefused(context.run_id, kept, model_bias, final)
     return summarize(context, results, registered)
 
 
@@ -465,33 +472,43 @@ def register_model(
     test: pd.DataFrame,
     verdict: promotion.PromotionVerdict,
     candidate: promotion.CandidateFigures,
-) -> Registered | None:
+) -> tuple[Registered | None, promotion.PromotionVerdict]:
     """Register the candidate unless a gate refused it (``promotion.register_refused``
-    registers it anyway, without an alias); the saved model folder is removed after."""
-    registered = None
+    registers it anyway, without an alias); the saved model folder is removed after.
+
+    Returns:
+        The registered version (None if none) and the verdict applied: decided again, it
+        refuses a candidate of another kind than the champion that took the alias
+        meanwhile (no version is left registered then).
+    """
+    registered, final = None, verdict
     if not verdict.refused or config.promotion.register_refused:
         name, out_dir = context.model_name, context.out_dir
-        registered = register(
-            config,
-            context.run_id,
-            results.trained.model_dir,
-            test,
-            context.tags,
-            verdict,
-            results.champion.version if results.champion else None,
-            registry.default_actor(out_dir.name),
-            partial(promotion_lock, context.project_dir, context.tracking_uri, name),
-            decide_again(config, name, candidate, results.version.md5, test, out_dir),
-        )
+        recompute = decide_again(config, name, candidate, results.version.md5, test, out_dir)
+        try:
+            registered = register(
+                config,
+                context.run_id,
+                results.trained.model_dir,
+                test,
+                context.tags,
+                verdict,
+                results.champion.version if results.champion else None,
+                registry.default_actor(out_dir.name),
+                partial(promotion_lock, context.project_dir, context.tracking_uri, name),
+                recompute,
+            )
+            final = registered.verdict
+            recorded = {tag.REGISTERED_VERSION: registered.version}
+        except registration.IncompatibleModel as refused:
+            get_run_logger().error("promotion (decided again): %s", refused.verdict.summary())
+            final, recorded = refused.verdict, {tag.VERDICT: "refused"}
+            tracking.log_report(context.run_id, final.to_dict(), "reports/promotion.json")
         tracking.set_tags(
-            context.run_id,
-            {
-                tag.REGISTERED_VERSION: registered.version,
-                tag.POLICY: registered.verdict.summary()[: tag.SUMMARY_CHARS],
-            },
+            context.run_id, recorded | {tag.POLICY: final.summary()[: tag.SUMMARY_CHARS]}
         )
     shutil.rmtree(results.trained.model_dir)  # a registered copy lives in MLflow's artifacts
-    return registered
+    return registered, final
 
 
 def summarize(

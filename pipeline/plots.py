@@ -107,7 +107,14 @@ def _save(fig: Any, path: Path) -> Path:
 def group_bars_png(
     title: str, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]
 ) -> str:
-    """Horizontal grouped bars of rates in [0, 1], one row per group; base64 PNG.
+    """:func:`group_bars_figure` as a base64 PNG."""
+    return _png(group_bars_figure(title, groups, series))
+
+
+def group_bars_figure(
+    title: str, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]
+) -> Any:
+    """Horizontal grouped bars of rates in [0, 1], one row per group (a matplotlib Figure).
 
     Horizontal so that any number of long group names stays readable (each name on its
     own row, wrapped at 28 characters); a NaN draws no bar and is labelled "n/a".
@@ -136,7 +143,8 @@ def group_bars_png(
     ax.set(xlim=(0, 1.12), title=title)
     if k > 1:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
-    return _png(fig)
+    fig.tight_layout()
+    return fig
 
 
 def forgetting_chart_png(report: ForgettingReport) -> str:

@@ -19,8 +19,18 @@ from pipeline import tags as tag
 
 Lock = Callable[[], contextlib.AbstractContextManager[Any]]  # a fresh lock per alias move
 Recompute = Callable[[], tuple[str, promotion.PromotionVerdict]]  # -> (champion, verdict)
+Refusal = tuple[str, promotion.PromotionVerdict]  # (champion version, refusing verdict)
 STALE_RETRIES = 3  # champion changes tolerated while one run takes its alias
 _LOG = logging.getLogger(__name__)
+
+
+class IncompatibleModel(registry.PromotionError):
+    """The champion that took the alias while this run trained is another kind of model:
+    the candidate's version was deleted again and the refusal audited."""
+
+    def __init__(self, verdict: promotion.PromotionVerdict):
+        self.verdict = verdict
+        super().__init__(verdict.summary())
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,17 @@ def register_candidate(
 
     If the alias move fails, the new version is deleted again and the error re-raised: the
     champion alias and the audit trail stay as the registry's move left them (as they were,
-    or restored with a ``restore`` entry when the failure came after the move).
+    or restored with a ``restore`` entry when the failure came after the move). So is a
+    version that ``recompute`` finds to be of another kind than the champion of now.
 
     Args:
         champion_version: the champion the verdict was computed against ("" for none).
         smoke_texts: what the version must predict before it takes champion.
         recompute: decides again against the champion that now holds the alias, when it
             changed meanwhile (see :func:`apply_verdict`).
+
+    Raises:
+        IncompatibleModel: decided again, the version is of another kind than the champion.
     """
     version = registry.register_version(model_uri, name, run_id, tags)
     try:
@@ -74,6 +88,12 @@ def register_candidate(
     except BaseException:
         registry.delete_version(name, version.version)
         raise
+    if verdict.incompatible:
+        registry.delete_version(name, version.version)
+        champion = registry.champion_version(name) or ""
+        what = f"refused run {run_id}: not the same kind of model as champion v{champion}"
+        registry.record_refusal(name, champion, actor, what, verdict.summary(), lock())
+        raise IncompatibleModel(verdict)
     summary = verdict.summary()[: tag.SUMMARY_CHARS]
     registry.tag_version(name, version.version, tag.POLICY, summary)
     current = registry.resolve_version(f"{name}/{version.version}")
@@ -96,7 +116,8 @@ def apply_verdict(
 
     If the champion changed since the verdict (another run promoted meanwhile), the
     verdict is recomputed against the champion that now holds the alias and applied
-    instead, up to STALE_RETRIES times; every move is audited by the registry.
+    instead, up to STALE_RETRIES times; every move is audited by the registry. A verdict
+    decided again that finds another kind of model (``verdict.incompatible``) moves nothing.
 
     Raises:
         registry.StaleChampionError: the champion kept changing, or no ``recompute``.
@@ -116,7 +137,15 @@ def apply_verdict(
                     expected_champion=champion_version,
                 )
             elif verdict.alias == registry.CHALLENGER:
-                registry.set_challenger(name, version, actor, reason, verdict.summary(), lock())
+                registry.set_challenger(
+                    name,
+                    version,
+                    actor,
+                    reason,
+                    verdict.summary(),
+                    lock(),
+                    expected_champion=champion_version,
+                )
             return verdict
         except registry.StaleChampionError as err:
             if recompute is None:
@@ -179,11 +208,17 @@ def decide_again(
     candidate: promotion.CandidateFigures,
     policy: Any,
     champion_figures: Callable[[], promotion.ChampionFigures | None],
+    incompatible: Callable[[], Refusal | None] = lambda: None,
 ) -> Recompute:
     """The ``recompute`` for :func:`register_candidate`: ``policy`` (the promotion config)
-    against the champion of now, whose figures ``champion_figures`` reads."""
+    against the champion of now, whose figures ``champion_figures`` reads; first, the
+    refusal ``incompatible`` returns when that champion is another kind of model (see
+    :func:`incompatibility`)."""
 
     def recompute() -> tuple[str, promotion.PromotionVerdict]:
+        refusal = incompatible()
+        if refusal is not None:
+            return refusal
         figures = champion_figures()
         verdict = promotion.decide_promotion(candidate, figures, policy)
         return (figures.version if figures else ""), verdict
@@ -191,22 +226,15 @@ def decide_again(
     return recompute
 
 
-def check_compatibility(
-    name: str,
-    model_identity: promotion.ModelIdentity,
-    run_id: str,
-    actor: str,
-    lock: Lock,
-    own_name: str,
-) -> promotion.PromotionVerdict | None:
-    """Refuse a candidate of another kind (task, labels, input) than ``name``'s champion.
+def incompatibility(
+    name: str, model_identity: promotion.ModelIdentity, own_name: str
+) -> Refusal | None:
+    """The refusing verdict when ``name``'s champion of now is another kind of model
+    (task, labels, input) than ``model_identity``, with that champion's version; None when
+    there is no champion or it is the same kind.
 
     Args:
         own_name: the name the candidate's own dataset gives its model (for the fix).
-
-    Returns:
-        None when there is no champion or it is the same kind of model; otherwise the
-        refusing verdict, recorded on the run (tagged refused) and in the audit trail.
     """
     try:
         champion = registry.resolve_version(f"{name}@{registry.CHAMPION}")
@@ -218,17 +246,37 @@ def check_compatibility(
     differences = promotion.compare_identity(model_identity, recorded)
     if not differences:
         return None
-    verdict = promotion.refuse_incompatible(
-        promotion.compatibility_criterion(differences, name, champion.version, own_name)
-    )
+    criterion = promotion.compatibility_criterion(differences, name, champion.version, own_name)
+    return champion.version, promotion.refuse_incompatible(criterion)
+
+
+def check_compatibility(
+    name: str,
+    model_identity: promotion.ModelIdentity,
+    run_id: str,
+    actor: str,
+    lock: Lock,
+    own_name: str,
+) -> promotion.PromotionVerdict | None:
+    """Refuse a candidate of another kind (task, labels, input) than ``name``'s champion
+    (see :func:`incompatibility`).
+
+    Returns:
+        None when there is no champion or it is the same kind of model; otherwise the
+        refusing verdict, recorded on the run (tagged refused) and in the audit trail.
+    """
+    refusal = incompatibility(name, model_identity, own_name)
+    if refusal is None:
+        return None
+    champion_version, verdict = refusal
     summary = verdict.summary()[: tag.SUMMARY_CHARS]
     tracking.set_tags(run_id, {tag.VERDICT: "refused", tag.POLICY: summary})
     tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
     registry.record_refusal(
         name,
-        champion.version,
+        champion_version,
         actor,
-        f"refused run {run_id}: not the same kind of model as champion v{champion.version}",
+        f"refused run {run_id}: not the same kind of model as champion v{champion_version}",
         verdict.summary(),
         lock(),
     )

@@ -484,12 +484,7 @@ def move_champion(
     smoke_test(name, version, smoke_texts)
     client = MlflowClient()
     with _held(lock):
-        previous = _alias_version(client, name, CHAMPION)
-        if expected_champion is not None and previous != expected_champion:
-            raise StaleChampionError(
-                f"{name}: champion is v{previous or ' (none)'}, but the verdict for v{version} "
-                f"was computed against v{expected_champion or ' (none)'}; run the policy again"
-            )
+        previous = _check_champion(client, name, version, expected_champion)
         if previous == version:
             raise PromotionError(f"{name}/{version} already holds {CHAMPION}; nothing to move")
         cleared_challenger = False
@@ -510,6 +505,17 @@ def move_champion(
             raise
 
 
+def _check_champion(client: Any, name: str, version: str, expected: str | None) -> str:
+    """The champion of now ("" for none); StaleChampionError if it is not ``expected``."""
+    current = _alias_version(client, name, CHAMPION)
+    if expected is not None and current != expected:
+        raise StaleChampionError(
+            f"{name}: champion is v{current or ' (none)'}, but the verdict for v{version} "
+            f"was computed against v{expected or ' (none)'}; run the policy again"
+        )
+    return current
+
+
 def set_challenger(
     name: str,
     version: str,
@@ -517,12 +523,19 @@ def set_challenger(
     reason: str,
     verdict: str,
     lock: contextlib.AbstractContextManager[Any] | None = None,
+    expected_champion: str | None = None,
 ) -> AuditEntry:
-    """Give ``challenger`` to ``name``/``version`` and record it (no smoke test: not served)."""
+    """Give ``challenger`` to ``name``/``version`` and record it (no smoke test: not served).
+
+    Args:
+        expected_champion: the champion the verdict was computed against ("" for none);
+            if the champion has changed since, nothing moves (StaleChampionError).
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient()
     with _held(lock):
+        _check_champion(client, name, version, expected_champion)
         previous = _alias_version(client, name, CHALLENGER)
         client.set_registered_model_alias(name, CHALLENGER, str(version))
         try:

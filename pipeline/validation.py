@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -604,8 +605,21 @@ def _suggested(
     return {}
 
 
+def _setting(key: str, value: Any, flags: Mapping[str, str], limit: bool = False) -> str:
+    """How the user sets ``key``: the caller's own flag where it has one (``--labels a,b``),
+    else ``--set key=value`` (``key=value`` when naming a limit)."""
+    if key in flags:
+        shown = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else value
+        return f"{flags[key]} {shown}"
+    return f"{key}={_format_value(value)}" if limit else f"--set {key}={_format_value(value)}"
+
+
 def _explain(
-    outcome: ExpectationOutcome, asset: _Asset, result: Any, values: dict[str, Any]
+    outcome: ExpectationOutcome,
+    asset: _Asset,
+    result: Any,
+    values: dict[str, Any],
+    flags: Mapping[str, str],
 ) -> ExpectationOutcome:
     """A failed outcome with its limit (keys and values) and the commands that change it."""
     if outcome.success:
@@ -619,7 +633,7 @@ def _explain(
             f"tokens: the model sees only their first {n}",
         )
     changes = [
-        f"--set {key}={_format_value(value)}"
+        _setting(key, value, flags)
         for key, value in _suggested(outcome, asset, result.result or {}, values).items()
     ]
     if outcome.check == "truncated":
@@ -628,7 +642,7 @@ def _explain(
         changes.append(ROW_FIXES.get(outcome.check, "fix these rows"))
     level = "warn" if outcome.severity == "error" else "off"
     changes.append(f"--set validation.severity.{outcome.check}={level}")
-    limit = ", ".join(f"{key}={_format_value(values[key])}" for key in keys)
+    limit = ", ".join(_setting(key, values[key], flags, limit=True) for key in keys)
     return replace(outcome, limit=limit, fix=", or ".join(changes))
 
 
@@ -678,6 +692,7 @@ def validate_dataset(
     labels: list[str],
     docs_dir: Path | None = None,
     tokens: TokenCounts | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> ValidationReport:
     """Run the suite on the splits in an ephemeral GX context (no network).
 
@@ -689,6 +704,8 @@ def validate_dataset(
             is built there (``docs_dir/index.html``, recorded as ``report.docs_index``).
         tokens: token counts per split from the base model's tokenizer; without them the
             ``truncated`` check does not run.
+        flags: config keys the caller sets with flags of its own (``{"data.labels":
+            "--labels"}`` for ``retune data import``): limits and fixes name those.
 
     Returns:
         The report; the caller decides whether a failure stops the flow.
@@ -733,7 +750,9 @@ def validate_dataset(
         result = definition.run(
             batch_parameters={"dataframe": asset.frame}, result_format="SUMMARY", run_id=run_id
         )
-        outcomes += [_explain(_outcome(asset, r), asset, r, values) for r in result.results]
+        outcomes += [
+            _explain(_outcome(asset, r), asset, r, values, flags or {}) for r in result.results
+        ]
     docs_index = (
         _build_docs(context, docs_dir) if docs_dir is not None and config.data_docs else None
     )

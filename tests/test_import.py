@@ -335,7 +335,9 @@ def test_the_given_labels_are_checked(project: Path):
     assert snapshot(project) == before
     out = " ".join(result.output.split())
     assert "label_set" in out and "e.g. ['neg'" in out
-    assert "limit data.labels=[pos, meh]" in out
+    # Named as the user sets it here: --labels, which overrides any --set data.labels.
+    assert "limit --labels pos,meh" in out and "change: --labels pos,meh,neg" in out
+    assert "data.labels" not in out
     # A limit changed with --set is the one applied.
     relaxed = data_import(
         project, "reviews.csv", "--set", "validation.min_rows_per_label=1000", "--labels", "pos,neg"

@@ -97,7 +97,7 @@ def test_another_label_set_is_refused_and_the_champion_stays(
     forced = cli(
         prefect_harness, project, "promote", NAME, str(other.version), "--reason", "x", "--force"
     )
-    assert forced.returncode == 1, forced.stdout + forced.stderr
+    assert forced.returncode == 3, forced.stdout + forced.stderr  # refused
     assert "cannot take champion, not even with --force" in forced.stderr
     assert "labels [business, sport, tech] differ from champion v1's [pos, neg]" in forced.stderr
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"

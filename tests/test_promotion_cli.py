@@ -41,8 +41,9 @@ def test_policy_promote_force_rollback_audit_and_card(prefect_harness, project, 
     assert "champion" in listed.stdout and "challenger" in listed.stdout
 
     refused = cli(prefect_harness, project, "promote", NAME, "2", "--reason", "try it")
-    assert refused.returncode == 1
-    assert "the promotion policy refuses it" in refused.stderr
+    assert refused.returncode == 3  # a refusal, not bad input
+    assert f"refused: {NAME}/2: the promotion policy refuses it" in refused.stderr
+    assert "Traceback" not in refused.stderr
     assert "FAIL champion:" in refused.stderr
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 

@@ -351,6 +351,58 @@ def test_a_stale_verdict_is_decided_again_against_the_champion_of_now(name: str,
     assert registry.audit_problems(registry.read_audit(name)) == []
 
 
+@pytest.mark.parametrize("alias", [CHAMPION, CHALLENGER])
+def test_a_verdict_decided_again_refuses_another_kind_of_model_than_the_new_champion(
+    name: str, model_store: dict[str, str], tmp_path: Path, alias: str
+):
+    """Two runs with other label sets under one name and no champion: the one that took
+    champion first keeps it, the other gets no alias and leaves no version behind."""
+    from functools import partial
+
+    from pipeline import promotion, registration
+    from pipeline.config import PromotionConfig
+
+    sentiment = promotion.text_classifier_identity(LABELS)
+    topics = promotion.text_classifier_identity(["business", "sport"])
+    for key, value in sentiment.to_tags().items():
+        MlflowClient().set_model_version_tag(name, "1", key, value)
+    promote(name, "1")  # the sentiment run took champion while the topic run trained
+    before = {v.version for v in MlflowClient().search_model_versions(f"name='{name}'")}
+
+    def figures():  # never read: another kind of model is not compared on metrics
+        raise AssertionError("the champion's figures were read")
+
+    recompute = registration.decide_again(
+        promotion.CandidateFigures("macro_f1", 0.99, None, [], {}),
+        PromotionConfig(),
+        figures,
+        partial(registration.incompatibility, name, topics, "retune-news"),
+    )
+    with pytest.raises(registration.IncompatibleModel) as refused:
+        registration.register_candidate(
+            name,
+            model_store["run_id"],
+            model_store["model_uri"],
+            topics.to_tags(),
+            _verdict(alias),  # decided against no champion
+            "",
+            "ana",
+            lambda: registry.file_lock(tmp_path / "promote.lock"),
+            recompute=recompute,
+        )
+
+    assert refused.value.verdict.incompatible and refused.value.verdict.alias == "none"
+    assert "labels [business, sport] differ from champion v1's [fresh, rotten]" in str(
+        refused.value
+    )
+    assert "--set registry.model_name=retune-news" in str(refused.value)
+    assert aliases(name) == {CHAMPION: "1"}
+    after = {v.version for v in MlflowClient().search_model_versions(f"name='{name}'")}
+    assert after == before  # the topic model's version was deleted again
+    assert trail(name)[-1][:5] == ("refuse", "refused", CHAMPION, "1", "1")
+    assert registry.audit_problems(registry.read_audit(name)) == []
+
+
 def test_a_champion_that_keeps_changing_is_retried_a_bounded_number_of_times(name: str, tmp_path):
     from pipeline.registration import STALE_RETRIES
 

@@ -129,15 +129,11 @@ def test_text_classifier_takes_lists_and_series_and_keeps_the_index(
     assert (model.max_length, model.batch_size, model.labels) == (128, 64, LABELS)
 
     from_list = model.predict(TEXTS)
-    np.testing.assert_allclose(
-        from_list[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
-    )
+    np.testing.assert_allclose(from_list[PROB_COLUMNS].to_numpy(), reference, atol=1e-4)
     series = pd.Series(TEXTS, index=[10 * i for i in range(len(TEXTS))])
     from_series = model.predict(series)
     assert from_series.index.tolist() == series.index.tolist()
-    np.testing.assert_allclose(
-        from_series[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
-    )
+    np.testing.assert_allclose(from_series[PROB_COLUMNS].to_numpy(), reference, atol=1e-4)
     assert model.predict([]).columns.tolist() == ["label", *PROB_COLUMNS]
 
     with pytest.raises(ServingInputError, match=r"no 'text' column; found: review, id"):
@@ -194,16 +190,12 @@ def test_load_version_is_the_served_model_and_leaves_no_download(
     assert loaded.digest == folder_sha256(classifier_dir)  # the logged weights, unchanged
     assert list(work.iterdir()) == []  # the downloaded copy is gone, the weights in memory
     out = loaded.predict(pd.DataFrame({"text": TEXTS}), params={"batch_size": 2})
-    np.testing.assert_allclose(
-        out[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
-    )
+    np.testing.assert_allclose(out[PROB_COLUMNS].to_numpy(), reference, atol=1e-4)
     # The plain predictor inside is the text classifier, with its torch model and tokenizer.
     assert isinstance(loaded.predictor, TextClassifier)
     assert loaded.predictor.labels == LABELS and loaded.predictor.max_length == 128
     direct = loaded.predictor.predict(TEXTS)
-    np.testing.assert_allclose(
-        direct[PROB_COLUMNS].to_numpy(), reference, atol=1e-4
-    )
+    np.testing.assert_allclose(direct[PROB_COLUMNS].to_numpy(), reference, atol=1e-4)
     # The pyfunc enforces the signature, as when served.
     with pytest.raises(Exception, match="text"):
         loaded.predict(pd.DataFrame({"review": ["good"]}))
@@ -236,9 +228,7 @@ def test_predict_file_writes_rows_labels_and_probabilities(
     assert list(written.columns) == ["id", "review", "label", *PROB_COLUMNS]
     assert written["id"].tolist() == rows["id"].tolist()
     assert written["review"].tolist() == TEXTS
-    np.testing.assert_allclose(
-        written[PROB_COLUMNS].to_numpy(float), reference, atol=1e-4
-    )
+    np.testing.assert_allclose(written[PROB_COLUMNS].to_numpy(float), reference, atol=1e-4)
     assert written["label"].tolist() == [LABELS[i] for i in reference.argmax(axis=1)]
 
 

@@ -11,8 +11,11 @@ import pytest
 
 from pipeline import tasks
 from pipeline.config import RetuneConfig
+from pipeline.retention import Suite
+from pipeline.retention_tasks import RetentionTask
+from pipeline.tasks import text_classification
 from pipeline.tasks.base import TaskKind
-from pipeline.tasks.text_classification import TextClassification, probe_features
+from pipeline.tasks.text_classification import TextClassification, base_embeddings, cached_predict
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +44,7 @@ def test_the_config_names_the_kind_and_an_unknown_kind_is_refused():
         tasks.get("chat")
 
 
-def test_probe_embeddings_are_cached_by_base_weights_and_texts(tmp_path: Path):
+def test_base_embeddings_are_cached_by_base_weights_and_texts(tmp_path: Path):
     config = RetuneConfig()
     calls: list[list[str]] = []
 
@@ -50,13 +53,73 @@ def test_probe_embeddings_are_cached_by_base_weights_and_texts(tmp_path: Path):
         return np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3) + max_length
 
     texts = ["a good film", "a bad film"]
-    first = probe_features(config, "sha-1", texts, tmp_path, embed)
-    again = probe_features(config, "sha-1", texts, tmp_path, embed)
+    first = base_embeddings(config, "sha-1", texts, tmp_path, embed)
+    again = base_embeddings(config, "sha-1", texts, tmp_path, embed)
     assert np.array_equal(first, again) and len(calls) == 1  # the second came from disk
     assert first[0, 0] == config.train.max_length
-    probe_features(config, "sha-2", texts, tmp_path, embed)  # other base weights
-    probe_features(config, "sha-1", [*texts, "new"], tmp_path, embed)  # other data
+    base_embeddings(config, "sha-2", texts, tmp_path, embed)  # other base weights
+    base_embeddings(config, "sha-1", [*texts, "new"], tmp_path, embed)  # other data
     assert len(calls) == 3
     assert len(list((tmp_path / config.forgetting.cache_dir / "probe").glob("*.npy"))) == 3
-    probe_features(config, "unresolved:hub-id", texts, tmp_path, embed)  # nothing to key by
+    base_embeddings(config, "unresolved:hub-id", texts, tmp_path, embed)  # nothing to key by
     assert len(calls) == 4
+
+
+def test_a_versions_predictions_are_cached_by_its_digest_and_the_texts(tmp_path: Path):
+    config = RetuneConfig()
+    calls: list[list[str]] = []
+
+    def predict(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        return np.full((len(texts), 2), 0.5 + len(calls), dtype=np.float32)
+
+    champion = cached_predict(config, predict, "digest-1", tmp_path)
+    first = champion(["a", "b"])
+    assert np.array_equal(champion(["a", "b"]), first) and len(calls) == 1
+    champion(["a", "c"])  # other texts
+    cached_predict(config, predict, "digest-2", tmp_path)(["a", "b"])  # another version
+    assert len(calls) == 3
+
+
+WORDS = "cat dog horse cow car bus train plane apple pear red blue king queen river lake".split()
+
+
+def test_a_second_measure_of_the_base_reads_every_embedding_from_the_cache(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch
+):
+    """Same base and data: the probe, its test metrics, its bias predictions and the
+    retention scores come from the cache, and the base model is not even loaded."""
+    import pandas as pd
+
+    config = RetuneConfig.model_validate(
+        {
+            "train": {"base_model": str(tiny_base_model), "bf16": False},
+            "data": {"labels": ["a", "b"]},
+        }
+    )
+    rows, cols = np.triu_indices(len(WORDS), k=1)
+    task = RetentionTask(
+        "words",
+        "similarity",
+        "test",
+        WORDS,
+        pairs=np.stack([rows, cols], 1),
+        scores=np.arange(len(rows), dtype=np.float64),
+    )
+    suite = Suite([task], "suite-md5", [], tmp_path)
+    train = pd.DataFrame({"text": [f"{w} one" for w in WORDS], "label": ["a", "b"] * 8})
+    test = pd.DataFrame({"text": [f"{w} two" for w in WORDS[:6]], "label": ["a", "b"] * 3})
+    swaps = ["the king said", "the queen said"]
+    first = text_classification.measure_base(config, train, test, suite, tmp_path)
+    expected = first.predict(swaps)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded although every input is cached")
+
+    monkeypatch.setattr(text_classification.finetune, "load_encoder", no_load)
+    again = text_classification.measure_base(config, train, test, suite, tmp_path)
+    assert again.retention.cached and not first.retention.cached
+    assert again.probe.to_dict() == first.probe.to_dict()
+    assert np.array_equal(again.predict(swaps), expected)
+    with pytest.raises(AssertionError, match="was loaded"):
+        again.predict(["a text never embedded"])  # a new text does need the model

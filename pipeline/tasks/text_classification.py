@@ -66,12 +66,15 @@ def group_membership(frame: pd.DataFrame, lexicon: identity.Lexicon) -> pd.DataF
 def score_retention(
     config: RetuneConfig,
     encoder: Any,
-    tokenizer: Any,
     suite: retention.Suite,
     project_dir: Path,
     weights_sha: str | None = None,
 ) -> Retention:
-    """Score an encoder on the suite; with ``weights_sha``, read and fill the score cache."""
+    """Score an encoder on the suite; with ``weights_sha``, read and fill the score cache.
+
+    Args:
+        encoder: returns the (encoder, tokenizer) pair; called only when the cache misses.
+    """
     from pipeline.embeddings import embed_layers
 
     cfg = config.forgetting
@@ -81,6 +84,7 @@ def score_retention(
         cached = forgetting.load_cached(path, suite.tasks)
         if cached is not None:
             return Retention(cached[0], cached[1], cached=True)
+    encoder, tokenizer = encoder()
     outputs = forgetting.score_encoder(
         encoder, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
     )
@@ -103,18 +107,23 @@ def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Pred
     return predict
 
 
-def probe_features(
+def texts_md5(texts: list[str]) -> str:
+    return hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest()
+
+
+def base_embeddings(
     config: RetuneConfig, weights_sha: str, texts: list[str], project_dir: Path, embed: Any
 ) -> np.ndarray:
-    """The frozen base's embeddings of the training texts, cached by the base weights'
-    sha256 and the texts' md5: they change only when the base model or the data does."""
+    """The frozen base's embeddings of ``texts`` (the training split for the probe, the
+    test split, identity swaps and CrowS-Pairs for its bias figures), cached by the base
+    weights' sha256 and the texts' md5: they change only when the base or the texts do."""
     max_length = config.train.max_length
     if weights_sha.startswith("unresolved:"):  # a hub id not on disk: nothing to key by
         return embed(texts, max_length)
     key = {
-        "what": "probe-train-embeddings",
+        "what": "base-embeddings",
         "weights_sha256": weights_sha,
-        "texts_md5": hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest(),
+        "texts_md5": texts_md5(texts),
         "max_length": str(max_length),
         "bf16": str(finetune.use_bf16(config.train.bf16, finetune.pick_device())),
     }
@@ -130,31 +139,56 @@ def measure_base(
     project_dir: Path,
 ) -> Baseline:
     """The frozen base encoder: a logistic probe on the task, its retention scores (cached),
-    and the probe's predict function (for the bias comparison)."""
+    and the probe's predict function (for the bias comparison), all from cached embeddings
+    on a second run with the same base and data."""
     from pipeline.embeddings import embed_texts
 
-    encoder, tokenizer = finetune.load_encoder(config.train.base_model)
-    device = finetune.pick_device()
-    bf16 = finetune.use_bf16(config.train.bf16, device)
-    encoder.to(device)
-    labels = config.data.labels
+    sha = lineage.weights_sha256(config.train.base_model)
+    loaded: list[Any] = []  # the encoder, loaded only when a cache misses
+
+    def encoder() -> tuple[Any, Any]:
+        if not loaded:
+            model, tokenizer = finetune.load_encoder(config.train.base_model)
+            loaded.extend([model.to(finetune.pick_device()), tokenizer])
+        return loaded[0], loaded[1]
 
     def embed(texts: list[str], max_length: int) -> np.ndarray:
-        return embed_texts(encoder, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
+        bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+        model, tokenizer = encoder()
+        return embed_texts(model, tokenizer, texts, config.evaluate.batch_size, max_length, bf16)
 
-    texts = train["text"].tolist()
-    sha = lineage.weights_sha256(config.train.base_model)
-    features = probe_features(config, sha, texts, project_dir, embed)
+    labels = config.data.labels
+    features = base_embeddings(config, sha, train["text"].tolist(), project_dir, embed)
     fitted = evaluate.fit_probe(features, label_ids(train, labels), config.evaluate.probe_c)
 
     def predict(texts: list[str]) -> np.ndarray:
-        return fitted.predict_proba(embed(texts, config.train.max_length))
+        return fitted.predict_proba(base_embeddings(config, sha, texts, project_dir, embed))
 
     test_probs = predict(test["text"].tolist())
     probe = evaluate.classification_metrics(label_ids(test, labels), test_probs.argmax(1), labels)
     cache_key = None if sha.startswith("unresolved:") else sha
-    retained = score_retention(config, encoder, tokenizer, suite, project_dir, cache_key)
+    retained = score_retention(config, encoder, suite, project_dir, cache_key)
     return Baseline(probe, retained, predict)
+
+
+def cached_predict(
+    config: RetuneConfig, predict: Predict, digest: str, project_dir: Path
+) -> Predict:
+    """``predict`` of a registered version, its outputs cached by the version's digest and
+    the texts' md5 (the champion is measured on the same swaps and pairs every run)."""
+    folder = project_dir / config.forgetting.cache_dir / "versions"
+
+    def cached(texts: list[str]) -> np.ndarray:
+        key = {
+            "what": "version-probabilities",
+            "digest": digest,
+            "texts_md5": texts_md5(texts),
+            "max_length": str(config.train.max_length),
+            "bf16": str(finetune.use_bf16(config.train.bf16, finetune.pick_device())),
+        }
+        return cache.cached_array(folder, key, lambda: predict(texts))
+
+    return cached
 
 
 def measure_champion(
@@ -174,8 +208,12 @@ def measure_champion(
         champion.name, champion.version, work_dir, digest=lineage.folder_sha256
     )
     model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
-    scores = score_retention(config, model.base_model, tokenizer, suite, project_dir, loaded.digest)
+    scores = score_retention(
+        config, lambda: (model.base_model, tokenizer), suite, project_dir, loaded.digest
+    )
     predict = classifier_predict(config, model, tokenizer)
+    if loaded.digest is not None:
+        predict = cached_predict(config, predict, loaded.digest, project_dir)
     probs = predict(test["text"].tolist())
     labels = config.data.labels
     report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
@@ -403,8 +441,9 @@ class TextClassification:
         labels = config.data.labels
         probs = classifier_predict(config, trained.model, trained.processor)(test["text"].tolist())
         report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
-        encoder = trained.model.base_model
-        retained = score_retention(config, encoder, trained.processor, suite, project_dir)
+        retained = score_retention(
+            config, lambda: (trained.model.base_model, trained.processor), suite, project_dir
+        )
         return Evaluation(report, retained, probs)
 
     check_model_bias = staticmethod(check_model_bias)
