@@ -44,8 +44,9 @@ $(BROWN_DIR)/cats.txt:
 run: setup
 	$(BIN)/retune run $(ARGS)
 
-# All tiers: unit (seconds), integration (real Prefect/MLflow/DVC/GX in temp dirs), e2e (real
-# MiniLM), without the `slow` tests (minutes each), which test-slow runs; CI runs both.
+# Unit (seconds) and integration tests (real Prefect/MLflow/DVC/GX in temp dirs), without the
+# `slow` tests (a minute or more each, the real-MiniLM e2e job among them): test-slow runs
+# those; CI runs both.
 test: setup
 	$(BIN)/python -m pytest -m "(unit or integration or e2e) and not slow" $(ARGS)
 
