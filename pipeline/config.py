@@ -268,6 +268,12 @@ class TrainConfig(_Section):
         True, description="Merge LoRA weights into the saved model; false keeps an adapter."
     )
     lpft_probe_epochs: int = Field(5, ge=1, description="lp-ft: head-only epochs before full.")
+    head_init: Literal["probe", "random"] = Field(
+        "probe",
+        description="head and lp-ft's probe phase: start the head at the logistic regression "
+        "fitted (L-BFGS, C=1) on the frozen features of the training split, the optimum of "
+        "that convex problem, as LP-FT does; random: the usual random initialisation.",
+    )
     checkpoint_every_steps: int = Field(
         100, ge=1, description="Steps between resumable checkpoints (and on SIGTERM)."
     )

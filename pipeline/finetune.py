@@ -62,7 +62,7 @@ class EpochRecord:
 @dataclass(frozen=True)
 class FineTuneResult:
     history: list[EpochRecord]
-    best_epoch: int
+    best_epoch: int  # from 1; 0: the fitted head before any epoch (head_init probe) won
     train_seconds: float
     trainable_parameters: int
     total_parameters: int
@@ -379,6 +379,31 @@ def cache_point(model: nn.Module, strategy: str, frozen_layers: int) -> int | No
     if strategy == "partial" and frozen_layers > 0:
         return frozen_layers
     return None
+
+
+@torch.no_grad()
+def fit_head(model: nn.Module, features: torch.Tensor, labels: np.ndarray) -> None:
+    """Set the classification head to the logistic regression on ``features`` (N, H) that
+    the frozen-feature probe fits (L-BFGS, C=1): the optimum of a head on frozen features.
+
+    Two labels: sklearn's one weight vector w becomes the rows -w/2 and w/2 (the same
+    softmax). A label the split lacks keeps its random row; a head that is not one Linear
+    layer (an architecture that pools inside its head) keeps its random start.
+    """
+    from pipeline.evaluate import fit_probe
+
+    classes, head = np.unique(labels), model.classifier
+    if len(classes) < 2 or not isinstance(head, nn.Linear):
+        return
+    probe = fit_probe(features.detach().numpy(), labels)
+    coef, intercept = probe.coef_, probe.intercept_
+    if len(classes) == 2:
+        coef = np.concatenate([-coef / 2, coef / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    with torch.no_grad():
+        rows = torch.as_tensor(classes, device=head.weight.device)
+        head.weight[rows] = torch.as_tensor(coef, dtype=head.weight.dtype, device=rows.device)
+        head.bias[rows] = torch.as_tensor(intercept, dtype=head.bias.dtype, device=rows.device)
 
 
 @torch.no_grad()
@@ -719,6 +744,9 @@ class _Loop:
             self.trainable = freeze_for_strategy(model, config.strategy, config.frozen_layers)
         self.total = sum(p.numel() for p in model.parameters())
         self._setup_data(tokenizer)
+        self.fitted_head = config.strategy == "head" and config.head_init == "probe"
+        if self.fitted_head:
+            fit_head(model, self._head_features(), texts.train_labels)  # the same on every rank
         self._setup_net()
         self._setup_optimizer()
 
@@ -743,6 +771,16 @@ class _Loop:
             self.weight = torch.tensor(
                 len(texts.train_labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32
             )
+
+    def _head_features(self) -> torch.Tensor:
+        """What the head reads for each training text (N, H): the cached pooled outputs,
+        or the frozen encoder run once over the split."""
+        states, ids = self.train_in.states, self.train_in.ids
+        if states is None:  # train.cache_frozen off: token ids, the encoder all frozen
+            assert ids is not None
+            layers = len(self.model.base_model.encoder.layer)
+            states = cache_frozen(self.model, ids, layers, self.train_in.pad_id, self.bf16)
+        return torch.stack(states).float()
 
     def _setup_net(self) -> None:
         self.core = _Logits(self.model, self.k)
@@ -892,6 +930,8 @@ def _train(
     loop = _Loop(model, tokenizer, texts, config)
     saves = _Checkpoints(checkpoint_dir, loop.rank)
     state, best = saves.resume(loop, phase)
+    if loop.fitted_head and state.step == 0 and not state.history:
+        best = _score_the_start(loop, state, saves)
     log = _PhaseLog(logger or NullLogger(), phase, loop.rank, regularizer is not None)
     stop = _Stop()
     with contextlib.ExitStack() as stack:
@@ -1028,6 +1068,16 @@ def _end_epoch(
     state.order = None
     state.finished = state.finished or state.epoch > config.epochs
     saves.save(loop, state)
+    return best
+
+
+def _score_the_start(loop: _Loop, state: TrainState, saves: _Checkpoints) -> dict[str, Any]:
+    """The fitted head, before any step, competes for the best epoch as epoch 0: an epoch
+    must beat it on the early-stopping metric, or it is the head restored at the end."""
+    state.best_value = loop.validate()[loop.config.early_stopping_metric]
+    state.best_epoch = 0
+    best = {n: t.detach().clone() for n, t in loop.model.state_dict().items()}
+    saves.save_best(best)
     return best
 
 

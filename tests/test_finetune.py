@@ -382,7 +382,9 @@ def test_the_cached_head_trains_on_unit_length_features_and_serves_the_same(
     cached = cache_frozen(model, tokenize_all(tok, texts, 32), 2, tok.pad_token_id, bf16=False)
     norms = torch.stack(cached).norm(dim=-1)  # (N,): what the head reads
     torch.testing.assert_close(norms, torch.ones(len(texts)))
-    config = train_config(strategy="head", head_learning_rate=5e-2, max_length=32)
+    config = train_config(
+        strategy="head", head_learning_rate=5e-2, max_length=32, head_init="random"
+    )
     result = fine_tune(model, tok, texts, labels, texts, labels, config)
     assert result.history[-1].train_loss < result.history[0].train_loss
     served = predict_proba(model, tok, texts, max_length=32)  # uncached: pools and normalises
@@ -390,3 +392,59 @@ def test_the_cached_head_trains_on_unit_length_features_and_serves_the_same(
     assert best.val_accuracy == float((served.argmax(1) == labels).mean())
     expected_loss = -np.log(served[np.arange(len(labels)), labels]).mean()
     assert best.val_loss == pytest.approx(expected_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("names", [["pos", "neg"], ["pos", "neg", "mixed"]])
+def test_the_head_starts_at_the_probe_fitted_on_its_frozen_features(
+    tiny_base_model, tmp_path, cache: bool, names: list[str]
+):
+    """head_init probe: the head is the logistic regression the frozen-feature probe fits
+    on what the head reads; a learning rate of almost 0 keeps it there."""
+    from pipeline.evaluate import fit_probe
+    from pipeline.finetune import cache_frozen, load_classifier, tokenize_all
+
+    normed = sentence_transformers_base(tiny_base_model, tmp_path / "normed", normalize=True)
+    texts, labels = toy_data(2)
+    if len(names) == 3:
+        labels = np.arange(len(texts)) % 3  # every class present
+    served = {}
+    for init in ("probe", "random"):
+        model, tok = load_classifier(str(normed), names, seed=0)
+        layers = len(model.base_model.encoder.layer)
+        features = cache_frozen(model, tokenize_all(tok, texts, 32), layers, 0, bf16=False)
+        config = train_config(
+            strategy="head",
+            head_init=init,
+            cache_frozen=cache,
+            learning_rate=1e-12,
+            head_learning_rate=1e-12,
+            epochs=1,
+            max_length=32,
+        )
+        fine_tune(model, tok, texts, labels, texts, labels, config)
+        served[init] = predict_proba(model, tok, texts, max_length=32)
+    probe = fit_probe(torch.stack(features).numpy(), labels)
+    expected = probe.predict_proba(torch.stack(features).numpy())
+    np.testing.assert_allclose(served["probe"], expected, atol=1e-4)
+    assert np.abs(served["random"] - expected).max() > 0.01  # a random head is not the probe
+
+
+def test_epochs_that_do_not_beat_the_fitted_head_leave_it_as_it_was(tiny_base_model, tmp_path):
+    """The fitted head competes as epoch 0: a learning rate that wrecks it loses to it."""
+    from pipeline.evaluate import fit_probe
+    from pipeline.finetune import cache_frozen, load_classifier, tokenize_all
+
+    normed = sentence_transformers_base(tiny_base_model, tmp_path / "normed", normalize=True)
+    texts, labels = toy_data(2)
+    model, tok = load_classifier(str(normed), ["pos", "neg"], seed=0)
+    layers = len(model.base_model.encoder.layer)
+    features = torch.stack(cache_frozen(model, tokenize_all(tok, texts, 32), layers, 0, False))
+    config = train_config(
+        strategy="head", head_learning_rate=50.0, epochs=3, patience=1, max_length=32
+    )
+    result = fine_tune(model, tok, texts, labels, texts, labels, config)
+    assert result.best_epoch == 0  # no epoch beat it...
+    assert len(result.history) == 1  # ...and with patience 1, the first one stopped it
+    expected = fit_probe(features.numpy(), labels).predict_proba(features.numpy())
+    np.testing.assert_allclose(predict_proba(model, tok, texts, max_length=32), expected, atol=1e-4)
