@@ -96,7 +96,7 @@ def run_case(
     )
     train_seconds = time.perf_counter() - tick
     if cfg.strategy == "lora":
-        model = finetune.finish_lora(model, merge=True)
+        model = finetune.finish_lora(model)
 
     def retain(m: Any) -> forgetting.Comparison:
         outputs = forgetting.score_encoder(
