@@ -499,14 +499,17 @@ def register_model(
                 recompute,
             )
             final = registered.verdict
-            recorded = {tag.REGISTERED_VERSION: registered.version}
+            tracking.set_tags(
+                context.run_id,
+                {
+                    tag.REGISTERED_VERSION: registered.version,
+                    tag.POLICY: final.summary()[: tag.SUMMARY_CHARS],
+                },
+            )
         except registration.IncompatibleModel as refused:
             get_run_logger().error("promotion (decided again): %s", refused.verdict.summary())
-            final, recorded = refused.verdict, {tag.VERDICT: "refused"}
-            tracking.log_report(context.run_id, final.to_dict(), "reports/promotion.json")
-        tracking.set_tags(
-            context.run_id, recorded | {tag.POLICY: final.summary()[: tag.SUMMARY_CHARS]}
-        )
+            final = refused.verdict
+            registration.record_refused_run(context.run_id, final)
     shutil.rmtree(results.trained.model_dir)  # a registered copy lives in MLflow's artifacts
     return registered, final
 

@@ -395,15 +395,14 @@ def fit_head(model: nn.Module, features: torch.Tensor, labels: np.ndarray) -> No
     classes, head = np.unique(labels), model.classifier
     if len(classes) < 2 or not isinstance(head, nn.Linear):
         return
-    probe = fit_probe(features.detach().numpy(), labels)
+    probe = fit_probe(features.numpy(), labels)
     coef, intercept = probe.coef_, probe.intercept_
     if len(classes) == 2:
         coef = np.concatenate([-coef / 2, coef / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    with torch.no_grad():
-        rows = torch.as_tensor(classes, device=head.weight.device)
-        head.weight[rows] = torch.as_tensor(coef, dtype=head.weight.dtype, device=rows.device)
-        head.bias[rows] = torch.as_tensor(intercept, dtype=head.bias.dtype, device=rows.device)
+    rows = torch.as_tensor(classes, device=head.weight.device)
+    head.weight[rows] = torch.as_tensor(coef, dtype=head.weight.dtype, device=rows.device)
+    head.bias[rows] = torch.as_tensor(intercept, dtype=head.bias.dtype, device=rows.device)
 
 
 @torch.no_grad()

@@ -90,9 +90,7 @@ def register_candidate(
         raise
     if verdict.incompatible:
         registry.delete_version(name, version.version)
-        champion = registry.champion_version(name) or ""
-        what = f"refused run {run_id}: not the same kind of model as champion v{champion}"
-        registry.record_refusal(name, champion, actor, what, verdict.summary(), lock())
+        _audit_refusal(name, registry.champion_version(name) or "", run_id, actor, verdict, lock)
         raise IncompatibleModel(verdict)
     summary = verdict.summary()[: tag.SUMMARY_CHARS]
     registry.tag_version(name, version.version, tag.POLICY, summary)
@@ -152,6 +150,8 @@ def apply_verdict(
                 raise
             logger.warning("%s: deciding again against the current champion", err)
             champion_version, verdict = recompute()
+            if verdict.incompatible:  # another kind of model: nothing to move, not retried
+                return verdict
             against = f"v{champion_version}" if champion_version else "no champion"
             reason = f"promotion policy after retraining, decided again against {against}"
             logger.info("promotion (decided again): %s", verdict.summary())
@@ -269,9 +269,27 @@ def check_compatibility(
     if refusal is None:
         return None
     champion_version, verdict = refusal
+    record_refused_run(run_id, verdict)
+    _audit_refusal(name, champion_version, run_id, actor, verdict, lock)
+    return verdict
+
+
+def record_refused_run(run_id: str, verdict: promotion.PromotionVerdict) -> None:
+    """Tag run ``run_id`` refused, with ``verdict``'s summary and report."""
     summary = verdict.summary()[: tag.SUMMARY_CHARS]
     tracking.set_tags(run_id, {tag.VERDICT: "refused", tag.POLICY: summary})
     tracking.log_report(run_id, verdict.to_dict(), "reports/promotion.json")
+
+
+def _audit_refusal(
+    name: str,
+    champion_version: str,
+    run_id: str,
+    actor: str,
+    verdict: promotion.PromotionVerdict,
+    lock: Lock,
+) -> None:
+    """The audit entry of a candidate of another kind than champion ``champion_version``."""
     registry.record_refusal(
         name,
         champion_version,
@@ -280,4 +298,3 @@ def check_compatibility(
         verdict.summary(),
         lock(),
     )
-    return verdict

@@ -419,6 +419,24 @@ def test_a_champion_that_keeps_changing_is_retried_a_bounded_number_of_times(nam
     assert aliases(name) == {CHAMPION: "1"}
 
 
+def test_another_kind_found_on_the_last_retry_is_a_refusal_not_a_stale_champion(
+    name: str, tmp_path
+):
+    from pipeline.promotion import Criterion, PromotionVerdict, refuse_incompatible
+    from pipeline.registration import STALE_RETRIES
+
+    promote(name, "1")
+    refusal = refuse_incompatible(Criterion("compatible", False, "labels differ"))
+    answers = [("3", _verdict(CHAMPION))] * (STALE_RETRIES - 1) + [("1", refusal)]
+
+    def recompute() -> tuple[str, PromotionVerdict]:
+        return answers.pop(0)
+
+    applied = _apply(name, _verdict(CHAMPION), "", recompute, tmp_path)
+    assert applied.incompatible and answers == []
+    assert aliases(name) == {CHAMPION: "1"}
+
+
 def test_runs_whose_process_is_gone_are_marked_failed_others_stay(store: Path):
     import subprocess
     import sys

@@ -111,6 +111,14 @@ def texts_md5(texts: list[str]) -> str:
     return hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest()
 
 
+def _texts_key(config: RetuneConfig, texts: list[str], **parts: str) -> dict[str, str]:
+    """A cache key for what a model computes from ``texts`` at this run's length and
+    precision; ``parts`` name the model and the array."""
+    bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
+    lengths = {"max_length": str(config.train.max_length), "bf16": str(bf16)}
+    return parts | {"texts_md5": texts_md5(texts)} | lengths
+
+
 def base_embeddings(
     config: RetuneConfig, weights_sha: str, texts: list[str], project_dir: Path, embed: Any
 ) -> np.ndarray:
@@ -120,13 +128,7 @@ def base_embeddings(
     max_length = config.train.max_length
     if weights_sha.startswith("unresolved:"):  # a hub id not on disk: nothing to key by
         return embed(texts, max_length)
-    key = {
-        "what": "base-embeddings",
-        "weights_sha256": weights_sha,
-        "texts_md5": texts_md5(texts),
-        "max_length": str(max_length),
-        "bf16": str(finetune.use_bf16(config.train.bf16, finetune.pick_device())),
-    }
+    key = _texts_key(config, texts, what="base-embeddings", weights_sha256=weights_sha)
     folder = project_dir / config.forgetting.cache_dir / "probe"
     return cache.cached_array(folder, key, lambda: embed(texts, max_length))
 
@@ -179,13 +181,7 @@ def cached_predict(
     folder = project_dir / config.forgetting.cache_dir / "versions"
 
     def cached(texts: list[str]) -> np.ndarray:
-        key = {
-            "what": "version-probabilities",
-            "digest": digest,
-            "texts_md5": texts_md5(texts),
-            "max_length": str(config.train.max_length),
-            "bf16": str(finetune.use_bf16(config.train.bf16, finetune.pick_device())),
-        }
+        key = _texts_key(config, texts, what="version-probabilities", digest=digest)
         return cache.cached_array(folder, key, lambda: predict(texts))
 
     return cached
