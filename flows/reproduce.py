@@ -61,7 +61,7 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     frames = data.read_splits(folder)
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
-    trained = train_model(config, train, frames["validation"], None, work / "model")
+    trained = train_model(config, train, frames["validation"], None, work / "model", root)
     suite_folder = versioning.restore_dataset(
         root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
     )

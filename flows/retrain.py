@@ -164,12 +164,13 @@ def train_model(
     val: pd.DataFrame,
     run_id: str | None,
     out_dir: Path,
+    project_dir: Path,
 ) -> Trained:
     """Fine-tune in this process, or data-parallel under torchrun; save to ``out_dir``.
 
     Checkpoints go to ``out_dir``'s sibling ``checkpoints/``, so a retried task resumes.
     """
-    return _kind(config).train(config, train, val, run_id, out_dir)
+    return _kind(config).train(config, train, val, run_id, out_dir, project_dir)
 
 
 @task(**TASK_OPTIONS)
@@ -417,7 +418,7 @@ def retrain(
         base = measure_base(config, train, test, suite, root)
         champion = measure_champion(config, test, suite, root, out_dir)
         trained = train_model(
-            config, train, frames["validation"], context.run_id, out_dir / "model"
+            config, train, frames["validation"], context.run_id, out_dir / "model", root
         )
         mitigations = blend_with_base(config, trained, frames["validation"], suite, base, out_dir)
         evaluation = evaluate_model(config, trained, test, suite, root)

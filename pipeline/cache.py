@@ -20,6 +20,11 @@ from pathlib import Path
 import numpy as np
 
 
+def texts_md5(texts: list[str]) -> str:
+    """md5 of a list of texts, in order (a cache key part)."""
+    return hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest()
+
+
 def cache_path(cache_dir: Path, key: Mapping[str, str]) -> Path:
     """The file that holds the array for ``key`` (order of the key's parts does not matter).
 

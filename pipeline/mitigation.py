@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import cache
 from pipeline.data import package_file
 from pipeline.finetune import rank_and_world
 
@@ -81,11 +82,54 @@ class L2SP:
         )
 
 
+@dataclass(frozen=True)
+class TeacherCache:
+    """Where the distillation teacher's embeddings are kept between runs.
+
+    They depend only on the base weights (``weights_sha256``), the general-text corpus and
+    the length they are cut to; ``folder`` is the project's cache (see :mod:`pipeline.cache`).
+    """
+
+    folder: Path
+    weights_sha256: str
+
+
+def teacher_embeddings(
+    encoder: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    teacher_cache: TeacherCache | None = None,
+) -> np.ndarray:
+    """The base encoder's mean-pooled, normalised fp32 embeddings of ``texts``: (N, H).
+
+    With ``teacher_cache`` they are read from (or saved to) its folder, keyed by the base
+    weights' sha256, the texts' md5, ``max_length`` and the device type.
+    """
+    from pipeline.embeddings import embed_texts
+
+    def compute() -> np.ndarray:
+        return embed_texts(encoder, tokenizer, texts, 64, max_length)
+
+    if teacher_cache is None or teacher_cache.weights_sha256.startswith("unresolved:"):
+        return compute()
+    key = {
+        "what": "distill-teacher",
+        "weights_sha256": teacher_cache.weights_sha256,
+        "texts_md5": cache.texts_md5(texts),
+        "max_length": str(max_length),
+        "bf16": "False",
+        "device": next(encoder.parameters()).device.type,
+    }
+    return cache.cached_array(teacher_cache.folder, key, compute)
+
+
 class EmbeddingDistillation:
     """``weight * mean(1 - cos(student, teacher))`` on a batch of general text per step.
 
     The teacher embeddings (mean-pooled, normalised, fp32) are computed once from the
-    model as it is when this is built: the base model. Step ``s`` uses the texts at a
+    model as it is when this is built: the base model (or read from ``teacher_cache``, see
+    :func:`teacher_embeddings`). Step ``s`` uses the texts at a
     seeded permutation's positions ``s * batch .. (s + 1) * batch`` (mod N), so a resumed
     run sees the same batches as an uninterrupted one.
 
@@ -106,8 +150,8 @@ class EmbeddingDistillation:
         max_length: int = 128,
         seed: int = 0,
         frozen: int | None = None,
+        teacher_cache: TeacherCache | None = None,
     ):
-        from pipeline.embeddings import embed_texts
         from pipeline.finetune import cache_frozen, tokenize_all
 
         if not texts:
@@ -117,7 +161,7 @@ class EmbeddingDistillation:
         self.texts = texts
         was_training = model.training
         self.teacher = torch.from_numpy(
-            embed_texts(model.base_model, tokenizer, texts, 64, max_length)
+            teacher_embeddings(model.base_model, tokenizer, texts, max_length, teacher_cache)
         )  # (N, H)
         model.train(was_training)
         self.order = np.random.default_rng(seed).permutation(len(texts))
@@ -201,11 +245,13 @@ def build_regularizer(
     batch_size: int,
     seed: int,
     frozen: int | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> Regularizers | None:
     """The configured regulariser(s) for ``model`` (call before training), or None.
 
     ``frozen``: layers that stay frozen during training, whose outputs distillation may
-    cache (see :class:`EmbeddingDistillation`).
+    cache (see :class:`EmbeddingDistillation`); ``teacher_cache``: where distillation's
+    teacher embeddings are kept between runs.
     """
     parts: list[Any] = []
     if l2sp > 0:
@@ -213,7 +259,9 @@ def build_regularizer(
     if distill > 0:
         texts = load_general_text()
         parts.append(
-            EmbeddingDistillation(model, tokenizer, texts, distill, batch_size, 128, seed, frozen)
+            EmbeddingDistillation(
+                model, tokenizer, texts, distill, batch_size, 128, seed, frozen, teacher_cache
+            )
         )
     return Regularizers(parts) if parts else None
 

@@ -24,7 +24,7 @@ from pipeline.finetune import (
     rank_and_world,
     save_model,
 )
-from pipeline.mitigation import build_regularizer
+from pipeline.mitigation import TeacherCache, build_regularizer
 
 ADAPTER_FOLDER = "adapter"  # beside out_dir: the LoRA adapter when train.lora_merge is false
 
@@ -41,6 +41,7 @@ def train_classifier(
     checkpoint_dir: Path | None = None,
     logger: MetricLogger | None = None,
     progress: Callable[[int], Any] | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> tuple[Any, Any, FineTuneResult]:
     """Fine-tune a new classifier on the base model and save it to ``out_dir``.
 
@@ -53,6 +54,8 @@ def train_classifier(
         forgetting: the mitigations that act during training; None for none.
         train_labels / val_labels: label indices into ``labels``, shape (N,).
         checkpoint_dir: resumable checkpoints (see :func:`pipeline.finetune.fine_tune`).
+        teacher_cache: where distillation's teacher embeddings of the base are kept
+            between runs (see :func:`pipeline.mitigation.teacher_embeddings`).
 
     Returns:
         The trained classifier (merged, in eval mode), its tokenizer and the result.
@@ -71,6 +74,7 @@ def train_classifier(
             forgetting.distill_batch_size,
             config.seed,
             frozen=_frozen_distill_layers(model, config),
+            teacher_cache=teacher_cache,
         )
     if config.strategy == "lora":
         model = apply_lora(model, config)

@@ -26,6 +26,7 @@ import torch
 from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.cpu import set_cpu_threads, worker_env
 from pipeline.finetune import EpochRecord, FineTuneResult, TrainingInterrupted
+from pipeline.mitigation import TeacherCache
 from pipeline.training import train_classifier
 
 
@@ -38,11 +39,13 @@ def write_spec(
     out_dir: Path,
     checkpoint_dir: Path | None = None,
     forgetting: ForgettingConfig | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> Path:
     """Write the JSON spec this worker reads.
 
     ``forgetting`` carries the mitigations that act during training (L2-SP, embedding
-    distillation); every rank builds them from the pretrained weights, as one process would.
+    distillation); every rank builds them from the pretrained weights, as one process would,
+    reading distillation's teacher embeddings from ``teacher_cache`` when given.
     """
     spec = {
         "config": config.model_dump(),
@@ -52,6 +55,11 @@ def write_spec(
         "out_dir": str(out_dir),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
         "forgetting": forgetting.model_dump() if forgetting is not None else None,
+        "teacher_cache": (
+            {"folder": str(teacher_cache.folder), "weights_sha256": teacher_cache.weights_sha256}
+            if teacher_cache is not None
+            else None
+        ),
     }
     path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return path
@@ -73,6 +81,7 @@ def run(spec_path: Path) -> int:
     train = pd.read_csv(spec["train_csv"], dtype=str, keep_default_na=False)
     val = pd.read_csv(spec["val_csv"], dtype=str, keep_default_na=False)
     keep = spec.get("forgetting")
+    teacher = spec.get("teacher_cache")
     out = Path(spec["out_dir"])
     try:
         _, _, result = train_classifier(
@@ -85,6 +94,11 @@ def run(spec_path: Path) -> int:
             val["label"].map(index).to_numpy(dtype=np.int64),
             out,
             checkpoint_dir=Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None,
+            teacher_cache=(
+                TeacherCache(Path(teacher["folder"]), teacher["weights_sha256"])
+                if teacher
+                else None
+            ),
         )
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)

@@ -254,6 +254,8 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
         "brown",
     ]
     assert report["mitigation"] == {"l2sp": 0.01, "distill": 0.5}
+    # distillation's teacher embeddings of the base, kept for the next run
+    assert len(list((project / ".retune" / "cache" / "distill").glob("*.npy"))) == 1
     assert len(report["cka"]) == 3  # embeddings + 2 layers of the tiny model
     assert run.data.metrics["forgetting_mean_drop"] == pytest.approx(report["base"]["mean_drop"])
     assert any(a.path == "data_docs" for a in client.list_artifacts(run.info.run_id))

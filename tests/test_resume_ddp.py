@@ -142,8 +142,11 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, tiny_base_model: Pa
 def test_two_process_ddp_with_distillation_and_l2sp_matches_one_process(
     tmp_path: Path, tiny_base_model: Path
 ):
-    """The default mitigations run under DDP: each rank distils its share of the batch."""
+    """The default mitigations run under DDP: each rank distils its share of the batch,
+    its teacher read from the cache the spec names (here filled by the ranks themselves)."""
     from pipeline.config import ForgettingConfig
+    from pipeline.lineage import weights_sha256
+    from pipeline.mitigation import TeacherCache
 
     base = base_without_dropout(tiny_base_model, tmp_path / "base")
     train_csv, val_csv = write_data(tmp_path / "data", 128)
@@ -164,11 +167,15 @@ def test_two_process_ddp_with_distillation_and_l2sp_matches_one_process(
             val_csv,
             tmp_path / name,
             forgetting=forgetting,
+            teacher_cache=(
+                TeacherCache(tmp_path / "cache", weights_sha256(str(base))) if procs == 2 else None
+            ),
         )
         if procs == 1:
             assert worker(spec).wait(timeout=600) == 0
         else:
             launch(spec, nproc_per_node=2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     plain, one, two = (weights(tmp_path / n) for n in specs)
     encoder = [k for k in one if k.startswith("bert.encoder.")]
     # the mitigations changed the encoder's training...

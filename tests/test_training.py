@@ -137,6 +137,47 @@ def test_train_classifier_with_cached_distillation_matches_the_uncached_run(
         assert gap <= 0.05 * moved, (name, gap, moved)
 
 
+def test_the_distillation_teacher_is_cached_by_base_weights_and_read_back(
+    tiny_base_model: Path, tmp_path: Path
+):
+    from pipeline.lineage import weights_sha256
+
+    keep = ForgettingConfig(distill=5.0, distill_batch_size=8)
+    config = TrainConfig(
+        base_model=str(tiny_base_model),
+        strategy="full",
+        epochs=1,
+        batch_size=4,
+        learning_rate=1e-2,
+        bf16=False,
+    )
+    folder = tmp_path / "cache"
+    teacher = mitigation.TeacherCache(folder, weights_sha256(str(tiny_base_model)))
+
+    def run(name: str, cache: mitigation.TeacherCache | None) -> list[float]:
+        out = tmp_path / name / "model"
+        args = (config, keep, NAMES, TEXTS, LABELS, TEXTS, LABELS, out)
+        return train_classifier(*args, teacher_cache=cache)[2].loss_curve
+
+    uncached = run("plain", None)
+    assert not folder.exists()
+    first = run("first", teacher)
+    files = list(folder.glob("*.npy"))
+    assert len(files) == 1
+    stored = np.load(files[0])
+    assert stored.shape == (len(mitigation.load_general_text()), 32)
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, rtol=1e-5)  # normalised
+    assert first == uncached  # the same teacher, computed or read back
+    # The next run reads the file instead of embedding the corpus again: a teacher
+    # written there (the base's, rotated) changes its loss.
+    np.save(files[0], np.roll(stored, 1, axis=0))
+    assert run("second", teacher) != first
+    # Other base weights are another key: a file of their own, computed afresh.
+    other = mitigation.TeacherCache(folder, "f" * 64)
+    assert run("other", other) == uncached
+    assert len(list(folder.glob("*.npy"))) == 2
+
+
 def with_pooling(folder: Path, out: Path, flags: dict[str, bool], modules: bool) -> Path:
     """A copy of the tiny base model as a sentence-transformers folder with this pooling."""
     import json

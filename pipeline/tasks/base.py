@@ -134,8 +134,10 @@ class TaskKind(Protocol):
         validation: pd.DataFrame,
         run_id: str | None,
         model_dir: Path,
+        project_dir: Path,
     ) -> Trained:
-        """Build the model from the base, fine-tune it (batches, loss) and save it."""
+        """Build the model from the base, fine-tune it (batches, loss) and save it; what
+        depends only on the base and fixed data may be cached under ``project_dir``."""
         ...
 
     def blend_with_base(

@@ -9,7 +9,6 @@ identity-term swaps and CrowS-Pairs; it is served as an MLflow pyfunc that reads
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -107,16 +106,12 @@ def classifier_predict(config: RetuneConfig, model: Any, tokenizer: Any) -> Pred
     return predict
 
 
-def texts_md5(texts: list[str]) -> str:
-    return hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest()
-
-
 def _texts_key(config: RetuneConfig, texts: list[str], **parts: str) -> dict[str, str]:
     """A cache key for what a model computes from ``texts`` at this run's length and
     precision; ``parts`` name the model and the array."""
     bf16 = finetune.use_bf16(config.train.bf16, finetune.pick_device())
     lengths = {"max_length": str(config.train.max_length), "bf16": str(bf16)}
-    return parts | {"texts_md5": texts_md5(texts)} | lengths
+    return parts | {"texts_md5": cache.texts_md5(texts)} | lengths
 
 
 def base_embeddings(
@@ -216,8 +211,19 @@ def measure_champion(
     return Champion(champion.version, scores, predict, report, probs)
 
 
+def teacher_cache(config: RetuneConfig, project_dir: Path) -> mitigation.TeacherCache:
+    """Where distillation's teacher embeddings of the base are kept between runs."""
+    folder = project_dir / config.forgetting.cache_dir / "distill"
+    return mitigation.TeacherCache(folder, lineage.weights_sha256(config.train.base_model))
+
+
 def train_distributed(
-    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, run_id: str | None, out_dir: Path
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    run_id: str | None,
+    out_dir: Path,
+    teacher: mitigation.TeacherCache | None = None,
 ) -> Trained:
     """Data-parallel fine-tuning under torchrun (this node's processes, or several nodes
     sharing RETUNE_SHARED_DIR); the model is saved to ``out_dir`` and loaded back."""
@@ -246,6 +252,7 @@ def train_distributed(
         model_dir,
         checkpoints,
         config.forgetting,
+        teacher,
     )
     if cfg.nnodes > 1:
         worker.train_on_nodes(Path(work.parent), job_id, spec, cfg.nproc_per_node, cfg.nnodes)
@@ -258,7 +265,12 @@ def train_distributed(
 
 
 def train_here(
-    config: RetuneConfig, train: pd.DataFrame, val: pd.DataFrame, logger: Any, out_dir: Path
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    logger: Any,
+    out_dir: Path,
+    teacher: mitigation.TeacherCache | None = None,
 ) -> Trained:
     """Fine-tune in this process; checkpoints beside ``out_dir`` so a retried task resumes.
     With LoRA and ``lora_merge: false`` the adapter is also saved, to ``adapter/``."""
@@ -279,6 +291,7 @@ def train_here(
         checkpoint_dir=out_dir.parent / "checkpoints",
         logger=logger,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
+        teacher_cache=teacher,
     )
     return Trained(model, tokenizer, result, out_dir)
 
@@ -410,13 +423,15 @@ class TextClassification:
         validation: pd.DataFrame,
         run_id: str | None,
         model_dir: Path,
+        project_dir: Path,
     ) -> Trained:
         from pipeline import tracking
 
         logger = tracking.MlflowLogger(run_id) if run_id else None
+        teacher = teacher_cache(config, project_dir) if config.forgetting.distill > 0 else None
         if config.train.nproc_per_node == 1 and config.train.nnodes == 1:
-            return train_here(config, train, validation, logger, model_dir)
-        trained = train_distributed(config, train, validation, run_id, model_dir)
+            return train_here(config, train, validation, logger, model_dir, teacher)
+        trained = train_distributed(config, train, validation, run_id, model_dir, teacher)
         for record in trained.result.history if logger is not None else []:
             logger.log_metrics(
                 {"val_loss": record.val_loss, "val_accuracy": record.val_accuracy}, record.epoch
