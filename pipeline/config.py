@@ -293,6 +293,12 @@ class TrainConfig(_Section):
     epochs: int = Field(2, ge=1)
     patience: int = Field(1, ge=1, description="Epochs without a better early-stopping metric.")
     batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        description="Each rank's share of a batch in this many micro-batches (less memory, "
+        "the same gradient): one optimizer step per batch_size rows either way.",
+    )
     max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
     bf16: Literal["auto"] | bool = Field(
         "auto", description="bf16 autocast: auto (if the device supports it), true, false."

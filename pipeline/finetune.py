@@ -43,6 +43,100 @@ class Regularizer(Protocol):
     def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
+class TrainingLoop(Protocol):
+    """One training phase's parts, as :func:`run_phase` drives them: the classifier's
+    :class:`_Loop` here, the causal LM's in :mod:`pipeline.causal_training`.
+
+    Checkpoints hold :class:`TrainState` plus :meth:`Optimization.tensor_states`.
+    """
+
+    config: TrainConfig
+    model: nn.Module  # what is saved and restored
+    net: nn.Module  # what runs forward (the model, wrapped by DDP under torchrun)
+    device: torch.device
+    bf16: bool
+    rank: int
+    total_steps: int
+    trainable: int
+    total: int
+    fitted_head: bool  # the start competes as epoch 0 (see _score_the_start)
+    opt: Optimization
+
+    def lengths(self) -> list[int]:
+        """Tokens of each training row, for length-bucketed batches."""
+        ...
+
+    def step(
+        self, idx: list[int], step: int, regularizer: Regularizer | None
+    ) -> tuple[float, float]:
+        """One optimizer step on the global batch ``idx``: (task loss, regulariser loss)."""
+        ...
+
+    def validate(self) -> dict[str, float]:
+        """val_loss, val_accuracy (and val_macro_f1 where the kind has it)."""
+        ...
+
+
+@dataclass
+class Optimization:
+    """A phase's AdamW, its schedule (linear warmup, then linear decay to zero) and the
+    generator that draws its batch orders: with the model, what a checkpoint holds
+    besides :class:`TrainState`."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    trainables: list[nn.Parameter]
+    max_grad_norm: float
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        groups: list[dict[str, Any]],
+        config: TrainConfig,
+        total_steps: int,
+        device: torch.device,
+    ) -> Optimization:
+        # fused: one kernel for all parameters (about 5x faster steps on CPU than the loop).
+        optimizer = torch.optim.AdamW(
+            groups, lr=config.learning_rate, fused=device.type in {"cpu", "cuda"}
+        )
+        total, warmup = total_steps, max(1, int(config.warmup_ratio * total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup + 1e-9))),
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        trainables = [p for p in model.parameters() if p.requires_grad]
+        return cls(optimizer, scheduler, generator, trainables, config.max_grad_norm)
+
+    def finish_step(self, regularizer: Regularizer | None) -> None:
+        """After the backward pass: clip, step, the regulariser's hook, schedule, zero."""
+        torch.nn.utils.clip_grad_norm_(self.trainables, self.max_grad_norm)
+        self.optimizer.step()
+        if regularizer is not None:
+            regularizer.after_step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def tensor_states(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_tensor_states(self, model: nn.Module, saved: dict[str, Any]) -> None:
+        model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+
+
 class NullLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         return None
@@ -260,16 +354,18 @@ def freeze_for_strategy(model: nn.Module, strategy: str, frozen_layers: int) -> 
         raise ValueError(
             f"train.frozen_layers={frozen_layers} but the model has only {len(layers)} layers"
         )
+    frozen = {"head": [encoder], "partial": [encoder.embeddings, *layers[:frozen_layers]]}
+    return freeze_modules(model, frozen.get(strategy, []))
+
+
+def freeze_modules(model: nn.Module, frozen: Sequence[nn.Module]) -> int:
+    """Everything in ``model`` trains except the parameters of ``frozen``; returns the
+    number of trainable parameters."""
     for p in model.parameters():
         p.requires_grad = True
-    if strategy == "head":
-        for p in encoder.parameters():
+    for module in frozen:
+        for p in module.parameters():
             p.requires_grad = False
-    elif strategy == "partial":
-        frozen = [encoder.embeddings, *layers[:frozen_layers]]
-        for module in frozen:
-            for p in module.parameters():
-                p.requires_grad = False
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -477,6 +573,13 @@ class _Logits(nn.Module):
         return model.classifier(model.dropout(pooled))  # (B, num_labels)
 
 
+def micro_batches(rows: list[int], parts: int) -> list[list[int]]:
+    """``rows`` in at most ``parts`` consecutive, non-empty micro-batches (gradient
+    accumulation); one batch when ``parts`` is 1."""
+    size = max(1, math.ceil(len(rows) / parts))
+    return [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+
+
 def _make_batch(
     inputs: _Inputs, idx: list[int], k: int | None, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -575,12 +678,25 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """Wrap ``model`` with PEFT LoRA adapters; the classification head stays trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def apply_lora(model: nn.Module, config: TrainConfig, task_type: str = "SEQ_CLS") -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters on ``config.lora_target_modules``; for a
+    classifier (``SEQ_CLS``) the head stays trainable, a causal LM passes ``CAUSAL_LM``.
 
+    Raises:
+        ValueError: a target module the model does not have.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in config.lora_target_modules if m not in names]
+    if missing:
+        raise ValueError(
+            f"train.lora_target_modules {missing} are not modules of this model; BERT-style "
+            "encoders name their attention projections query, key, value, Llama-style "
+            "decoders q_proj, k_proj, v_proj, o_proj"
+        )
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
@@ -723,20 +839,27 @@ class TrainState:
         )
 
 
+def start_phase(model: nn.Module, config: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """Seed torch, size this process's threads (usable cores, unless train.num_threads),
+    move ``model`` to the device; returns rank, world size, device and whether to
+    autocast to bf16."""
+    rank, world = rank_and_world()
+    torch.manual_seed(config.seed)
+    set_cpu_threads(config.num_threads)
+    device = pick_device()
+    model.to(device)
+    return rank, world, device, use_bf16(config.bf16, device)
+
+
 class _Loop:
     """One training phase's parts, set up in named steps: device, data, network, optimizer.
 
-    Checkpoints hold :class:`TrainState` plus :meth:`tensor_states`.
+    Checkpoints hold :class:`TrainState` plus :meth:`Optimization.tensor_states`.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, texts: _Texts, config: TrainConfig):
         self.model, self.config, self.texts = model, config, texts
-        self.rank, self.world = rank_and_world()
-        torch.manual_seed(config.seed)
-        set_cpu_threads(config.num_threads)  # usable cores, unless train.num_threads
-        self.device = pick_device()
-        self.bf16 = use_bf16(config.bf16, self.device)
-        model.to(self.device)
+        self.rank, self.world, self.device, self.bf16 = start_phase(model, config)
         if config.strategy == "lora":  # PEFT already set which parameters train
             self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         else:
@@ -789,34 +912,12 @@ class _Loop:
 
     def _setup_optimizer(self) -> None:
         config = self.config
-        # fused: one kernel for all parameters (about 5x faster steps on CPU than the loop).
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, config), fused=self.device.type in {"cpu", "cuda"}
-        )
         self.total_steps = math.ceil(len(self.train_in) / config.batch_size) * config.epochs
-        total, warmup = self.total_steps, max(1, int(config.warmup_ratio * self.total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup + 1e-9))),
-        )
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.trainables = [p for p in self.model.parameters() if p.requires_grad]
+        groups = _param_groups(self.model, config)
+        self.opt = Optimization.build(self.model, groups, config, self.total_steps, self.device)
 
-    def tensor_states(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def load_tensor_states(self, saved: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+    def lengths(self) -> list[int]:
+        return self.train_in.lengths()
 
     def step(
         self, idx: list[int], step: int, regularizer: Regularizer | None
@@ -824,33 +925,32 @@ class _Loop:
         """One optimizer step on the global batch ``idx``: (task loss, regulariser loss)."""
         device, world = self.device, self.world
         shard = idx[self.rank :: world]  # this rank's share of the global batch
-        with _autocast(device, self.bf16):
-            logits = self.net(_make_batch(self.train_in, shard, self.k, device))
-        # Sum over the shard / global batch size, times world: DDP's gradient mean then
-        # equals the gradient of the mean loss over the whole global batch.
+        reg = None
         weight = None if self.weight is None else self.weight.to(device)
-        loss = (
-            nn.functional.cross_entropy(
-                logits.float(), self.labels[shard].to(device), weight=weight, reduction="sum"
-            )
-            * world
-            / len(idx)
-        )
-        reg_value = 0.0
-        if regularizer is not None:
-            with _autocast(device, self.bf16):
-                reg = regularizer.loss(self.model, step)
-            if reg is not None:
-                reg_value = reg.item()
-                loss = loss + reg
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainables, self.config.max_grad_norm)
-        self.optimizer.step()
-        if regularizer is not None:
-            regularizer.after_step(self.optimizer)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item() / world - reg_value, reg_value
+        micro = micro_batches(shard, self.config.gradient_accumulation_steps)
+        task = 0.0
+        for i, part in enumerate(micro):
+            last = i == len(micro) - 1
+            # DDP syncs on the last micro-batch's backward, which carries the regulariser.
+            with contextlib.nullcontext() if last or world == 1 else self.net.no_sync():
+                with _autocast(device, self.bf16):
+                    logits = self.net(_make_batch(self.train_in, part, self.k, device))
+                # Sum over the part / global batch size, times world: DDP's gradient mean
+                # then equals the gradient of the mean loss over the whole global batch.
+                loss = (
+                    nn.functional.cross_entropy(
+                        logits.float(), self.labels[part].to(device), weight=weight, reduction="sum"
+                    )
+                    * world
+                    / len(idx)
+                )
+                task += loss.item() / world
+                if last and regularizer is not None:  # after the task's forward, as always
+                    with _autocast(device, self.bf16):
+                        reg = regularizer.loss(self.model, step)
+                (loss + reg if reg is not None else loss).backward()
+        self.opt.finish_step(regularizer)
+        return task, reg.item() if reg is not None else 0.0
 
     def validate(self) -> dict[str, float]:
         return _validate(
@@ -888,7 +988,9 @@ class _Checkpoints:
         self.last = folder / "checkpoint.pt" if folder is not None else None
         self.best = folder / "best.pt" if folder is not None else None
 
-    def resume(self, loop: _Loop, phase: str) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    def resume(
+        self, loop: TrainingLoop, phase: str
+    ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
         """The saved state and best weights, loaded into ``loop``; a fresh state if none."""
         state = TrainState.start(phase, loop.config.early_stopping_metric)
         if self.last is not None and self.last.is_file():
@@ -899,15 +1001,15 @@ class _Checkpoints:
                     f"{self.last} holds phase {state.phase!r}, not {phase!r}: "
                     "remove the checkpoint folder to start over"
                 )
-            loop.load_tensor_states(saved)
+            loop.opt.load_tensor_states(loop.model, saved)
         best = None
         if self.best is not None and self.best.is_file():
             best = torch.load(self.best, weights_only=True)
         return state, best
 
-    def save(self, loop: _Loop, state: TrainState) -> None:
+    def save(self, loop: TrainingLoop, state: TrainState) -> None:
         if self.last is not None and self.rank == 0:
-            _save_checkpoint(self.last, asdict(state) | loop.tensor_states())
+            _save_checkpoint(self.last, asdict(state) | loop.opt.tensor_states(loop.model))
 
     def save_best(self, weights: dict[str, torch.Tensor]) -> None:
         if self.best is not None and self.rank == 0:
@@ -925,8 +1027,26 @@ def _train(
     phase: str,
     regularizer: Regularizer | None = None,
 ) -> FineTuneResult:
-    """One phase: set up, resume if a checkpoint exists, run the epochs, restore the best."""
+    """One phase of the classifier (see :func:`run_phase`)."""
     loop = _Loop(model, tokenizer, texts, config)
+    return run_phase(loop, logger, progress, checkpoint_dir, phase, regularizer)
+
+
+def run_phase(
+    loop: TrainingLoop,
+    logger: MetricLogger | None,
+    progress: Callable[[int], Any] | None,
+    checkpoint_dir: Path | None,
+    phase: str = "",
+    regularizer: Regularizer | None = None,
+) -> FineTuneResult:
+    """One phase: resume if a checkpoint exists, run the epochs, restore the best.
+
+    Checkpoints every ``checkpoint_every_steps`` steps and on SIGTERM (then raises
+    TrainingInterrupted); a later call with the same loop resumes and ends with the same
+    weights as an uninterrupted run.
+    """
+    config, model = loop.config, loop.model
     saves = _Checkpoints(checkpoint_dir, loop.rank)
     state, best = saves.resume(loop, phase)
     if loop.fitted_head and state.step == 0 and not state.history:
@@ -980,7 +1100,7 @@ class _PhaseLog:
 
 
 def _run_epoch(
-    loop: _Loop,
+    loop: TrainingLoop,
     state: TrainState,
     regularizer: Regularizer | None,
     log: _PhaseLog,
@@ -992,7 +1112,7 @@ def _run_epoch(
     loop.net.train()
     if state.order is None:  # a new epoch: draw its batches
         state.new_epoch(
-            bucketed_batches(loop.train_in.lengths(), loop.config.batch_size, loop.generator)
+            bucketed_batches(loop.lengths(), loop.config.batch_size, loop.opt.generator)
         )
     order = state.order
     assert order is not None
@@ -1015,7 +1135,7 @@ def _run_epoch(
         if state.step % 20 == 0:
             metrics = {
                 log.name("train_loss"): value,
-                "learning_rate": loop.scheduler.get_last_lr()[0],
+                "learning_rate": loop.opt.scheduler.get_last_lr()[0],
                 "samples_per_second": rate,
             }
             log.log(
@@ -1029,7 +1149,7 @@ def _run_epoch(
 
 
 def _end_epoch(
-    loop: _Loop, state: TrainState, log: _PhaseLog, saves: _Checkpoints
+    loop: TrainingLoop, state: TrainState, log: _PhaseLog, saves: _Checkpoints
 ) -> dict[str, torch.Tensor] | None:
     """Validate, record the epoch, decide on early stopping, checkpoint.
 
@@ -1046,7 +1166,7 @@ def _end_epoch(
         metrics["val_accuracy"],
         seconds,
         state.epoch_seen / max(seconds, 1e-9),
-        metrics["val_macro_f1"],
+        metrics.get("val_macro_f1", math.nan),
     )
     state.history.append(record)
     state.seconds += seconds
@@ -1070,7 +1190,7 @@ def _end_epoch(
     return best
 
 
-def _score_the_start(loop: _Loop, state: TrainState, saves: _Checkpoints) -> dict[str, Any]:
+def _score_the_start(loop: TrainingLoop, state: TrainState, saves: _Checkpoints) -> dict[str, Any]:
     """The fitted head, before any step, competes for the best epoch as epoch 0: an epoch
     must beat it on the early-stopping metric, or it is the head restored at the end."""
     state.best_value = loop.validate()[loop.config.early_stopping_metric]

@@ -173,3 +173,31 @@ def test_early_stopping_on_macro_f1_keeps_the_best_f1_epoch(tokenizer):
     )
     f1s = [h.val_macro_f1 for h in result.history]
     assert result.best_epoch == int(np.argmax(f1s)) + 1
+
+
+def test_gradient_accumulation_gives_the_classifier_the_same_weights(tokenizer):
+    """Micro-batches of the batch add up to its gradient: the same steps, the same model
+    (dropout off, so both runs compute the same function)."""
+    texts, labels = toy_data(repeat=2)
+    runs = []
+    for parts in (1, 3):
+        model = tiny_model(tokenizer)
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        start = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        config = train_config(epochs=2, patience=2, gradient_accumulation_steps=parts)
+        result = fine_tune(model, tokenizer, texts, labels, texts, labels, config)
+        runs.append((result.loss_curve, model.state_dict()))
+    (curve1, w1), (curve3, w3) = runs
+    assert len(curve1) == len(curve3) == 6  # one optimizer step per batch (20 rows, 8) either way
+    assert curve1 == pytest.approx(curve3, rel=1e-5)
+    # Sums in another order; Adam turns a tiny gradient difference into up to a step of
+    # the learning rate. Both land on the same weights, well within how far training moved
+    # them (a bias that gets no real gradient, such as attention's key bias, moves by noise).
+    moved = max((w1[n] - start[n]).abs().max().item() for n in w1)
+    assert moved > 1e-3
+    for name in w1:
+        gap = (w1[name] - w3[name]).abs().max().item()
+        assert gap <= 0.01 * moved, (name, gap, moved)
