@@ -431,17 +431,79 @@ class RegistryConfig(_Section):
         description="Registered model name; empty means retune-<dataset name> (see "
         "pipeline.registry.model_name), so each dataset's model is its own.",
     )
-    primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
+    primary_metric: Literal["macro_f1", "accuracy", "token_accuracy", "chrf"] = Field(
+        "macro_f1",
+        description="What promotion compares (higher is better): macro_f1 or accuracy for "
+        "text-classification; token_accuracy (next-token accuracy on the answers) for chat; "
+        "chrf (0-100) or token_accuracy for translation.",
+    )
 
 
-TaskName = Literal["text-classification"]
+class GenerationConfig(_Section):
+    """Generative tasks (chat, translation): how pairs become conversations, how answers
+    are generated and checked."""
+
+    source_column: str = Field("source", description="Pairs file: the text to translate.")
+    target_column: str = Field("target", description="Pairs file: its translation.")
+    instruction: str = Field(
+        "Translate from English to German:",
+        description="Translation: the user turn is this instruction, a newline, the source.",
+    )
+    system_prompt: str | None = Field(
+        None, description="A system turn put first in every conversation that has none."
+    )
+    example_language: str = Field(
+        "de", description="Translation example: the Django catalogue language (source: example)."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Greedy generation: new tokens per answer.")
+    report_examples: int = Field(
+        5, ge=0, description="Test prompts answered by base and tuned model, side by side."
+    )
+    max_length_ratio: float = Field(
+        4.0,
+        gt=1,
+        description="Pairs: target/source character ratio beyond which (or below "
+        "its inverse) a pair is flagged.",
+    )
+
+
+TaskName = Literal["text-classification", "chat", "translation"]
+GENERATIVE_TASKS = ("chat", "translation")
 TOP_LEVEL_KEYS = ("task",)  # keys outside any section
+# What a generative task changes in the defaults (a key the user sets wins): the offline
+# causal LM, LoRA on its attention projections, and what promotion compares.
+_GENERATIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "base_model": "packaged:SmolLM2-135M-Instruct",
+        "strategy": "lora",
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "lora_dropout": 0.05,
+        "frozen_layers": 10,
+        "learning_rate": 2e-4,
+        "batch_size": 8,
+        "max_length": 256,
+        "epochs": 2,
+        "cache_frozen": False,
+        "head_init": "random",
+    },
+    "forgetting": {"distill": 0.0, "max_mean_drop": 0.05, "max_task_drop": 0.10},
+}
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "chat": _GENERATIVE_DEFAULTS | {"registry": {"primary_metric": "token_accuracy"}},
+    "translation": _GENERATIVE_DEFAULTS | {"registry": {"primary_metric": "chrf"}},
+}
+PRIMARY_METRICS = {
+    "text-classification": ("macro_f1", "accuracy"),
+    "chat": ("token_accuracy",),
+    "translation": ("chrf", "token_accuracy"),
+}
 
 
 class RetuneConfig(_Section):
     task: TaskName = Field(
         "text-classification",
-        description="The kind of fine-tuning task (pipeline/tasks/): text-classification.",
+        description="The kind of fine-tuning task (pipeline/tasks/): text-classification, "
+        "chat (conversations) or translation (source/target pairs).",
     )
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -451,6 +513,35 @@ class RetuneConfig(_Section):
     forgetting: ForgettingConfig = ForgettingConfig()
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """Fill the task's own defaults (:data:`TASK_DEFAULTS`) under what the user set."""
+        if not isinstance(raw, dict) or raw.get("task") not in TASK_DEFAULTS:
+            return raw
+        filled = dict(raw)
+        for section, values in TASK_DEFAULTS[raw["task"]].items():
+            given = filled.get(section)
+            if given is None or isinstance(given, dict):
+                filled[section] = values | (given or {})
+        return filled
+
+    @model_validator(mode="after")
+    def _check_task(self) -> RetuneConfig:
+        allowed = PRIMARY_METRICS[self.task]
+        if self.registry.primary_metric not in allowed:
+            raise ValueError(
+                f"registry.primary_metric={self.registry.primary_metric} is not a metric of "
+                f"task {self.task}; use {' or '.join(allowed)}"
+            )
+        if self.task in GENERATIVE_TASKS and self.train.strategy not in {"lora", "full", "partial"}:
+            raise ValueError(
+                f"train.strategy={self.train.strategy} does not apply to a generative task; "
+                "use lora, full or partial"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_mitigation(self) -> RetuneConfig:

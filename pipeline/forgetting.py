@@ -113,16 +113,20 @@ def bootstrap_drops(
     return drops
 
 
+# What each kind of retention task scores (a likelihood's drop is in nats per token).
+METRIC_OF_KIND = {"similarity": "spearman", "probe": "accuracy", "likelihood": "log-likelihood"}
+
+
 @dataclass(frozen=True)
 class TaskDrop:
     task: str
     kind: str
-    metric: str  # "spearman" or "accuracy"
+    metric: str  # "spearman", "accuracy" or "log-likelihood" (see METRIC_OF_KIND)
     items: int
     reference: float
     candidate: float
     drop: float  # reference - candidate; positive = forgot
-    retention: float  # candidate / reference
+    retention: float  # candidate / reference; likelihood: perplexity base / tuned
     ci_low: float  # paired bootstrap 95% interval of the drop
     ci_high: float
 
@@ -138,6 +142,14 @@ class Comparison:
     mean_ci_high: float
     worst_task: str
     worst_drop: float
+
+
+def _retention(kind: str, reference: float, candidate: float) -> float:
+    """What share the candidate kept: its score over the reference's; for a likelihood
+    (log-probabilities, negative) the base's perplexity over the candidate's."""
+    if kind == "likelihood":
+        return math.exp(candidate - reference)
+    return candidate / reference if reference else math.nan
 
 
 def compare(
@@ -170,12 +182,12 @@ def compare(
             TaskDrop(
                 task=task.name,
                 kind=task.kind,
-                metric="spearman" if task.kind == "similarity" else "accuracy",
+                metric=METRIC_OF_KIND[task.kind],
                 items=len(ref.items),
                 reference=ref.score,
                 candidate=cand.score,
                 drop=ref.score - cand.score,
-                retention=cand.score / ref.score if ref.score else math.nan,
+                retention=_retention(task.kind, ref.score, cand.score),
                 ci_low=low,
                 ci_high=high,
             )

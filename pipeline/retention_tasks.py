@@ -20,7 +20,7 @@ LEE_SOURCE = f"{LEE_REQUIREMENT} lee.cor + similarities0-1.txt"
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make == ambiguous
 class RetentionTask:
     name: str
-    kind: str  # "similarity" | "probe"
+    kind: str  # "similarity" | "probe" | "likelihood" (causal LMs, pipeline.lm_retention)
     source: str  # human-readable origin
     texts: list[str]  # unique texts to embed
     pairs: np.ndarray | None = None  # similarity: (P, 2) int64 indices into texts
@@ -35,6 +35,8 @@ class RetentionTask:
         if self.kind == "similarity":
             assert self.pairs is not None
             return len(self.pairs)
+        if self.kind == "likelihood":
+            return len(self.texts)
         assert self.is_test is not None
         return int(self.is_test.sum())
 
