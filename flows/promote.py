@@ -15,8 +15,6 @@ from pipeline import gates, lineage, modelstore, promotion, registration, regist
 from pipeline import tags as tag
 from pipeline.config import RetuneConfig
 
-SMOKE_TEXTS = ["A smoke test for the promotion.", "Another one."]
-
 
 class PromotionRefused(RuntimeError):
     """The policy refuses the version; ``--force`` with a reason overrides it."""
@@ -172,7 +170,6 @@ def promote(
         recorded,
         action="promote",
         lock=_lock(project_dir, name),
-        smoke_texts=SMOKE_TEXTS,
         expected_champion=current,
     )
     return verdict, entry
@@ -195,7 +192,6 @@ def rollback(name: str, reason: str, project_dir: Path) -> registry.AuditEntry:
         f"rollback to v{previous}",
         action="rollback",
         lock=_lock(project_dir, name),
-        smoke_texts=SMOKE_TEXTS,
         expected_champion=registry.champion_version(name),
     )
 

@@ -283,7 +283,7 @@ def register(
         champion_version or "",
         actor,
         lock,
-        smoke_texts=kind.examples(test),
+        smoke_input=kind.examples(test),
         recompute=recompute,
         logger=get_run_logger(),
     )

@@ -102,6 +102,10 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
     "class_imbalance": "warn",  # majority/minority rows per split
     "confidence_range": "error",  # only if a confidence column exists
     "confidence_missing": "warn",  # only if a confidence column exists
+    # translation pairs (task: translation)
+    "copies": "warn",  # the target repeats the source (lower-cased, whitespace folded)
+    "length_ratio": "warn",  # target/source characters beyond generation.max_length_ratio
+    "placeholders": "warn",  # %(name)s, %s, {0} ... differ between source and target
 }
 
 

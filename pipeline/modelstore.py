@@ -175,6 +175,11 @@ class LoadedModel:
     digest: str | None  # of the model folder, when a digest function was given
     _pyfunc: Any
 
+    @property
+    def input_example(self) -> Any | None:
+        """The input example logged with the model (a frame of its input columns)."""
+        return self._pyfunc.input_example
+
     def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self._pyfunc.predict(frame, params=params)
 

@@ -51,7 +51,7 @@ def register_candidate(
     champion_version: str,
     actor: str,
     lock: Lock,
-    smoke_texts: list[str] | None = None,
+    smoke_input: Any | None = None,
     recompute: Recompute | None = None,
     logger: Any = _LOG,
 ) -> Registered:
@@ -65,7 +65,8 @@ def register_candidate(
 
     Args:
         champion_version: the champion the verdict was computed against ("" for none).
-        smoke_texts: what the version must predict before it takes champion.
+        smoke_input: what the version must predict before it takes champion (a frame of
+            its input columns; None: its logged input example).
         recompute: decides again against the champion that now holds the alias, when it
             changed meanwhile (see :func:`apply_verdict`).
 
@@ -81,7 +82,7 @@ def register_candidate(
             champion_version,
             actor,
             lock,
-            smoke_texts,
+            smoke_input,
             recompute,
             logger,
         )
@@ -106,7 +107,7 @@ def apply_verdict(
     champion_version: str,
     actor: str,
     lock: Lock,
-    smoke_texts: list[str] | None,
+    smoke_input: Any | None,
     recompute: Recompute | None,
     logger: Any = _LOG,
 ) -> promotion.PromotionVerdict:
@@ -131,7 +132,7 @@ def apply_verdict(
                     reason,
                     verdict.summary(),
                     lock=lock(),
-                    smoke_texts=smoke_texts,
+                    smoke_input=smoke_input,
                     expected_champion=champion_version,
                 )
             elif verdict.alias == registry.CHALLENGER:

@@ -402,11 +402,13 @@ def previous_champion(name: str) -> str | None:
 # --- moving aliases ----------------------------------------------------------------------
 
 
-def smoke_test(name: str, version: str, texts: list[str] | None = None) -> None:
-    """Load ``models:/NAME/VERSION`` as pyfunc and check it predicts ``texts``.
+def smoke_test(name: str, version: str, inputs: Any | None = None) -> None:
+    """Load ``models:/NAME/VERSION`` as pyfunc and check it predicts ``inputs``.
 
-    The prediction must have one row per text, a ``label`` column and ``prob_*`` columns
-    of probabilities.
+    ``inputs`` is a frame of the model's input columns; None uses the example logged with
+    the model (every kind of task logs one), else :data:`SMOKE_TEXTS`. The prediction must
+    have one row per input, every output column of the model's signature without a missing
+    value, and any ``prob_*`` column within [0, 1].
 
     Raises:
         PromotionError: the version does not load or predicts nothing usable.
@@ -417,27 +419,35 @@ def smoke_test(name: str, version: str, texts: list[str] | None = None) -> None:
 
     from pipeline import modelstore
 
-    texts = list(texts or SMOKE_TEXTS)
     uri = f"models:/{name}/{version}"
     try:
-        out = modelstore.load_version(name, version).predict(pd.DataFrame({"text": texts}))
+        loaded = modelstore.load_version(name, version)
+        frame = inputs if inputs is not None else loaded.input_example
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame({"text": SMOKE_TEXTS})
+        out = loaded.predict(frame)
     except Exception as err:
         raise PromotionError(
             f"{uri} failed to load or predict, so champion was not moved: "
             f"{type(err).__name__}: {err}"
         ) from err
-    if not isinstance(out, pd.DataFrame) or "label" not in out.columns or len(out) != len(texts):
+    wanted = loaded.output_columns or ["label"]
+    if (
+        not isinstance(out, pd.DataFrame)
+        or len(out) != len(frame)
+        or not set(wanted) <= set(out.columns)
+        or out[wanted].isna().any().any()
+    ):
         shape = f"{type(out).__name__} {getattr(out, 'shape', '')}"
         raise PromotionError(
-            f"{uri} predicted {shape} for {len(texts)} texts; expected a frame with a 'label' "
-            "column and one row per text, so champion was not moved"
+            f"{uri} predicted {shape} for {len(frame)} inputs; expected a frame with the "
+            f"columns {', '.join(wanted)} filled and one row per input, so champion was not moved"
         )
     probs = [c for c in out.columns if str(c).startswith("prob_")]
     values = out[probs].to_numpy(dtype=float).ravel() if probs else []
-    if not probs or not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in values):
+    if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in values):
         raise PromotionError(
-            f"{uri} predicted no prob_* columns or probabilities outside [0, 1], so champion "
-            "was not moved"
+            f"{uri} predicted probabilities outside [0, 1], so champion was not moved"
         )
 
 
@@ -449,18 +459,19 @@ def move_champion(
     verdict: str,
     action: str = "promote",
     lock: contextlib.AbstractContextManager[Any] | None = None,
-    smoke_texts: list[str] | None = None,
+    smoke_input: Any | None = None,
     after_move: Callable[[], None] | None = None,
     expected_champion: str | None = None,
 ) -> AuditEntry:
     """Give ``champion`` to ``name``/``version``, all or nothing, and record it.
 
     First the version must load through ``models:/NAME/VERSION`` and predict
-    ``smoke_texts`` (outside the lock: a version's artifacts never change). Then, under
-    ``lock``: read the current champion, move the alias, drop ``challenger`` if this version
-    held it, call ``after_move`` (a hook; tests inject failures there) and append the audit
-    entry. If anything after the move fails, the previous champion (and challenger) are put
-    back, a ``restore`` entry naming the error is appended, and the error is re-raised.
+    ``smoke_input`` (see :func:`smoke_test`; outside the lock: a version's artifacts never
+    change). Then, under ``lock``: read the current champion, move the alias, drop
+    ``challenger`` if this version held it, call ``after_move`` (a hook; tests inject
+    failures there) and append the audit entry. If anything after the move fails, the
+    previous champion (and challenger) are put back, a ``restore`` entry naming the error
+    is appended, and the error is re-raised.
 
     Args:
         action: "promote" or "rollback".
@@ -481,7 +492,7 @@ def move_champion(
     if action not in ("promote", "rollback"):
         raise ValueError(f"move_champion action {action!r}: expected promote or rollback")
     version = str(version)
-    smoke_test(name, version, smoke_texts)
+    smoke_test(name, version, smoke_input)
     client = MlflowClient()
     with _held(lock):
         previous = _check_champion(client, name, version, expected_champion)

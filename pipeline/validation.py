@@ -102,11 +102,16 @@ CHECK_KEYS: dict[str, tuple[str, ...]] = {
     "class_imbalance": ("validation.max_imbalance_ratio",),
     "confidence_range": ("validation.confidence_min", "validation.confidence_max"),
     "confidence_missing": ("validation.max_confidence_missing_rate",),
+    "copies": (),
+    "length_ratio": ("generation.max_length_ratio",),
+    "placeholders": (),
 }
 # What to do where no limit would make sense (or there is none to change).
 ROW_FIXES = {
     "min_rows_per_label": "add rows for these labels (or groups, which decide the split)",
     "labels_in_every_split": "add rows with the missing labels",
+    "copies": "translate these rows (the target repeats the source)",
+    "placeholders": "keep every placeholder of the source in its translation",
 }
 # Checks that pass up to a share and still warn about what they counted below it.
 WARN_BELOW_LIMIT = ("truncated",)
@@ -451,6 +456,160 @@ def _all_asset(frames: dict[str, pd.DataFrame], checks: _Checks) -> _Asset:
     return _Asset(ALL, ALL, rows.assign(**derived) if derived else rows, exps)
 
 
+CONVERSATION_COLUMNS = ["messages", "prompt", "response", "group"]
+
+
+def _conversation_asset(
+    split: str,
+    frame: pd.DataFrame,
+    checks: _Checks,
+    train_prompts: pd.Series,
+    train_norm: pd.Series,
+    tokens: TokenCounts | None,
+    max_length_ratio: float,
+) -> _Asset:
+    """One split of a generative task's table: its turns, cut-off conversations, prompts
+    leaked from train and, for translation pairs, copies, odd lengths and placeholders."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    config, present = checks.config, set(frame.columns)
+    exps = checks(
+        "schema", E.ExpectTableColumnsToMatchSet, column_set=CONVERSATION_COLUMNS, exact_match=False
+    )
+    derived: dict[str, pd.Series] = {}
+    for column in ("prompt", "response"):
+        if column not in present:
+            continue
+        exps += checks("schema", E.ExpectColumnValuesToBeOfType, column=column, type_="str")
+        exps += checks("null_text", E.ExpectColumnValuesToNotBeNull, column=column)
+        exps += checks(
+            "empty_text", E.ExpectColumnValuesToNotMatchRegex, column=column, regex=BLANK_REGEX
+        )
+    if "response" in present:
+        exps += checks(
+            "text_length",
+            E.ExpectColumnValueLengthsToBeBetween,
+            column="response",
+            min_value=1,
+            max_value=config.max_text_chars,
+        )
+    if "prompt" in present:
+        prompt = frame["prompt"]
+        if tokens is not None and checks.active("truncated"):
+            over = pd.Series(tokens.counts[split], index=frame.index) > tokens.max_length
+            derived["_truncated_conversation"] = prompt.where(over)
+            exps += checks(
+                "truncated",
+                E.ExpectColumnValuesToBeNull,
+                column="_truncated_conversation",
+                mostly=1 - config.max_truncated_share,
+            )
+        if split != "train" and checks.active("leakage"):
+            derived["_leaked_prompt"] = prompt.where(_isin(prompt, train_prompts))
+            exps += checks("leakage", E.ExpectColumnValuesToBeNull, column="_leaked_prompt")
+        if split != "train" and checks.active("leakage_normalized"):
+            norm = _normalised(prompt)
+            derived["_leaked_norm_prompt"] = norm.where(_isin(norm, train_norm))
+            exps += checks(
+                "leakage_normalized", E.ExpectColumnValuesToBeNull, column="_leaked_norm_prompt"
+            )
+    if {"source", "target"} <= present:
+        pair_exps, pair_cols = _pair_expectations(frame, checks, max_length_ratio)
+        exps += pair_exps
+        derived |= pair_cols
+    return _Asset(split, split, frame.assign(**derived) if derived else frame, exps)
+
+
+def _pair_expectations(
+    frame: pd.DataFrame, checks: _Checks, max_ratio: float
+) -> tuple[list[Any], dict[str, pd.Series]]:
+    import great_expectations as gx
+
+    from pipeline.conversations import placeholders
+
+    E = gx.expectations
+    source, target = frame["source"].astype(str), frame["target"].astype(str)
+    copied = _normalised(source) == _normalised(target)
+    mismatch = [placeholders(a) != placeholders(b) for a, b in zip(source, target, strict=True)]
+    derived = {
+        "_copied_source": source.where(copied),
+        "_length_ratio": target.str.len() / source.str.len().clip(lower=1),
+        "_placeholder_mismatch": source.where(pd.Series(mismatch, index=frame.index)),
+    }
+    exps = checks("copies", E.ExpectColumnValuesToBeNull, column="_copied_source")
+    exps += checks(
+        "length_ratio",
+        E.ExpectColumnValuesToBeBetween,
+        column="_length_ratio",
+        min_value=1 / max_ratio,
+        max_value=max_ratio,
+    )
+    exps += checks("placeholders", E.ExpectColumnValuesToBeNull, column="_placeholder_mismatch")
+    return exps, derived
+
+
+def _conversation_all_asset(frames: dict[str, pd.DataFrame], checks: _Checks) -> _Asset:
+    """Every split together: repeated conversations and encoding damage."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    rows = pd.concat([frames[s] for s in SPLITS], ignore_index=True)
+    if not {"prompt", "response"} <= set(rows.columns):
+        return _Asset(ALL, ALL, rows, [])
+    text = rows["prompt"].astype(str) + "\n" + rows["response"].astype(str)
+    derived = {"_conversation": text}
+    exps: list[Any] = []
+    if checks.active("duplicates"):
+        derived["_repeated_conversation"] = text.where(text.duplicated())
+        exps += checks(
+            "duplicates",
+            E.ExpectColumnValuesToBeNull,
+            column="_repeated_conversation",
+            mostly=1 - checks.config.max_duplicate_rate,
+        )
+    exps += checks(
+        "mojibake",
+        E.ExpectColumnValuesToNotMatchRegex,
+        column="_conversation",
+        regex=MOJIBAKE_REGEX,
+        mostly=1 - checks.config.max_mojibake_rate,
+    )
+    return _Asset(ALL, ALL, rows.assign(**derived), exps)
+
+
+def validate_conversations(
+    frames: dict[str, pd.DataFrame],
+    config: ValidationConfig,
+    docs_dir: Path | None = None,
+    tokens: TokenCounts | None = None,
+    max_length_ratio: float = 4.0,
+) -> ValidationReport:
+    """The suite for a generative task's splits (``messages``, ``prompt``, ``response``,
+    ``group``; ``source`` and ``target`` for translation pairs), as :func:`validate_dataset`.
+
+    Args:
+        tokens: tokens per conversation as the chat template renders it; without them the
+            ``truncated`` check does not run.
+        max_length_ratio: ``generation.max_length_ratio`` for the pairs' ``length_ratio``.
+    """
+    _quiet_gx()
+    checks = _Checks(config)
+    train = frames["train"]
+    prompts = train["prompt"].dropna() if "prompt" in train else pd.Series(dtype=str)
+    norm = _normalised(prompts) if checks.active("leakage_normalized") else prompts
+    assets = [
+        _conversation_asset(s, frames[s], checks, prompts, norm, tokens, max_length_ratio)
+        for s in SPLITS
+    ]
+    assets.append(_conversation_all_asset(frames, checks))
+    values: dict[str, Any] = {f"validation.{k}": v for k, v in config.model_dump().items()} | {
+        "train.max_length": tokens.max_length if tokens else None,
+        "generation.max_length_ratio": max_length_ratio,
+    }
+    return _run_suite(assets, config, docs_dir, values, None)
+
+
 def _label_counts(frames: dict[str, pd.DataFrame], labels: list[str]) -> pd.DataFrame:
     """Rows per split and configured label, indexed ``split/label`` (zeros included)."""
     records = []
@@ -596,6 +755,9 @@ def _suggested(
         return {f"validation.{key}": _ceil(share)}
     if check == "truncated":
         return {"validation.max_truncated_share": _ceil(share)}
+    if check == "length_ratio" and finite:
+        worst = max(max(finite), 1 / max(min(finite), 1e-9))
+        return {"generation.max_length_ratio": _ceil(worst, 1)}
     if check == "text_length" and "text" in frame:
         lengths = frame["text"].dropna().map(len)
         return {
@@ -711,9 +873,6 @@ def validate_dataset(
         The report; the caller decides whether a failure stops the flow.
     """
     _quiet_gx()
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-
     checks = _Checks(config)
     train = frames["train"]
     train_texts = train["text"].dropna() if "text" in train else pd.Series(dtype=str)
@@ -726,6 +885,19 @@ def validate_dataset(
         f"validation.{key}": value for key, value in config.model_dump().items()
     } | {"data.labels": labels, "train.max_length": tokens.max_length if tokens else None}
     assets += [_all_asset(frames, checks), *_summary_assets(frames, checks, labels)]
+    return _run_suite(assets, config, docs_dir, values, flags)
+
+
+def _run_suite(
+    assets: list[_Asset],
+    config: ValidationConfig,
+    docs_dir: Path | None,
+    values: dict[str, Any],
+    flags: Mapping[str, str] | None,
+) -> ValidationReport:
+    """Validate every asset in one ephemeral GX context; Data Docs in ``docs_dir``."""
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     context = _context()
     source = context.data_sources.add_pandas("retune")

@@ -178,8 +178,9 @@ class TaskKind(Protocol):
         :func:`pipeline.modelstore.load_version` (a champion that changed mid-run)."""
         ...
 
-    def examples(self, test: pd.DataFrame) -> list[Any]:
-        """A few inputs from the test split: the registered model's example and smoke test."""
+    def examples(self, test: pd.DataFrame) -> pd.DataFrame:
+        """A few inputs from the test split, as the model's input frame: the registered
+        model's input example and its smoke test."""
         ...
 
     def log_model(

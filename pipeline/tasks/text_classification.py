@@ -468,11 +468,11 @@ class TextClassification:
         report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
         return float(getattr(report, config.registry.primary_metric))
 
-    def examples(self, test: pd.DataFrame) -> list[Any]:
-        return test["text"].head(2).tolist()
+    def examples(self, test: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"text": test["text"].head(2).tolist()})
 
     def log_model(
         self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
     ) -> str:
-        example = self.examples(test)
+        example = self.examples(test)["text"].tolist()
         return serving.log_classifier(run_id, model_dir, example, config.train.max_length)
