@@ -106,6 +106,8 @@ CHECK_KEYS: dict[str, tuple[str, ...]] = {
     "length_ratio": ("generation.max_length_ratio",),
     "placeholders": (),
 }
+# Checks of translation pairs only (task: translation); a classifier's table never runs them.
+PAIR_CHECKS = ("copies", "length_ratio", "placeholders")
 # What to do where no limit would make sense (or there is none to change).
 ROW_FIXES = {
     "min_rows_per_label": "add rows for these labels (or groups, which decide the split)",
