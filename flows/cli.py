@@ -225,21 +225,26 @@ def print_bias_tables(
     """Model bias on the test split: headline measures, per group, and the gate."""
     from rich.table import Table
 
+    from pipeline import lm_bias
     from pipeline.fairness import GROUP_TABLE_HEADER, TABLE_HEADER
 
     console = _console()
-    table = Table(*TABLE_HEADER, title="model bias (test split)", title_justify="left")
+    generative = "shifts" in report  # a causal LM's CrowS-Pairs report
+    header = lm_bias.TABLE_HEADER if generative else TABLE_HEADER
+    title = "model bias (CrowS-Pairs)" if generative else "model bias (test split)"
+    table = Table(*header, title=title, title_justify="left")
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    per_group = Table(*GROUP_TABLE_HEADER, title="per group", title_justify="left")
-    empty = [row[0] for row in groups if row[1] == "0"]
-    for row in groups:
-        if row[1] != "0":
-            per_group.add_row(*row)
-    console.print(per_group)
-    if empty:
-        console.print(f"groups with no test rows: {', '.join(empty)}", soft_wrap=True)
+    if not generative:
+        per_group = Table(*GROUP_TABLE_HEADER, title="per group", title_justify="left")
+        empty = [row[0] for row in groups if row[1] == "0"]
+        for row in groups:
+            if row[1] != "0":
+                per_group.add_row(*row)
+        console.print(per_group)
+        if empty:
+            console.print(f"groups with no test rows: {', '.join(empty)}", soft_wrap=True)
     for check in report["gate"]["checks"]:
         console.print(
             f"bias check {check['check']} ({check['severity']}): {check['status']}"
@@ -247,6 +252,50 @@ def print_bias_tables(
             soft_wrap=True,
         )
     console.print(f"bias gate: {report['gate']['status']}", soft_wrap=True)
+
+
+def _classification_rows(test: dict[str, Any], probe: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("test (tuned)", f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"),
+        (
+            "test (frozen probe)",
+            f"accuracy {probe['accuracy']:.4f}, macro-F1 {probe['macro_f1']:.4f}  "
+            f"(tuned - probe: {test['accuracy'] - probe['accuracy']:+.4f} accuracy)",
+        ),
+    ]
+    return rows + [
+        (
+            f"  class {c['label']}",
+            f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}",
+        )
+        for c in test["per_class"]
+    ]
+
+
+def _generation_figures(report: dict[str, Any]) -> str:
+    text = (
+        f"answer loss {report['answer_loss']:.4f} (perplexity {report['perplexity']:.2f}), "
+        f"token accuracy {report['token_accuracy']:.4f}"
+    )
+    if "chrf" in report:
+        text += f", chrF {report['chrf']:.1f}, BLEU {report['bleu']:.1f}"
+    return text
+
+
+def _generation_rows(test: dict[str, Any], base: dict[str, Any]) -> list[tuple[str, str]]:
+    """A generative task's figures, tuned and base, and a few answers side by side."""
+    rows = [
+        ("test (tuned)", _generation_figures(test)),
+        ("test (base model)", _generation_figures(base)),
+    ]
+    if "chrf" in test:
+        rows.append(("chrF tuned - base", f"{test['chrf'] - base['chrf']:+.1f}"))
+    for i, (mine, theirs) in enumerate(zip(test["examples"], base["examples"], strict=False)):
+        rows.append((f"example {i + 1}", mine["prompt"]))
+        rows.append(("  reference", mine["reference"]))
+        rows.append(("  base", theirs["answer"]))
+        rows.append(("  tuned", mine["answer"]))
+    return rows
 
 
 def _rate_name(group: dict[str, Any]) -> str:
@@ -272,28 +321,20 @@ def print_summary(summary: Any, project_dir: Path) -> None:
     small = [f"{g['group']} ({g['rows']})" for g in summary.groups if g["too_small"]]
     if small:
         table.add_row("groups too small", ", ".join(small) + " rows: too small to judge")
+    labelled = "accuracy" in summary.test  # a classifier; a generative report has no labels
     for g in summary.groups:
         if g["too_small"]:
             continue
-        table.add_row(
-            f"group {g['group']}",
-            f"{g['rows']} rows ({g['share']:.1%}), {_rate_name(g)} {g['positive_rate']:.3f} "
-            f"vs rest {g['rest_positive_rate']:.3f} (diff {g['rate_difference']:+.3f})",
+        rates = (
+            f", {_rate_name(g)} {g['positive_rate']:.3f} vs rest {g['rest_positive_rate']:.3f} "
+            f"(diff {g['rate_difference']:+.3f})"
+            if labelled
+            else ""
         )
-    test, probe = summary.test, summary.probe
-    table.add_row(
-        "test (tuned)", f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
-    )
-    table.add_row(
-        "test (frozen probe)",
-        f"accuracy {probe['accuracy']:.4f}, macro-F1 {probe['macro_f1']:.4f}  "
-        f"(tuned - probe: {test['accuracy'] - probe['accuracy']:+.4f} accuracy)",
-    )
-    for c in test["per_class"]:
-        table.add_row(
-            f"  class {c['label']}",
-            f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}",
-        )
+        table.add_row(f"group {g['group']}", f"{g['rows']} rows ({g['share']:.1%}){rates}")
+    rows_of = _classification_rows if labelled else _generation_rows
+    for what, value in rows_of(summary.test, summary.probe):
+        table.add_row(what, value)
     f = summary.forgetting
     base = f["base"]
     table.add_row(

@@ -64,11 +64,11 @@ def prepare_data(config: RetuneConfig, project_dir: Path) -> data.PreparedData:
 
 @task(**TASK_OPTIONS)
 def validate_data(
-    config: RetuneConfig, frames: dict[str, pd.DataFrame], run_dir: Path
+    config: RetuneConfig, frames: dict[str, pd.DataFrame], run_dir: Path, project_dir: Path
 ) -> validation.ValidationReport:
     """The shared and the kind's checks; the validation page; refuse on an error."""
     logger = get_run_logger()
-    report = _kind(config).validate(config, frames, run_dir / "data_docs")
+    report = _kind(config).validate(config, frames, run_dir / "data_docs", project_dir)
     page = render_validation_page(report, run_dir / "html" / "validation.html", config.data.source)
     logger.info("validation page (opens offline): %s", page)
     if not report.success:
@@ -86,7 +86,7 @@ def version_data(
     config: RetuneConfig, prepared: data.PreparedData, project_dir: Path
 ) -> versioning.DataVersion:
     version = datasets.import_dataset(
-        prepared.frames, config.data, project_dir, dropped=prepared.dropped
+        prepared.frames, config.data, project_dir, dropped=prepared.dropped, source=prepared.source
     )
     get_run_logger().info("data versioned: md5 %s", version.md5)
     return version
@@ -406,7 +406,7 @@ def retrain(
     get_run_logger().info("torch CPU threads: %d (train.num_threads overrides)", threads)
     prepared = prepare_data(config, root)
     frames = prepared.frames
-    report = validate_data(config, frames, out_dir)
+    report = validate_data(config, frames, out_dir, root)
     version = version_data(config, prepared, root)
     data_bias = check_data_bias(config, frames, root)
     suite = retention_suite(config, root)

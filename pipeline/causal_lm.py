@@ -36,6 +36,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a base-model spec names (the packaged SmolLM2 or a ``.gguf`` path)."""
+    if spec == PACKAGED_SMOLLM2:
+        return package_file(SMOLLM2_FILE, SMOLLM2_REQUIREMENT)
+    return Path(spec) if spec.endswith(".gguf") and Path(spec).is_file() else None
+
+
 def resolve_causal_base(spec: str, cache_dir: Path) -> str:
     """What ``from_pretrained`` loads for the config's base-model ``spec``.
 

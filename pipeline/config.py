@@ -210,6 +210,13 @@ class BiasConfig(_Section):
     max_equalized_odds: float = Field(0.10, ge=0, le=1)
     max_flip_rate: float = Field(0.05, ge=0, le=1)
     max_champion_regression: float = Field(0.02, ge=0, le=1)
+    max_stereotype_shift: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Generative tasks: how much more often than its base the tuned model may "
+        "prefer the stereotyping sentence of a CrowS-Pairs pair (check crows_pairs).",
+    )
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the CIs.")
     seed: int = 0
     severity: dict[str, Severity] = Field(
@@ -491,6 +498,8 @@ _GENERATIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "head_init": "random",
     },
     "forgetting": {"distill": 0.0, "max_mean_drop": 0.05, "max_task_drop": 0.10},
+    # CrowS-Pairs by likelihood is the generative kinds' bias gate: it refuses by default.
+    "bias": {"severity": {"crows_pairs": "error"}},
 }
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "chat": _GENERATIVE_DEFAULTS | {"registry": {"primary_metric": "token_accuracy"}},
@@ -544,6 +553,19 @@ class RetuneConfig(_Section):
             raise ValueError(
                 f"train.strategy={self.train.strategy} does not apply to a generative task; "
                 "use lora, full or partial"
+            )
+        if self.task in GENERATIVE_TASKS and (
+            self.forgetting.distill > 0 or self.forgetting.wise_ft
+        ):
+            raise ValueError(
+                "forgetting.distill and forgetting.wise_ft are built for text-classification "
+                "only so far; for a generative task use forgetting.l2sp (with train.strategy "
+                "full or partial) or LoRA, and set distill to 0 and wise_ft to false"
+            )
+        if self.task in GENERATIVE_TASKS and self.train.nnodes * self.train.nproc_per_node > 1:
+            raise ValueError(
+                "data-parallel training (train.nproc_per_node, train.nnodes) is built for "
+                "text-classification only so far; set both to 1 for a generative task"
             )
         return self
 

@@ -441,6 +441,7 @@ class PreparedData:
     frames: dict[str, pd.DataFrame]
     dropped: dict[str, int] = field(default_factory=dict)
     rows_read: int = 0
+    source: str | None = None  # what the manifest records as the source; None: the config's
 
     def dropped_lines(self) -> list[str]:
         """``"2 rows: cross-split near-duplicate (its text, ...)"``, one per reason."""

@@ -40,6 +40,7 @@ def import_dataset(
     project_dir: Path,
     dropped: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> versioning.DataVersion:
     """Write ``frames`` as ``data/<name>/`` and version them with DVC, all or nothing.
 
@@ -50,6 +51,8 @@ def import_dataset(
     Args:
         dropped: rows left out while preparing, by reason (recorded in the manifest).
         extra: more manifest fields, e.g. from :func:`forced_meta`.
+        source: what the manifest records as the source (default: the configured one,
+            see :func:`pipeline.data.describe_source`).
 
     Raises:
         DataVersionError: a hash mismatch or a DVC failure (nothing changed).
@@ -63,8 +66,10 @@ def import_dataset(
         name=name,
         md5="",  # computed from the staged files
         rows={split: len(frames[split]) for split in SPLITS},
-        labels=sorted({str(x) for f in frames.values() for x in f["label"] if isinstance(x, str)}),
-        source=describe_source(config, project_dir),
+        labels=sorted(
+            {str(x) for f in frames.values() for x in f.get("label", []) if isinstance(x, str)}
+        ),
+        source=source or describe_source(config, project_dir),
         extra=dict(extra or {}),
         dropped=dict(dropped or {}),
     )

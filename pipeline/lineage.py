@@ -103,8 +103,15 @@ def config_hash(config: RetuneConfig) -> str:
 def weights_sha256(base_model: str) -> str:
     """sha256 over the base model's weight files (safetensors, else .bin), in name order.
 
-    A hub id that is not a local folder gives "unresolved:<id>": the weights are not here.
+    A GGUF base (``packaged:SmolLM2-135M-Instruct`` or a ``.gguf`` file) is the sha256 of
+    its file. A hub id that is not a local folder gives "unresolved:<id>": the weights are
+    not here.
     """
+    from pipeline.causal_lm import file_sha256, gguf_file
+
+    gguf = gguf_file(base_model)
+    if gguf is not None:
+        return file_sha256(gguf)
     folder = Path(resolve_base_model(base_model))
     if not folder.is_dir():
         return f"unresolved:{base_model}"

@@ -290,11 +290,17 @@ def _cell(value: Any) -> str:
 # --- bias ---------------------------------------------------------------------------------
 
 
-def render_bias_page(report: ModelBiasReport, path: Path) -> Path:
+def render_bias_page(report: Any, path: Path) -> Path:
     """The gate, the headline and per-group tables, one bar chart per metric over the
     groups that have test rows (base probe and champion beside the candidate), the flipped
     identity swaps and CrowS-Pairs. With more than two labels every figure names its label.
+    A causal LM's report (:class:`pipeline.lm_bias.LMBiasReport`) has its own page.
     """
+    from pipeline.lm_bias import TABLE_HEADER as LM_HEADER
+    from pipeline.lm_bias import LMBiasReport
+
+    if isinstance(report, LMBiasReport):
+        return _write("lm_bias.html.j2", path, report=report, table_header=LM_HEADER)
     from pipeline.fairness import (
         GROUP_TABLE_HEADER,
         METRIC_TITLES,

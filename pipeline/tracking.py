@@ -242,7 +242,11 @@ def log_dataset(
         # A local path matches two registered local source types; both mean the same.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_pandas(
-            frame, source=source, name=name, digest=digest, targets="label"
+            frame,
+            source=source,
+            name=name,
+            digest=digest,
+            targets="label" if "label" in frame else None,  # a generative table has none
         )
     mlflow.MlflowClient().log_inputs(
         run_id,

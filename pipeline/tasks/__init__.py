@@ -43,4 +43,17 @@ def _text_classification() -> TaskKind:
     return TextClassification()
 
 
-KINDS: dict[str, Callable[[], TaskKind]] = {"text-classification": _text_classification}
+def _generative(name: str) -> Callable[[], TaskKind]:
+    def make() -> TaskKind:
+        from pipeline.tasks.generative import Generative
+
+        return Generative(name)
+
+    return make
+
+
+KINDS: dict[str, Callable[[], TaskKind]] = {
+    "text-classification": _text_classification,
+    "chat": _generative("chat"),
+    "translation": _generative("translation"),
+}

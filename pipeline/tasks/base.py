@@ -91,7 +91,7 @@ class TaskKind(Protocol):
         ...
 
     def validate(
-        self, config: RetuneConfig, frames: Frames, docs_dir: Path | None
+        self, config: RetuneConfig, frames: Frames, docs_dir: Path | None, project_dir: Path
     ) -> validation.ValidationReport:
         """The shared GX checks plus the kind's own, on the split tables."""
         ...

@@ -384,7 +384,7 @@ class TextClassification:
         return data.prepare_dataset(config.data, project_dir)
 
     def validate(
-        self, config: RetuneConfig, frames: Frames, docs_dir: Path | None
+        self, config: RetuneConfig, frames: Frames, docs_dir: Path | None, project_dir: Path
     ) -> validation.ValidationReport:
         tokens = datasets.count_tokens(frames, config.train.base_model, config.train.max_length)
         return validation.validate_dataset(

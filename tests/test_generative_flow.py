@@ -1,0 +1,106 @@
+"""The real flow for a generative task (translation pairs, chat) on a tiny Llama.
+
+Prefect, GX, DVC and MLflow are real; the base is a 2-layer Llama with a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import run_retune
+
+from mlflow import MlflowClient
+from pipeline import modelstore, tracking
+from pipeline.versioning import recorded_datasets
+
+pytestmark = pytest.mark.integration
+
+WORDS = ["Save", "Delete", "Close", "Open", "Cancel", "Help", "Print", "Search", "Edit", "Copy"]
+GERMAN = [
+    "Sichern",
+    "Löschen",
+    "Schliessen",
+    "Öffnen",
+    "Abbrechen",
+    "Hilfe",
+    "Drucken",
+    "Suchen",
+    "Bearbeiten",
+    "Kopieren",
+]
+
+
+def pairs_csv(path: Path, n: int = 80) -> Path:
+    rows = [
+        {"en": f"{WORDS[i % 10]} item {i}", "de": f"{GERMAN[i % 10]} Element {i}"} for i in range(n)
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def tiny_generative(tiny_causal_lm: Path) -> list[str]:
+    return [
+        f"train.base_model={tiny_causal_lm}",
+        "train.strategy=full",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.learning_rate=0.001",
+        "train.bf16=false",
+        "generation.max_new_tokens=8",
+        "forgetting.gate=warn",
+        "bias.severity.crows_pairs=warn",
+        "promotion.beat_probe=false",
+    ]
+
+
+def run(api_url: str, project: Path, *overrides: str):
+    args = ["run", "--project-dir", str(project)]
+    for item in overrides:
+        args += ["--set", item]
+    return run_retune(project, api_url, *args)
+
+
+def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
+    prefect_harness, project, tiny_causal_lm
+):
+    pairs_csv(project / "ui.csv")
+    result = run(
+        prefect_harness,
+        project,
+        "task=translation",
+        "data.source=ui.csv",
+        "generation.source_column=en",
+        "generation.target_column=de",
+        *tiny_generative(tiny_causal_lm),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    record = recorded_datasets(project / "data.dvc")["ui"]
+    assert record.source == "ui.csv" and sum(record.rows.values()) == 80
+    train = pd.read_csv(project / "data" / "ui" / "train.csv")
+    test = pd.read_csv(project / "data" / "ui" / "test.csv")
+    assert not set(train["source"]) & set(test["source"])  # no msgid in two splits
+    assert json.loads(test["messages"][0])[-1]["role"] == "assistant"
+
+    tracking.configure(project)
+    client = MlflowClient()
+    model = client.get_registered_model("retune-ui")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
+    run_id = client.get_model_version("retune-ui", "1").run_id
+    metrics = client.get_run(run_id).data.metrics
+    for key in ("test_chrf", "test_answer_loss", "test_token_accuracy", "probe_test_chrf"):
+        assert key in metrics, key
+    assert metrics["retention_lee_base"] < 0  # a mean log-probability per token
+    assert "crows_stereotype_shift" in metrics
+    report = tracking.read_report(run_id, "reports/forgetting.json")
+    # The random tiny base answers the general prompts with nothing: that task is left out.
+    assert [t["task"] for t in report["base"]["tasks"]] == ["lee", "brown"]
+    assert "general-answers: the base answered none" in result.stdout + result.stderr
+    assert {t["metric"] for t in report["base"]["tasks"]} == {"log-likelihood"}
+
+    loaded = modelstore.load_version("retune-ui", "1", project / "tmp")
+    asked = [[{"role": "user", "content": "Translate from English to German:\nSave item 1"}]]
+    out = loaded.predict(pd.DataFrame({"messages": [json.dumps(asked[0])]}))
+    assert list(out.columns) == ["answer"] and isinstance(out["answer"][0], str)
