@@ -404,13 +404,14 @@ def run(
         ModelRefused,
         retrain,  # imports Prefect: after the env defaults are set
     )
+    from pipeline.causal_lm import NotACausalLM
     from pipeline.data import DataError
     from pipeline.finetune import TrainingInterrupted
     from pipeline.registry import StaleChampionError
     from pipeline.validation import DataValidationError
     from pipeline.versioning import DataVersionError
 
-    bad_input = (DataError, DataValidationError, DataVersionError, FileNotFoundError)
+    bad_input = (DataError, DataValidationError, DataVersionError, FileNotFoundError, NotACausalLM)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     stop_on_sigterm()
     try:
@@ -813,7 +814,13 @@ def reproduce(
 @app.command()
 def predict(
     ref: Annotated[str, typer.Argument(help="NAME@alias or NAME/VERSION of a registered model.")],
-    path: Annotated[Path, typer.Argument(help="CSV or JSONL file with a text column.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV or JSONL file with a text column (a chat model also reads a JSONL "
+            "messages column)."
+        ),
+    ],
     out: Annotated[
         Path | None,
         typer.Option(
@@ -824,22 +831,73 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 64,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """Label every row of FILE with a registered model: its rows plus label and prob_* columns."""
+    """Label every row of FILE with a registered model: its rows plus label and prob_* columns
+    (a chat or translation model: plus its answer)."""
     project_dir = project_dir.resolve()
     set_runtime_defaults(project_dir)
-    from pipeline import registry, tracking
+    from pipeline import chat_serving, registry, tracking
     from pipeline.serving import ServingInputError, predict_file
 
     tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
     out = out or path.with_name(f"{path.stem}.predictions{path.suffix}")
     try:
         version = registry.resolve_version(ref)
-        rows = predict_file(
-            f"models:/{version.name}/{version.version}", path, out, text_column, batch_size
-        )
+        uri = f"models:/{version.name}/{version.version}"
+        if _generative(version):
+            rows = chat_serving.answer_file(uri, path, out, text_column, batch_size)
+            done = "answered"
+        else:
+            rows = predict_file(uri, path, out, text_column, batch_size)
+            done = "labelled"
     except (registry.ModelRefError, ServingInputError) as err:
         _fail(str(err))
-    typer.echo(f"{version.name}/{version.version}: labelled {rows} rows of {path} -> {out}")
+    typer.echo(f"{version.name}/{version.version}: {done} {rows} rows of {path} -> {out}")
+
+
+def _generative(version: Any) -> bool:
+    """Whether a registered version answers conversations (a chat or translation model)."""
+    from pipeline import registry
+    from pipeline.config import GENERATIVE_TASKS
+
+    found = registry.version_identity(version)
+    return found is not None and found.task in GENERATIVE_TASKS
+
+
+@app.command()
+def generate(
+    ref: Annotated[str, typer.Argument(help="NAME@alias or NAME/VERSION of a chat model.")],
+    prompt: Annotated[str, typer.Argument(help="What to ask (a translator: the text).")],
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="New tokens at most (default: as logged).")
+    ] = None,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Print a registered chat or translation model's greedy answer to PROMPT."""
+    project_dir = project_dir.resolve()
+    set_runtime_defaults(project_dir)
+    import json
+
+    import pandas as pd
+
+    from pipeline import modelstore, registry, tracking
+    from pipeline.serving import ServingInputError
+
+    tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
+    try:
+        version = registry.resolve_version(ref)
+        if not _generative(version):
+            raise ServingInputError(
+                f"{version.name}/{version.version} is not a chat or translation model; "
+                "label texts with `retune predict`"
+            )
+        loaded = modelstore.load_version(version.name, version.version)
+        turns = loaded.predictor.wrap(prompt)
+        params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+        asked = pd.DataFrame({"messages": [json.dumps(turns)]})
+        answer = loaded.predict(asked, params)["answer"][0]
+    except (registry.ModelRefError, ServingInputError) as err:
+        _fail(str(err))
+    typer.echo(answer)
 
 
 def _registry(project_dir: Path) -> None:

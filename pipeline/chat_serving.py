@@ -65,9 +65,25 @@ def parse_conversations(model_input: Any) -> tuple[list[list[dict[str, str]]], A
 class ChatModel:
     """A saved causal LM answering conversations greedily (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, max_length: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_new_tokens: int,
+        max_length: int,
+        instruction: str = "",
+        system_prompt: str | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.max_length = max_new_tokens, max_length
+        self.instruction, self.system_prompt = instruction, system_prompt
+
+    def wrap(self, text: str) -> list[dict[str, str]]:
+        """A plain text as the conversation the model was tuned on: the system prompt and,
+        for a translator, the instruction before the text."""
+        content = f"{self.instruction}\n{text}" if self.instruction else text
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": content}]
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any]) -> ChatModel:
@@ -89,6 +105,8 @@ class ChatModel:
             tokenizer,
             int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
             int(config.get("max_length", DEFAULT_MAX_LENGTH)),
+            str(config.get("instruction") or ""),
+            config.get("system_prompt") or None,
         )
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -124,11 +142,15 @@ def log_chat_model(
     example: pd.DataFrame,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_length: int = DEFAULT_MAX_LENGTH,
+    instruction: str = "",
+    system_prompt: str | None = None,
 ) -> str:
     """Log a saved causal LM folder as a pyfunc serving :class:`ChatModel`; its URI.
 
     Args:
         example: a frame with a ``messages`` column (JSON), the input example.
+        instruction, system_prompt: how a plain text becomes the conversation the model
+            was tuned on (:meth:`ChatModel.wrap`: ``retune generate``, ``retune predict``).
     """
     from pipeline import modelstore
 
@@ -144,6 +166,85 @@ def log_chat_model(
         example=example.head(2).reset_index(drop=True),
         signature=signature,
         predictor_class=ChatModel,
-        model_config={"max_new_tokens": max_new_tokens, "max_length": max_length},
+        model_config={
+            "max_new_tokens": max_new_tokens,
+            "max_length": max_length,
+            "instruction": instruction,
+            "system_prompt": system_prompt or "",
+        },
         requirements=modelstore.pins("torch", "transformers"),
     )
+
+
+def answer_file(
+    model_uri: str,
+    path: Path,
+    out: Path,
+    text_column: str = "text",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> int:
+    """Answer every row of a CSV or JSONL file; write its rows plus ``answer``.
+
+    A row is a conversation (a ``messages`` column: a list of turns, or its JSON) or a plain
+    text (``text_column``), wrapped as the model was tuned (:meth:`ChatModel.wrap`).
+
+    Raises:
+        ServingInputError: bad input, an output suffix other than .csv/.jsonl, ``out``
+            equal to ``path``, or an ``answer`` column already in the file.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline import modelstore
+    from pipeline.cpu import set_cpu_threads
+    from pipeline.serving import READERS, read_table, write_table
+
+    path, out = Path(path), Path(out)
+    if out.suffix.lower() not in READERS:
+        raise ServingInputError(f"output {out}: expected a {' or '.join(READERS)} file")
+    if out.resolve() == path.resolve():
+        raise ServingInputError(f"output {out} is the input file; write somewhere else")
+    column = MESSAGES_COLUMN if _has_column(path, MESSAGES_COLUMN) else text_column
+    frame = (
+        read_table(path, column).reset_index(drop=True)
+        if column == text_column
+        else (_read_messages(path))
+    )
+    if ANSWER_COLUMN in frame.columns:
+        raise ServingInputError(f"{path} already has an '{ANSWER_COLUMN}' column; rename it")
+    set_cpu_threads()
+    model = modelstore.load_model(model_uri)
+    chat: ChatModel = model.predictor
+    if column == MESSAGES_COLUMN:
+        conversations, _ = parse_conversations(frame)
+    else:
+        conversations = [chat.wrap(t) for t in frame[text_column]]
+    answers: list[str] = []
+    with tqdm(total=len(conversations), desc="answer", unit="row", disable=not progress) as bar:
+        for start in range(0, len(conversations), batch_size):
+            part = conversations[start : start + batch_size]
+            answers += chat.predict(pd.DataFrame({MESSAGES_COLUMN: [json.dumps(c) for c in part]}))[
+                ANSWER_COLUMN
+            ].tolist()
+            bar.update(len(part))
+    write_table(frame.assign(**{ANSWER_COLUMN: answers}), out)
+    return len(frame)
+
+
+def _has_column(path: Path, column: str) -> bool:
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line), "")
+        try:
+            return column in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            return False
+    return False
+
+
+def _read_messages(path: Path) -> pd.DataFrame:
+    frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8")
+    frame[MESSAGES_COLUMN] = [
+        m if isinstance(m, str) else json.dumps(m, ensure_ascii=False)
+        for m in frame[MESSAGES_COLUMN]
+    ]
+    return frame

@@ -6,6 +6,7 @@ Prefect, GX, DVC and MLflow are real; the base is a 2-layer Llama with a ChatML 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -104,3 +105,118 @@ def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
     asked = [[{"role": "user", "content": "Translate from English to German:\nSave item 1"}]]
     out = loaded.predict(pd.DataFrame({"messages": [json.dumps(asked[0])]}))
     assert list(out.columns) == ["answer"] and isinstance(out["answer"][0], str)
+
+    # The registered translator answers through the CLI: one prompt, and a file of texts
+    # wrapped with the instruction it was tuned with.
+    env_run = [project, prefect_harness]
+    said = run_retune(*env_run, "generate", "retune-ui@champion", "Save item 2")
+    assert said.returncode == 0, said.stderr[-2000:]
+    (project / "texts.jsonl").write_text('{"text": "Open item 4"}\n{"text": "Close item 9"}\n')
+    answered = run_retune(*env_run, "predict", "retune-ui@champion", "texts.jsonl")
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    assert "answered 2 rows" in answered.stdout
+    rows = pd.read_json(project / "texts.predictions.jsonl", lines=True)
+    assert list(rows.columns) == ["text", "answer"] and len(rows) == 2
+
+
+def chat_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+GOOD_TURNS = [
+    {"role": "user", "content": "My router blinks red."},
+    {"role": "assistant", "content": "Restart it and wait a minute."},
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "expected"),
+    [
+        (
+            "chat.jsonl",
+            lambda p: chat_jsonl(p, [{"messages": GOOD_TURNS}, {"messages": GOOD_TURNS[:1]}]),
+            r"chat\.jsonl: line 2: no assistant turn",
+        ),
+        (
+            "chat.jsonl",
+            lambda p: chat_jsonl(p, [{"messages": [{"role": "bot", "content": "hi"}]}]),
+            r"chat\.jsonl: line 1: turn 1 has unknown role 'bot'",
+        ),
+        (
+            "chat.jsonl",
+            lambda p: chat_jsonl(p, [{"messages": []}]),
+            r"chat\.jsonl: line 1: 'messages' must be a non-empty list",
+        ),
+    ],
+)
+def test_bad_conversations_stop_before_training_and_change_nothing(
+    prefect_harness, project, tiny_causal_lm, name, write, expected
+):
+    write(project / name)
+    dvc_before = (project / "data.dvc").read_bytes()
+    result = run(
+        prefect_harness,
+        project,
+        "task=chat",
+        f"data.source={name}",
+        *tiny_generative(tiny_causal_lm),
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert re.search(expected, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (project / "data.dvc").read_bytes() == dvc_before
+    assert not (project / "data").exists() and not (project / "mlflow" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "overrides", "expected"),
+    [
+        ("ui.po", 'msgid "Save"\nmsgstr "Sichern\n\nmsgid\n', [], r"ui\.po is not a gettext"),
+        ("ui.csv", "en,german\nSave,Sichern\n", [], r"ui\.csv has no column 'de'"),
+    ],
+)
+def test_bad_pairs_stop_before_training_and_change_nothing(
+    prefect_harness, project, tiny_causal_lm, name, content, overrides, expected
+):
+    (project / name).write_text(content, encoding="utf-8")
+    dvc_before = (project / "data.dvc").read_bytes()
+    result = run(
+        prefect_harness,
+        project,
+        "task=translation",
+        f"data.source={name}",
+        "generation.source_column=en",
+        "generation.target_column=de",
+        *tiny_generative(tiny_causal_lm),
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert re.search(expected, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (project / "data.dvc").read_bytes() == dvc_before
+    assert not (project / "data").exists()
+
+
+def test_a_base_that_is_not_a_causal_lm_stops_before_training(
+    prefect_harness, project, tiny_causal_lm, tiny_base_model
+):
+    pairs_csv(project / "ui.csv", 40)
+    dvc_before = (project / "data.dvc").read_bytes()
+    overrides = [o for o in tiny_generative(tiny_causal_lm) if not o.startswith("train.base")]
+    result = run(
+        prefect_harness,
+        project,
+        "task=translation",
+        "data.source=ui.csv",
+        "generation.source_column=en",
+        "generation.target_column=de",
+        f"train.base_model={tiny_base_model}",
+        *overrides,
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert re.search(r"is a bert model .*not a causal language model", result.stderr), (
+        result.stderr[-2000:]
+    )
+    assert "Traceback" not in result.stderr
+    assert (project / "data.dvc").read_bytes() == dvc_before
+    assert not (project / "data").exists()

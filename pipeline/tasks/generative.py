@@ -472,10 +472,13 @@ class Generative:
     def log_model(
         self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
     ) -> str:
+        gen = config.generation
         return chat_serving.log_chat_model(
             run_id,
             model_dir,
             self.examples(test),
-            config.generation.max_new_tokens,
+            gen.max_new_tokens,
             config.train.max_length,
+            gen.instruction if self.name == "translation" else "",
+            gen.system_prompt,
         )
