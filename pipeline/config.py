@@ -539,6 +539,14 @@ class RetuneConfig(_Section):
             given = filled.get(section)
             if given is None or isinstance(given, dict):
                 filled[section] = values | (given or {})
+        data = filled.get("data")
+        if data is None or isinstance(data, dict):  # the task's example has its own name
+            data = dict(data or {})
+            if data.get("source", EXAMPLE_SOURCE) == EXAMPLE_SOURCE and not data.get("name"):
+                language = (filled.get("generation") or {}).get("example_language", "de")
+                example = {"chat": "chatterbot-en", "translation": f"django-{language}"}
+                data["name"] = example[raw["task"]]
+            filled["data"] = data
         return filled
 
     @model_validator(mode="after")

@@ -40,8 +40,11 @@ def test_text_classification_implements_every_step_of_the_protocol_with_its_argu
 
 def test_the_config_names_the_kind_and_an_unknown_kind_is_refused():
     assert tasks.get(RetuneConfig().task).name == "text-classification"
-    with pytest.raises(ValueError, match="unknown task 'chat'; known: text-classification"):
-        tasks.get("chat")
+    assert [tasks.get(name).name for name in ("chat", "translation")] == ["chat", "translation"]
+    with pytest.raises(
+        ValueError, match="unknown task 'poem'; known: chat, text-classification, translation"
+    ):
+        tasks.get("poem")
 
 
 def test_base_embeddings_are_cached_by_base_weights_and_texts(tmp_path: Path):
