@@ -220,3 +220,43 @@ def test_a_base_that_is_not_a_causal_lm_stops_before_training(
     assert "Traceback" not in result.stderr
     assert (project / "data.dvc").read_bytes() == dvc_before
     assert not (project / "data").exists()
+
+
+def test_chat_conversations_run_the_whole_flow_with_a_system_prompt(
+    prefect_harness, project, tiny_causal_lm
+):
+    questions = ["my router blinks red", "the app will not start", "I forgot my password"]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{questions[i % 3]} (case {i})"},
+                {"role": "assistant", "content": f"please restart the router, case {i}"},
+                {"role": "user", "content": "thank you"},
+                {"role": "assistant", "content": "goodbye"},
+            ]
+        }
+        for i in range(60)
+    ]
+    chat_jsonl(project / "support.jsonl", records)
+    result = run(
+        prefect_harness,
+        project,
+        "task=chat",
+        "data.source=support.jsonl",
+        "generation.system_prompt=You are brief.",
+        *tiny_generative(tiny_causal_lm),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "test (base model)" in result.stdout and "token accuracy" in result.stdout
+    train = pd.read_csv(project / "data" / "support" / "train.csv")
+    first = json.loads(train["messages"][0])
+    assert first[0] == {"role": "system", "content": "You are brief."}
+    assert [t["role"] for t in first[1:]] == ["user", "assistant", "user", "assistant"]
+    tracking.configure(project)
+    client = MlflowClient()
+    version = client.get_model_version("retune-support", "1")
+    assert version.tags["retune.identity.task"] == "chat"
+    metrics = client.get_run(version.run_id).data.metrics
+    assert "test_token_accuracy" in metrics and "test_chrf" not in metrics
+    # the multi-turn answers, both of them, carried the loss: the tuned model learned them
+    assert metrics["test_answer_loss"] < metrics["probe_test_answer_loss"]
