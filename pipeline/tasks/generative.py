@@ -240,6 +240,36 @@ def cached_retention(
     return scored
 
 
+def cached_report(
+    config: RetuneConfig, sha: str, test: pd.DataFrame, project_dir: Path, compute: Any
+) -> GenerationReport:
+    """The base's report on ``test``, read from or saved to the cache: it depends only on
+    the base weights, the test conversations and the generation settings."""
+    if sha.startswith("unresolved:"):
+        return compute()
+    gen = config.generation
+    key = json.dumps(
+        [
+            sha,
+            cache.texts_md5(test["messages"].tolist()),
+            config.train.max_length,
+            gen.max_new_tokens,
+            gen.report_examples,
+        ]
+    )
+    path = (
+        project_dir / config.forgetting.cache_dir / "lm" / f"report-{cache.texts_md5([key])}.json"
+    )
+    if path.is_file():
+        return GenerationReport(**json.loads(path.read_text(encoding="utf-8")))
+    report = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(report), ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return report
+
+
 def crows_preferences(config: RetuneConfig, model: Any, tokenizer: Any) -> np.ndarray:
     from pipeline import lm_eval
 
@@ -331,7 +361,13 @@ class Generative:
         retention scores and its CrowS-Pairs preferences (cached by its weights)."""
         sha = base_sha(config)
         model, tokenizer = load_base(config, project_dir)
-        report, _ = measure(config, model, tokenizer, test, self.name)
+        report = cached_report(
+            config,
+            sha,
+            test,
+            project_dir,
+            lambda: measure(config, model, tokenizer, test, self.name)[0],
+        )
         retained = cached_retention(
             config,
             sha,
