@@ -68,15 +68,14 @@ def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
     prefect_harness, project, tiny_causal_lm
 ):
     pairs_csv(project / "ui.csv")
-    result = run(
-        prefect_harness,
-        project,
+    overrides = [
         "task=translation",
         "data.source=ui.csv",
         "generation.source_column=en",
         "generation.target_column=de",
         *tiny_generative(tiny_causal_lm),
-    )
+    ]
+    result = run(prefect_harness, project, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     record = recorded_datasets(project / "data.dvc")["ui"]
     assert record.source == "ui.csv" and sum(record.rows.values()) == 80
@@ -117,6 +116,17 @@ def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
     assert "answered 2 rows" in answered.stdout
     rows = pd.read_json(project / "texts.predictions.jsonl", lines=True)
     assert list(rows.columns) == ["text", "answer"] and len(rows) == 2
+
+    # Retraining meets the champion: it is measured (answers, retention, CrowS-Pairs) and
+    # compared; the same data and seed give the same figures, so it does not take over.
+    again = run(prefect_harness, project, *overrides)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    second = client.get_model_version("retune-ui", "2")
+    assert str(client.get_registered_model("retune-ui").aliases["champion"]) == "1"
+    report = tracking.read_report(second.run_id, "reports/forgetting.json")
+    assert report["champion_version"] == "1" and report["champion"]["tasks"]
+    bias = tracking.read_report(second.run_id, "reports/bias.json")
+    assert bias["champion_version"] == "1" and bias["champion_shift"] == pytest.approx(0.0)
 
 
 def chat_jsonl(path: Path, records: list[object]) -> Path:

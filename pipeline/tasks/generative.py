@@ -270,6 +270,19 @@ def cached_report(
     return report
 
 
+def cached_preferences(
+    config: RetuneConfig, sha: str, project_dir: Path, model: Any, tokenizer: Any
+) -> np.ndarray:
+    """CrowS-Pairs preferences of the model with weights ``sha`` (cached when it has one)."""
+    if sha.startswith("unresolved:"):
+        return crows_preferences(config, model, tokenizer)
+    return cache.cached_array(
+        project_dir / config.forgetting.cache_dir / "lm",
+        {"what": "crows-preferences", "weights_sha256": sha},
+        lambda: crows_preferences(config, model, tokenizer),
+    )
+
+
 def crows_preferences(config: RetuneConfig, model: Any, tokenizer: Any) -> np.ndarray:
     from pipeline import lm_eval
 
@@ -375,12 +388,7 @@ class Generative:
             project_dir,
             lambda: score_retention(config, model, tokenizer, suite),
         )
-        folder = project_dir / config.forgetting.cache_dir / "lm"
-        prefs = cache.cached_array(
-            folder,
-            {"what": "crows-preferences", "weights_sha256": sha},
-            lambda: crows_preferences(config, model, tokenizer),
-        )
+        prefs = cached_preferences(config, sha, project_dir, model, tokenizer)
         return Baseline(report, retained, lambda _: prefs)
 
     def measure_champion(
@@ -403,16 +411,24 @@ class Generative:
             champion.name, champion.version, work_dir, digest=lineage.folder_sha256
         )
         model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
-        report, answers = measure(config, model, tokenizer, test, self.name)
+        # What the champion scores depends only on its weights: cached by their digest.
+        digest = loaded.digest or "unresolved:champion"
+        report = cached_report(
+            config,
+            digest,
+            test,
+            project_dir,
+            lambda: measure(config, model, tokenizer, test, self.name)[0],
+        )
         retained = cached_retention(
             config,
-            loaded.digest or "unresolved:champion",
+            digest,
             suite,
             project_dir,
             lambda: score_retention(config, model, tokenizer, suite),
         )
-        prefs = crows_preferences(config, model, tokenizer)
-        return Champion(champion.version, retained, lambda _: prefs, report, {"answers": answers})
+        prefs = cached_preferences(config, digest, project_dir, model, tokenizer)
+        return Champion(champion.version, retained, lambda _: prefs, report, {})
 
     def train(
         self,
