@@ -64,7 +64,45 @@ def render_card(inputs: CardInputs) -> str:
     Sections: title, intended use, model, data, test metrics, per-group metrics,
     forgetting, bias, limitations, reproduce.
     """
-    return reports.render_markdown("card.md.j2", **card_view(inputs))
+    view = card_view(inputs)
+    task = _report(inputs, "config").get("task")
+    if task in GENERATIVE or "answer_loss" in _report(inputs, "test_metrics"):
+        view["generation"] = _generation(inputs)
+        return reports.render_markdown("card_generative.md.j2", **view)
+    return reports.render_markdown("card.md.j2", **view)
+
+
+GENERATIVE = ("chat", "translation")
+
+
+def _generation(inputs: CardInputs) -> dict[str, Any]:
+    """A chat or translation model's figures: tuned and base on the test conversations, a
+    few answers side by side, CrowS-Pairs shifts."""
+    tuned, base = _report(inputs, "test_metrics"), _report(inputs, "probe_baseline")
+    config = _report(inputs, "config")
+    generation, task = _dict(config.get("generation")), config.get("task") or "chat"
+    examples = [
+        {
+            "prompt": mine.get("prompt"),
+            "reference": mine.get("reference"),
+            "tuned": mine.get("answer"),
+            "base": theirs.get("answer"),
+        }
+        for mine, theirs in zip(
+            _records(tuned.get("examples")), _records(base.get("examples")), strict=False
+        )
+    ]
+    bias = _report(inputs, "bias")
+    return {
+        "task": str(task),
+        "instruction": generation.get("instruction") if task == "translation" else None,
+        "system_prompt": generation.get("system_prompt"),
+        "tuned": tuned,
+        "base": base,
+        "examples": examples,
+        "shifts": _records(bias.get("shifts")),
+        "bias_gate": _dict(bias.get("gate")).get("status"),
+    }
 
 
 def write_card(out_dir: Path, inputs: CardInputs) -> tuple[Path, Path]:

@@ -100,6 +100,15 @@ def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
     assert "general-answers: the base answered none" in result.stdout + result.stderr
     assert {t["metric"] for t in report["base"]["tasks"]} == {"log-likelihood"}
 
+    card = tracking.read_text(run_id, "card/model_card.md")
+    assert "- **Task:** translation: it answers a conversation" in card
+    assert (
+        "| model | conversations | answer loss | perplexity | token accuracy | chrF | BLEU |"
+        in card
+    )
+    assert "Test prompts answered by both models" in card and "classification head" not in card
+    assert "| all | 1,018 |" in card  # CrowS-Pairs, base against tuned
+
     loaded = modelstore.load_version("retune-ui", "1", project / "tmp")
     asked = [[{"role": "user", "content": "Translate from English to German:\nSave item 1"}]]
     out = loaded.predict(pd.DataFrame({"messages": [json.dumps(asked[0])]}))
