@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def texts_md5(texts: list[str]) -> str:
     return hashlib.md5("\x1e".join(texts).encode("utf-8")).hexdigest()
 
 
-def cache_path(cache_dir: Path, key: Mapping[str, str]) -> Path:
+def cache_path(cache_dir: Path, key: Mapping[str, str], suffix: str = ".npy") -> Path:
     """The file that holds the array for ``key`` (order of the key's parts does not matter).
 
     Raises:
@@ -37,7 +38,7 @@ def cache_path(cache_dir: Path, key: Mapping[str, str]) -> Path:
     if bad:
         raise ValueError(f"cache key parts must be strings; not: {', '.join(bad)}")
     digest = hashlib.sha256(json.dumps(sorted(key.items())).encode()).hexdigest()
-    return cache_dir / f"{digest[:32]}.npy"
+    return cache_dir / f"{digest[:32]}{suffix}"
 
 
 def cached_array(
@@ -61,13 +62,30 @@ def cached_array(
     array = np.asarray(compute())
     if array.dtype.hasobject:
         raise ValueError(f"cached_array stores numeric arrays; compute returned {array.dtype}")
+    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    return array
+
+
+def cached_json(cache_dir: Path, key: Mapping[str, str], compute: Callable[[], Any]) -> Any:
+    """As :func:`cached_array`, for a JSON value (a list of answers, a report's fields)."""
+    path = cache_path(cache_dir, key, ".json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass  # absent, or torn or foreign: recompute and replace it
+    value = compute()
+    text = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    _write_atomic(path, lambda f: f.write(text))
+    return value
+
+
+def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            write(f)
         os.replace(tmp, path)  # atomic on one file system
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return array

@@ -16,7 +16,6 @@ gate) reads them as it reads the classifier's tasks. A drop is in nats per token
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import lm_eval, sft
+from pipeline import cache, lm_eval, sft
 from pipeline.forgetting import TaskOutputs
 from pipeline.retention_tasks import RetentionTask
 
@@ -81,17 +80,15 @@ def base_answers(
 ) -> list[str]:
     """The base's greedy answers to ``prompts``, from ``cache_dir`` when there, else from
     ``answer`` (saved for the next run). Keyed by base weights, prompts and length."""
-    key = json.dumps([weights_sha, prompts, max_new_tokens]).encode()
-    path = cache_dir / f"answers-{hashlib.sha256(key).hexdigest()[:24]}.json"
-    if path.is_file():
-        return list(json.loads(path.read_text(encoding="utf-8")))
-    answers = answer(prompts)
-    if not weights_sha.startswith("unresolved:"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
-    return answers
+    if weights_sha.startswith("unresolved:"):  # a hub id not on disk: nothing to key by
+        return answer(prompts)
+    key = {
+        "what": "base-answers",
+        "weights_sha256": weights_sha,
+        "prompts_md5": cache.texts_md5(prompts),
+        "max_new_tokens": str(max_new_tokens),
+    }
+    return list(cache.cached_json(cache_dir, key, lambda: answer(prompts)))
 
 
 def task_items(task: RetentionTask, tokenizer: Any, max_length: int) -> list[sft.Tokenized]:

@@ -375,24 +375,10 @@ def _split_asset(
             min_value=config.min_text_chars,
             max_value=config.max_text_chars,
         )
-        if tokens is not None and checks.active("truncated"):
-            over = pd.Series(tokens.counts[split], index=frame.index) > tokens.max_length
-            derived["_truncated_text"] = text.where(over)
-            exps += checks(
-                "truncated",
-                E.ExpectColumnValuesToBeNull,
-                column="_truncated_text",
-                mostly=1 - config.max_truncated_share,
-            )
-        if split != "train" and checks.active("leakage"):
-            derived["_leaked_text"] = text.where(_isin(text, train_texts))
-            exps += checks("leakage", E.ExpectColumnValuesToBeNull, column="_leaked_text")
-        if split != "train" and checks.active("leakage_normalized"):
-            norm = _normalised(text)
-            derived["_leaked_norm_text"] = norm.where(_isin(norm, train_norm))
-            exps += checks(
-                "leakage_normalized", E.ExpectColumnValuesToBeNull, column="_leaked_norm_text"
-            )
+        more, found = _cut_and_leaked(
+            split, text, checks, train_texts, train_norm, tokens, ("text", "text")
+        )
+        exps, derived = exps + more, derived | found
     if "label" in present:
         exps += checks("label_set", E.ExpectColumnValuesToNotBeNull, column="label")
         exps += checks("label_set", E.ExpectColumnValuesToBeInSet, column="label", value_set=labels)
@@ -403,6 +389,48 @@ def _split_asset(
             value_set=labels,
         )
     return _Asset(split, split, frame.assign(**derived) if derived else frame, exps)
+
+
+def _cut_and_leaked(
+    split: str,
+    text: pd.Series,
+    checks: _Checks,
+    train_texts: pd.Series,
+    train_norm: pd.Series,
+    tokens: TokenCounts | None,
+    names: tuple[str, str],
+) -> tuple[list[Any], dict[str, pd.Series]]:
+    """``truncated`` (rows over ``train.max_length`` tokens), ``leakage`` and
+    ``leakage_normalized`` (an evaluation row's ``text`` also in train) on one split.
+
+    ``names``: what the derived columns are called after, e.g. ("conversation", "prompt")
+    gives ``_truncated_conversation`` and ``_leaked_prompt``.
+    """
+    import great_expectations as gx
+
+    E = gx.expectations
+    cut, leaked = names
+    exps: list[Any] = []
+    derived: dict[str, pd.Series] = {}
+    if tokens is not None and checks.active("truncated"):
+        over = pd.Series(tokens.counts[split], index=text.index) > tokens.max_length
+        derived[f"_truncated_{cut}"] = text.where(over)
+        exps += checks(
+            "truncated",
+            E.ExpectColumnValuesToBeNull,
+            column=f"_truncated_{cut}",
+            mostly=1 - checks.config.max_truncated_share,
+        )
+    if split != "train" and checks.active("leakage"):
+        derived[f"_leaked_{leaked}"] = text.where(_isin(text, train_texts))
+        exps += checks("leakage", E.ExpectColumnValuesToBeNull, column=f"_leaked_{leaked}")
+    if split != "train" and checks.active("leakage_normalized"):
+        norm = _normalised(text)
+        derived[f"_leaked_norm_{leaked}"] = norm.where(_isin(norm, train_norm))
+        exps += checks(
+            "leakage_normalized", E.ExpectColumnValuesToBeNull, column=f"_leaked_norm_{leaked}"
+        )
+    return exps, derived
 
 
 def _all_asset(frames: dict[str, pd.DataFrame], checks: _Checks) -> _Asset:
@@ -497,25 +525,16 @@ def _conversation_asset(
             max_value=config.max_text_chars,
         )
     if "prompt" in present:
-        prompt = frame["prompt"]
-        if tokens is not None and checks.active("truncated"):
-            over = pd.Series(tokens.counts[split], index=frame.index) > tokens.max_length
-            derived["_truncated_conversation"] = prompt.where(over)
-            exps += checks(
-                "truncated",
-                E.ExpectColumnValuesToBeNull,
-                column="_truncated_conversation",
-                mostly=1 - config.max_truncated_share,
-            )
-        if split != "train" and checks.active("leakage"):
-            derived["_leaked_prompt"] = prompt.where(_isin(prompt, train_prompts))
-            exps += checks("leakage", E.ExpectColumnValuesToBeNull, column="_leaked_prompt")
-        if split != "train" and checks.active("leakage_normalized"):
-            norm = _normalised(prompt)
-            derived["_leaked_norm_prompt"] = norm.where(_isin(norm, train_norm))
-            exps += checks(
-                "leakage_normalized", E.ExpectColumnValuesToBeNull, column="_leaked_norm_prompt"
-            )
+        more, found = _cut_and_leaked(
+            split,
+            frame["prompt"],
+            checks,
+            train_prompts,
+            train_norm,
+            tokens,
+            ("conversation", "prompt"),
+        )
+        exps, derived = exps + more, derived | found
     if {"source", "target"} <= present:
         pair_exps, pair_cols = _pair_expectations(frame, checks, max_length_ratio)
         exps += pair_exps

@@ -105,3 +105,21 @@ def test_object_results_are_refused_and_nothing_is_written(tmp_path: Path):
     with pytest.raises(ValueError, match="stores numeric arrays; compute returned object"):
         cached_array(tmp_path, KEY, lambda: np.array(["a", None], dtype=object))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_json_value_is_computed_once_per_key_and_a_torn_file_recomputed(tmp_path: Path):
+    from pipeline.cache import cache_path, cached_json
+
+    calls = []
+
+    def compute() -> list[str]:
+        calls.append(1)
+        return ["Sichern", "Löschen"]
+
+    assert cached_json(tmp_path, KEY, compute) == ["Sichern", "Löschen"]
+    assert cached_json(tmp_path, KEY, compute) == ["Sichern", "Löschen"] and len(calls) == 1
+    cached_json(tmp_path, KEY | {"max_length": "128"}, compute)  # another key
+    assert len(calls) == 2
+    cache_path(tmp_path, KEY, ".json").write_text('["Sich')  # torn
+    assert cached_json(tmp_path, KEY, compute) == ["Sichern", "Löschen"] and len(calls) == 3
+    assert not list(tmp_path.glob(".*.tmp"))

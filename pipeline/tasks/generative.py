@@ -248,26 +248,16 @@ def cached_report(
     if sha.startswith("unresolved:"):
         return compute()
     gen = config.generation
-    key = json.dumps(
-        [
-            sha,
-            cache.texts_md5(test["messages"].tolist()),
-            config.train.max_length,
-            gen.max_new_tokens,
-            gen.report_examples,
-        ]
-    )
-    path = (
-        project_dir / config.forgetting.cache_dir / "lm" / f"report-{cache.texts_md5([key])}.json"
-    )
-    if path.is_file():
-        return GenerationReport(**json.loads(path.read_text(encoding="utf-8")))
-    report = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(report), ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-    return report
+    key = {
+        "what": "generation-report",
+        "weights_sha256": sha,
+        "texts_md5": cache.texts_md5(test["messages"].tolist()),
+        "max_length": str(config.train.max_length),
+        "max_new_tokens": str(gen.max_new_tokens),
+        "report_examples": str(gen.report_examples),
+    }
+    folder = project_dir / config.forgetting.cache_dir / "lm"
+    return GenerationReport(**cache.cached_json(folder, key, lambda: asdict(compute())))
 
 
 def cached_preferences(
@@ -287,6 +277,27 @@ def crows_preferences(config: RetuneConfig, model: Any, tokenizer: Any) -> np.nd
     from pipeline import lm_eval
 
     return lm_eval.crows_preferences(model, tokenizer, identity.load_crows_pairs(), 128)
+
+
+def measure_cached(
+    config: RetuneConfig,
+    sha: str,
+    model: Any,
+    tokenizer: Any,
+    test: pd.DataFrame,
+    suite: retention.Suite,
+    project_dir: Path,
+    task: str,
+) -> tuple[GenerationReport, Retention, np.ndarray]:
+    """A model that does not change (the base, the champion) on the test split, the
+    retention suite and CrowS-Pairs, each cached by its weights ``sha``."""
+    report = cached_report(
+        config, sha, test, project_dir, lambda: measure(config, model, tokenizer, test, task)[0]
+    )
+    retained = cached_retention(
+        config, sha, suite, project_dir, lambda: score_retention(config, model, tokenizer, suite)
+    )
+    return report, retained, cached_preferences(config, sha, project_dir, model, tokenizer)
 
 
 class Generative:
@@ -372,23 +383,10 @@ class Generative:
     ) -> Baseline:
         """The untuned base on the test split (its report is the "probe" to beat), its
         retention scores and its CrowS-Pairs preferences (cached by its weights)."""
-        sha = base_sha(config)
         model, tokenizer = load_base(config, project_dir)
-        report = cached_report(
-            config,
-            sha,
-            test,
-            project_dir,
-            lambda: measure(config, model, tokenizer, test, self.name)[0],
+        report, retained, prefs = measure_cached(
+            config, base_sha(config), model, tokenizer, test, suite, project_dir, self.name
         )
-        retained = cached_retention(
-            config,
-            sha,
-            suite,
-            project_dir,
-            lambda: score_retention(config, model, tokenizer, suite),
-        )
-        prefs = cached_preferences(config, sha, project_dir, model, tokenizer)
         return Baseline(report, retained, lambda _: prefs)
 
     def measure_champion(
@@ -413,21 +411,9 @@ class Generative:
         model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
         # What the champion scores depends only on its weights: cached by their digest.
         digest = loaded.digest or "unresolved:champion"
-        report = cached_report(
-            config,
-            digest,
-            test,
-            project_dir,
-            lambda: measure(config, model, tokenizer, test, self.name)[0],
+        report, retained, prefs = measure_cached(
+            config, digest, model, tokenizer, test, suite, project_dir, self.name
         )
-        retained = cached_retention(
-            config,
-            digest,
-            suite,
-            project_dir,
-            lambda: score_retention(config, model, tokenizer, suite),
-        )
-        prefs = cached_preferences(config, digest, project_dir, model, tokenizer)
         return Champion(champion.version, retained, lambda _: prefs, report, {})
 
     def train(
