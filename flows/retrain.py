@@ -181,12 +181,13 @@ def blend_with_base(
     suite: retention.Suite,
     base: Baseline,
     out_dir: Path,
+    project_dir: Path,
 ) -> dict[str, Any]:
     """The mitigations applied; with WiSE-FT, the chosen blend replaces the model."""
     keep = config.forgetting
     mitigations: dict[str, Any] = {"l2sp": keep.l2sp, "distill": keep.distill}
     if keep.wise_ft:
-        choice = _kind(config).blend_with_base(config, trained, val, suite, base)
+        choice = _kind(config).blend_with_base(config, trained, val, suite, base, project_dir)
         mitigations["wise_ft"] = asdict(choice)
         plots.plot_alpha_curve(choice, out_dir / "plots" / "wise_ft.png")
     return mitigations
@@ -420,7 +421,9 @@ def retrain(
         trained = train_model(
             config, train, frames["validation"], context.run_id, out_dir / "model", root
         )
-        mitigations = blend_with_base(config, trained, frames["validation"], suite, base, out_dir)
+        mitigations = blend_with_base(
+            config, trained, frames["validation"], suite, base, out_dir, root
+        )
         evaluation = evaluate_model(config, trained, test, suite, root)
         model_bias = check_model_bias(
             config, test, trained, evaluation, base, champion, root, out_dir

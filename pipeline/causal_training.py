@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline import sft
-from pipeline.config import TrainConfig
+from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.finetune import (
     FineTuneResult,
     MetricLogger,
@@ -210,3 +210,53 @@ def fine_tune_causal(
     items = [sft.tokenize_all(tokenizer, split, config.max_length) for split in (train, val)]
     loop = CausalLoop(model, tokenizer, items[0], items[1], config)
     return run_phase(loop, logger, progress, checkpoint_dir, "", regularizer)
+
+
+def train_causal(
+    config: TrainConfig,
+    forgetting: ForgettingConfig | None,
+    base: str,
+    train: Sequence[Turns],
+    val: Sequence[Turns],
+    out_dir: Path,
+    checkpoint_dir: Path | None = None,
+    logger: MetricLogger | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[Any, Any, FineTuneResult]:
+    """The training sequence of a causal LM, once for the flow and every torchrun rank:
+    load ``base`` (a local folder), build the regulariser from its pretrained weights, wrap
+    LoRA, fine-tune, merge, save to ``out_dir`` (rank 0 only under torch.distributed).
+
+    Returns:
+        The tuned model (merged, eval mode), its tokenizer and the result.
+
+    Raises:
+        TrainingInterrupted: SIGTERM during training; the checkpoint resumes it.
+    """
+    from pipeline.causal_lm import load_causal_lm
+    from pipeline.finetune import apply_lora, finish_lora, rank_and_world, save_model
+    from pipeline.mitigation import build_lm_regularizer
+
+    model, tokenizer = load_causal_lm(base, config.seed)
+    regularizer = None
+    if forgetting is not None:
+        regularizer = build_lm_regularizer(
+            model,
+            tokenizer,
+            forgetting.l2sp,
+            forgetting.distill,
+            forgetting.distill_batch_size,
+            min(config.max_length, forgetting.max_length),
+            config.seed,
+            shared_base=config.strategy == "lora",
+        )
+    if config.strategy == "lora":
+        model = apply_lora(model, config, "CAUSAL_LM")
+    result = fine_tune_causal(
+        model, tokenizer, train, val, config, logger, progress, checkpoint_dir, regularizer
+    )
+    if config.strategy == "lora":
+        model = finish_lora(model)
+    if rank_and_world()[0] == 0:
+        save_model(model, tokenizer, out_dir)
+    return model.eval(), tokenizer, result

@@ -382,13 +382,16 @@ class ForgettingConfig(_Section):
     distill: float = Field(
         5.0,
         ge=0,
-        description="Embedding distillation: loss += distill * (1 - cosine) between the tuned "
-        "and base mean-pooled embeddings of general text (gensim's Lee background corpus).",
+        description="Distillation toward the base on general text (gensim's Lee background "
+        "corpus). Classification: loss += distill * (1 - cosine) between the tuned and base "
+        "mean-pooled embeddings; chat and translation: loss += distill * the mean per-token "
+        "KL(base || tuned) of the next-token distribution.",
     )
-    distill_batch_size: int = Field(16, ge=1)
+    distill_batch_size: int = Field(16, ge=1, description="General texts per training step.")
     wise_ft: bool = Field(
         False,
-        description="WiSE-FT: blend tuned and base encoder weights, pick alpha on validation.",
+        description="WiSE-FT: blend tuned and base weights (a classifier's encoder, every "
+        "weight of a causal LM), pick alpha on validation within the forgetting budget.",
     )
     wise_ft_alphas: list[float] = Field(
         [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0], description="Alphas swept (1.0 = tuned as is)."
@@ -497,7 +500,12 @@ _GENERATIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "cache_frozen": False,
         "head_init": "random",
     },
-    "forgetting": {"distill": 0.0, "max_mean_drop": 0.05, "max_task_drop": 0.10},
+    "forgetting": {
+        "distill": 0.0,
+        "distill_batch_size": 8,
+        "max_mean_drop": 0.05,
+        "max_task_drop": 0.10,
+    },
     # CrowS-Pairs by likelihood is the generative kinds' bias gate: it refuses by default.
     "bias": {"severity": {"crows_pairs": "error"}},
 }
@@ -561,14 +569,6 @@ class RetuneConfig(_Section):
             raise ValueError(
                 f"train.strategy={self.train.strategy} does not apply to a generative task; "
                 "use lora, full or partial"
-            )
-        if self.task in GENERATIVE_TASKS and (
-            self.forgetting.distill > 0 or self.forgetting.wise_ft
-        ):
-            raise ValueError(
-                "forgetting.distill and forgetting.wise_ft are built for text-classification "
-                "only so far; for a generative task use forgetting.l2sp (with train.strategy "
-                "full or partial) or LoRA, and set distill to 0 and wise_ft to false"
             )
         if self.task in GENERATIVE_TASKS and self.train.nnodes * self.train.nproc_per_node > 1:
             raise ValueError(

@@ -68,6 +68,28 @@ def token_logprob_sums(
     return sums, keep.sum(1)
 
 
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each position's next-token distribution, in nats: (N,).
+
+    ``sum_v p_t(v) * (log p_t(v) - log p_s(v))`` from logits of shape (N, V), in fp32;
+    the gradient flows into ``student_logits`` only when it requires one.
+    """
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return nn.functional.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
+
+
+def scored_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the positions whose next token is labelled (the scored ones of
+    :func:`token_logprob_sums`), in row-major order: (N, V)."""
+    inner = _inner(model)
+    hidden = inner.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state  # (B, T, H)
+    keep = batch["labels"][:, 1:] != sft.IGNORE  # (B, T - 1)
+    return inner.lm_head(hidden[:, :-1][keep])
+
+
 @torch.no_grad()
 def mean_logliks(
     model: nn.Module,

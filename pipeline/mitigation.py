@@ -4,10 +4,12 @@
 - :class:`EmbeddingDistillation` keeps the mean-pooled embeddings of general text (gensim's
   Lee background news corpus, disjoint from the Lee evaluation documents) close to the
   base model's.
-- :func:`interpolate_encoder` blends tuned and base encoder weights (WiSE-FT);
+- :class:`LogitDistillation` keeps a causal LM's next-token distributions on that text
+  close to its base's (KL).
+- :func:`interpolate_encoder` blends tuned and base weights (WiSE-FT);
   :func:`pick_alpha` chooses the blend from a sweep.
 
-Both regularisers follow :class:`pipeline.finetune.Regularizer`: ``loss(model, step)`` is
+The regularisers follow :class:`pipeline.finetune.Regularizer`: ``loss(model, step)`` is
 added to the task loss, ``after_step(optimizer)`` runs after each optimizer step. They hold
 their own reference copies, so they work on any strategy.
 """
@@ -222,6 +224,71 @@ class EmbeddingDistillation:
         return (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+class LogitDistillation:
+    """``weight`` times the mean per-token KL(base || tuned) of the next-token distribution
+    on a batch of general text per step (a causal LM's distillation toward its base).
+
+    The texts are gensim's Lee background sentences (:func:`load_general_text`), every
+    position scored (:func:`pipeline.lm_eval.text_items`); step ``s`` takes the seeded
+    permutation's positions ``s * batch .. (s + 1) * batch`` (mod N), so a resumed run sees
+    the same batches. The teacher is the model as it is when this is built (the base): a
+    frozen copy, or, with ``lora`` (``shared_base``), the same model with its adapters
+    disabled, which costs no second copy of the weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        texts: list[str],
+        weight: float,
+        batch_size: int = 8,
+        max_length: int = 128,
+        seed: int = 0,
+        shared_base: bool = False,
+    ):
+        import copy
+
+        from pipeline import lm_eval
+
+        if not texts:
+            raise ValueError("distillation needs general text")
+        self.weight, self.batch_size = weight, batch_size
+        self.items = lm_eval.text_items(tokenizer, texts, max_length)
+        self.pad_id = tokenizer.pad_token_id
+        self.order = np.random.default_rng(seed).permutation(len(self.items))
+        self.teacher: nn.Module | None = None
+        if not shared_base:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        positions = (step * self.batch_size + np.arange(self.batch_size)) % len(self.items)
+        return self.order[positions]
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor:
+        from pipeline import lm_eval, sft
+
+        idx = self.batch_indices(step)
+        rank, world = rank_and_world()
+        shard = [self.items[i] for i in idx[rank::world]]  # each rank its share, as the task
+        device = next(model.parameters()).device
+        batch = sft.pad_batch(shard, self.pad_id, device)
+        student = lm_eval.scored_logits(model, batch)  # (N, V)
+        with torch.no_grad():
+            if self.teacher is not None:
+                teacher = lm_eval.scored_logits(self.teacher.to(device), batch)
+            else:
+                with model.disable_adapter():
+                    teacher = lm_eval.scored_logits(model, batch)
+        positions = max(1, sum(len(self.items[i].input_ids) - 1 for i in idx))
+        # Summed over the shard / the global batch's positions, times world: DDP's gradient
+        # mean then equals the gradient of the mean over the whole batch.
+        return self.weight * lm_eval.token_kl(teacher, student).sum() * world / positions
+
+
 class Regularizers:
     """Several regularisers as one: their losses add up, each one's step hook runs."""
 
@@ -266,9 +333,50 @@ def build_regularizer(
     return Regularizers(parts) if parts else None
 
 
-def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of the encoder's weights (the WiSE-FT anchor)."""
-    return {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
+def build_lm_regularizer(
+    model: nn.Module,
+    tokenizer: Any,
+    l2sp: float,
+    distill: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    shared_base: bool,
+) -> Regularizers | None:
+    """The configured regulariser(s) for a causal LM (build before LoRA and before any
+    step), or None: L2-SP and/or KL distillation (:class:`LogitDistillation`)."""
+    parts: list[Any] = []
+    if l2sp > 0:
+        parts.append(L2SP(model, l2sp))
+    if distill > 0:
+        parts.append(
+            LogitDistillation(
+                model,
+                tokenizer,
+                load_general_text(),
+                distill,
+                batch_size,
+                max_length,
+                seed,
+                shared_base,
+            )
+        )
+    return Regularizers(parts) if parts else None
+
+
+def encoder(model: nn.Module) -> nn.Module:
+    """What WiSE-FT blends in a classifier: the encoder (the new head stays as tuned)."""
+    return model.base_model
+
+
+def whole(model: nn.Module) -> nn.Module:
+    """What WiSE-FT blends in a causal LM: every weight, its output layer included."""
+    return model
+
+
+def encoder_state(model: nn.Module, part: Callable[[nn.Module], nn.Module] = encoder) -> dict:
+    """A detached copy of ``part(model)``'s weights (the WiSE-FT anchor)."""
+    return {n: t.detach().clone() for n, t in part(model).state_dict().items()}
 
 
 @torch.no_grad()
@@ -277,8 +385,9 @@ def interpolate_encoder(
     base: dict[str, torch.Tensor],
     tuned: dict[str, torch.Tensor],
     alpha: float,
+    part: Callable[[nn.Module], nn.Module] = encoder,
 ) -> None:
-    """Set the encoder to ``(1 - alpha) * base + alpha * tuned`` in place; the head stays.
+    """Set ``part(model)`` (the encoder) to ``(1 - alpha) * base + alpha * tuned`` in place.
 
     Non-float buffers (position ids) are taken from ``tuned`` as they are.
     """
@@ -290,7 +399,7 @@ def interpolate_encoder(
             mixed[name] = torch.lerp(base[name].to(t.dtype), t, alpha)
         else:
             mixed[name] = t
-    model.base_model.load_state_dict(mixed)
+    part(model).load_state_dict(mixed)
 
 
 @dataclass(frozen=True)
@@ -342,19 +451,21 @@ def wise_ft(
     validate: Callable[[nn.Module], float],
     retain: Callable[[nn.Module], Any],
     within_budget: Callable[[Any], bool],
+    part: Callable[[nn.Module], nn.Module] = encoder,
 ) -> AlphaChoice:
     """Sweep WiSE-FT blends, keep the chosen one in ``model`` (in place).
 
     Args:
-        base: the pretrained encoder's state (:func:`encoder_state` of the base model).
+        base: the pretrained weights of ``part`` (:func:`encoder_state` of the base model).
         validate: model -> the task metric on the validation split (higher is better).
         retain: model -> a :class:`pipeline.forgetting.Comparison` against the base.
         within_budget: comparison -> whether the forgetting gate would pass it.
+        part: what is blended: :func:`encoder` (a classifier) or :func:`whole` (a causal LM).
     """
-    tuned = encoder_state(model)
+    tuned = encoder_state(model, part)
     curve = []
     for alpha in sorted(set(alphas)):
-        interpolate_encoder(model, base, tuned, alpha)
+        interpolate_encoder(model, base, tuned, alpha, part)
         kept = retain(model)
         curve.append(
             AlphaPoint(
@@ -367,5 +478,5 @@ def wise_ft(
             )
         )
     choice = pick_alpha(curve)
-    interpolate_encoder(model, base, tuned, choice.alpha)
+    interpolate_encoder(model, base, tuned, choice.alpha, part)
     return choice

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import causal_training as ct
-from pipeline import sft
-from pipeline.config import TrainConfig
+from pipeline import mitigation, sft
+from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.finetune import TrainingInterrupted, apply_lora
 
 PAIRS = [
@@ -180,3 +180,76 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tiny_causal_lm, tm
     )
     assert resumed.loss_curve == straight.loss_curve
     assert all(torch.equal(model.state_dict()[n], expected[n]) for n in expected)
+
+
+GENERAL = [
+    "the router was restarted and the service came back an hour later",
+    "hello, the weather today is cold and the trains are late again",
+    "a new bridge was opened across the river this morning",
+    "thank you for the letter, we will answer it next week",
+]
+
+
+def mean_kl_by_hand(model, base, tokenizer, texts: list[str]) -> float:
+    """Mean over every next-token position of KL(base || model), one text at a time."""
+    total = positions = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            p = torch.log_softmax(base(input_ids=ids).logits[0, :-1], -1)
+            q = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            total += (p.exp() * (p - q)).sum().item()
+            positions += ids.shape[1] - 1
+    return total / positions
+
+
+def test_kl_distillation_is_zero_at_the_base_and_the_mean_token_kl_once_moved(tiny_causal_lm):
+    model, tokenizer = load(tiny_causal_lm)
+    distill = mitigation.LogitDistillation(
+        model, tokenizer, GENERAL, weight=2.0, batch_size=len(GENERAL)
+    )
+    assert distill.loss(model, 0).item() == pytest.approx(0.0, abs=1e-6)
+    base, _ = load(tiny_causal_lm)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = mean_kl_by_hand(model, base, tokenizer, GENERAL)
+    assert expected > 1e-3
+    assert distill.loss(model, 0).item() == pytest.approx(2.0 * expected, rel=1e-4)
+
+
+def test_kl_distillation_with_lora_uses_the_base_under_the_adapters(tiny_causal_lm):
+    model, tokenizer = load(tiny_causal_lm)
+    distill = mitigation.LogitDistillation(
+        model, tokenizer, GENERAL, 1.0, len(GENERAL), shared_base=True
+    )
+    assert distill.teacher is None  # no second copy of the weights
+    wrapped = apply_lora(model, config(strategy="lora"), "CAUSAL_LM")
+    assert distill.loss(wrapped, 0).item() == pytest.approx(0.0, abs=1e-6)  # B starts at 0
+    ct.fine_tune_causal(
+        wrapped, tokenizer, CONVERSATIONS, CONVERSATIONS, config(strategy="lora", epochs=3)
+    )
+    base, _ = load(tiny_causal_lm)
+    expected = mean_kl_by_hand(wrapped, base, tokenizer, GENERAL)
+    assert expected > 1e-4
+    assert distill.loss(wrapped, 0).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_kl_distillation_keeps_general_text_closer_to_the_base(tiny_causal_lm, tmp_path: Path):
+    drift = {}
+    for weight in (0.0, 5.0):
+        settings = config(epochs=6, patience=6)
+        keep = ForgettingConfig(distill=weight, distill_batch_size=4)
+        model, tokenizer, result = ct.train_causal(
+            settings,
+            keep,
+            str(tiny_causal_lm),
+            CONVERSATIONS,
+            CONVERSATIONS,
+            tmp_path / str(weight),
+        )
+        base, _ = load(tiny_causal_lm)
+        drift[weight] = mean_kl_by_hand(model, base, tokenizer, mitigation.load_general_text()[:40])
+        assert result.history[-1].val_loss < result.history[0].val_loss  # it still learns
+        assert (tmp_path / str(weight) / "model.safetensors").is_file()
+    assert drift[5.0] < 0.5 * drift[0.0], drift

@@ -279,3 +279,44 @@ def test_chat_conversations_run_the_whole_flow_with_a_system_prompt(
     assert "test_token_accuracy" in metrics and "test_chrf" not in metrics
     # the multi-turn answers, both of them, carried the loss: the tuned model learned them
     assert metrics["test_answer_loss"] < metrics["probe_test_answer_loss"]
+
+
+def test_full_tuning_with_kl_distillation_and_wise_ft_through_the_flow(
+    prefect_harness, project, tiny_causal_lm
+):
+    """Full fine-tuning with the KL pull toward the base, then a WiSE-FT sweep of every
+    weight; with no forgetting allowed only the base's own weights (alpha 0) pass."""
+    pairs_csv(project / "ui.csv")
+    result = run(
+        prefect_harness,
+        project,
+        "task=translation",
+        "data.source=ui.csv",
+        "generation.source_column=en",
+        "generation.target_column=de",
+        *tiny_generative(tiny_causal_lm),
+        "train.learning_rate=0.01",
+        "forgetting.distill=1.0",
+        "forgetting.distill_batch_size=4",
+        "forgetting.wise_ft=true",
+        "forgetting.wise_ft_alphas=[1.0, 0.0]",
+        "forgetting.gate=error",
+        "forgetting.max_mean_drop=0",
+        "forgetting.max_task_drop=0",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "forgetting gate: passed" in result.stdout
+    tracking.configure(project)
+    client = MlflowClient()
+    version = client.get_model_version("retune-ui", "1")
+    report = tracking.read_report(version.run_id, "reports/forgetting.json")
+    assert report["mitigation"]["distill"] == 1.0
+    choice = report["mitigation"]["wise_ft"]
+    curve = {p["alpha"]: p for p in choice["curve"]}
+    assert sorted(curve) == [0.0, 1.0] and choice["alpha"] == 0.0
+    assert curve[0.0]["passed"] and curve[0.0]["mean_drop"] == 0.0
+    assert not curve[1.0]["passed"] and curve[1.0]["mean_drop_ci_high"] > 0.0
+    # the blend is what was evaluated and registered: the base's own likelihoods
+    assert report["base"]["mean_drop"] == 0.0
+    plots = [a.path for a in client.list_artifacts(version.run_id, "plots")]
+    assert "plots/wise_ft.png" in plots

@@ -110,3 +110,13 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(model_and_tokeniz
     assert batched == alone  # left padding changes no answer
     assert batched == answers
     assert tokenizer.padding_side == "right"  # restored
+
+
+def test_token_kl_is_the_kl_of_the_next_token_distributions_by_hand():
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.25, 0.5, 0.25], [0.2, 0.3, 0.5]])
+    # softmax is shift-invariant: logits = log-probabilities + any constant per row
+    kl = lm_eval.token_kl(p.log() + 3.0, q.log() - 1.0)
+    # row 0: 0.5 ln(0.5/0.25) + 0.25 ln(0.25/0.5) + 0.25 ln 1 = 0.25 ln 2; row 1: same law
+    assert kl.tolist() == pytest.approx([0.25 * np.log(2.0), 0.0], abs=1e-6)
+    assert lm_eval.token_kl(q.log(), p.log())[0].item() == pytest.approx(0.25 * np.log(2.0))

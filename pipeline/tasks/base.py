@@ -147,6 +147,7 @@ class TaskKind(Protocol):
         validation: pd.DataFrame,
         suite: retention.Suite,
         base: Baseline,
+        project_dir: Path,
     ) -> mitigation.AlphaChoice:
         """WiSE-FT: the best-validating blend of tuned and base weights within the budget."""
         ...
@@ -188,3 +189,38 @@ class TaskKind(Protocol):
     ) -> str:
         """Log the saved model for serving (signature, example, requirements); its URI."""
         ...
+
+
+def sweep_blends(
+    config: RetuneConfig,
+    model: Any,
+    base_state: dict[str, Any],
+    validate: Callable[[Any], float],
+    score: Callable[[Any], Any],
+    base: Baseline,
+    suite: retention.Suite,
+    part: Callable[[Any], Any],
+) -> mitigation.AlphaChoice:
+    """WiSE-FT's sweep for any kind (:func:`pipeline.mitigation.wise_ft`): each blend's
+    retention outputs (``score``) are compared with the base's and judged by the
+    forgetting gate's criteria; the chosen blend stays in ``model``."""
+    from pipeline import forgetting
+    from pipeline import mitigation as mitigate
+
+    cfg = config.forgetting
+    budget = cfg.model_copy(update={"gate": "error"})
+
+    def retain(blend: Any) -> forgetting.Comparison:
+        return forgetting.compare(
+            base.retention.outputs, score(blend), suite.tasks, "base", cfg.bootstrap, cfg.seed
+        )
+
+    return mitigate.wise_ft(
+        model,
+        base_state,
+        cfg.wise_ft_alphas,
+        validate,
+        retain,
+        lambda kept: forgetting.forgetting_gate(kept, budget).passed,
+        part,
+    )

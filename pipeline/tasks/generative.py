@@ -45,7 +45,15 @@ from pipeline import (
 )
 from pipeline import conversations as conv
 from pipeline.config import RetuneConfig
-from pipeline.tasks.base import Baseline, Champion, Evaluation, Frames, Retention, Trained
+from pipeline.tasks.base import (
+    Baseline,
+    Champion,
+    Evaluation,
+    Frames,
+    Retention,
+    Trained,
+    sweep_blends,
+)
 
 INPUT = (("messages", "string"),)
 
@@ -430,32 +438,57 @@ class Generative:
         from tqdm.auto import tqdm
 
         from pipeline import tracking
-        from pipeline.causal_training import fine_tune_causal
-        from pipeline.finetune import apply_lora, finish_lora, save_model
-        from pipeline.mitigation import L2SP
+        from pipeline.causal_training import train_causal
+        from pipeline.finetune import pick_device
 
-        model, tokenizer = load_base(config, project_dir)
-        regularizer = L2SP(model, config.forgetting.l2sp) if config.forgetting.l2sp > 0 else None
-        if config.train.strategy == "lora":
-            model = apply_lora(model, config.train, "CAUSAL_LM")
-        result = fine_tune_causal(
-            model,
-            tokenizer,
+        model, tokenizer, result = train_causal(
+            config.train,
+            config.forgetting,
+            base_path(config, project_dir),
             conv.messages_of(train),
             conv.messages_of(validation),
-            config.train,
+            model_dir,
+            checkpoint_dir=model_dir.parent / "checkpoints",
             logger=tracking.MlflowLogger(run_id) if run_id else None,
             progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
-            checkpoint_dir=model_dir.parent / "checkpoints",
-            regularizer=regularizer,
         )
-        if config.train.strategy == "lora":
-            model = finish_lora(model)
-        save_model(model, tokenizer, model_dir)
+        model.to(pick_device())
         return Trained(model, tokenizer, result, model_dir)
 
-    def blend_with_base(self, *args: Any) -> Any:
-        raise ValueError("forgetting.wise_ft is built for text-classification only so far")
+    def blend_with_base(
+        self,
+        config: RetuneConfig,
+        trained: Trained,
+        validation: pd.DataFrame,
+        suite: retention.Suite,
+        base: Baseline,
+        project_dir: Path,
+    ) -> Any:
+        """WiSE-FT on every weight of the (merged) model: the blend with the best
+        validation next-token accuracy on the answers within the forgetting budget. The
+        chosen blend replaces the model in place and in its saved folder."""
+        from pipeline import mitigation
+        from pipeline.causal_training import _AnswerLoss, answer_loss
+        from pipeline.finetune import save_model
+
+        cfg, model, tokenizer = config.forgetting, trained.model, trained.processor
+        base_model, _ = load_base(config, project_dir)
+        base_state = mitigation.encoder_state(base_model, mitigation.whole)
+        del base_model
+        items = sft.tokenize_all(tokenizer, conv.messages_of(validation), config.train.max_length)
+
+        def validate(blend: Any) -> float:
+            scores = answer_loss(_AnswerLoss(blend), items, tokenizer.pad_token_id, bf16=False)
+            return scores["val_accuracy"]
+
+        def score(blend: Any) -> dict[str, forgetting.TaskOutputs]:
+            return lm_retention.score_lm(blend, tokenizer, suite.tasks, cfg.max_length)
+
+        choice = sweep_blends(
+            config, model, base_state, validate, score, base, suite, mitigation.whole
+        )
+        save_model(model, tokenizer, trained.model_dir)
+        return choice
 
     def evaluate(
         self,

@@ -39,7 +39,15 @@ from pipeline import (
     worker,
 )
 from pipeline.config import RetuneConfig
-from pipeline.tasks.base import Baseline, Champion, Evaluation, Frames, Retention, Trained
+from pipeline.tasks.base import (
+    Baseline,
+    Champion,
+    Evaluation,
+    Frames,
+    Retention,
+    Trained,
+    sweep_blends,
+)
 
 Predict = Any  # Callable[[list[str]], np.ndarray]: texts -> (N, K) class probabilities
 
@@ -302,6 +310,7 @@ def blend_with_base(
     validation: pd.DataFrame,
     suite: retention.Suite,
     base: Baseline,
+    project_dir: Path,
 ) -> mitigation.AlphaChoice:
     """WiSE-FT: sweep alpha, keep the best-validating blend within the forgetting budget.
     The chosen blend replaces the model in place and in its saved folder."""
@@ -310,28 +319,19 @@ def blend_with_base(
     base_state = mitigation.encoder_state(base_encoder)
     del base_encoder
     labels = label_ids(validation, config.data.labels)
-    budget = cfg.model_copy(update={"gate": "error"})
 
     def validate(blend: Any) -> float:
         probs = classifier_predict(config, blend, tokenizer)(validation["text"].tolist())
         report = evaluate.classification_metrics(labels, probs.argmax(1), config.data.labels)
         return float(getattr(report, config.registry.primary_metric))
 
-    def retain(blend: Any) -> forgetting.Comparison:
-        outputs = forgetting.score_encoder(
+    def score(blend: Any) -> dict[str, forgetting.TaskOutputs]:
+        return forgetting.score_encoder(
             blend.base_model, tokenizer, suite.tasks, config.evaluate.batch_size, cfg.max_length
         )
-        return forgetting.compare(
-            base.retention.outputs, outputs, suite.tasks, "base", cfg.bootstrap, cfg.seed
-        )
 
-    choice = mitigation.wise_ft(
-        model,
-        base_state,
-        cfg.wise_ft_alphas,
-        validate,
-        retain,
-        lambda kept: forgetting.forgetting_gate(kept, budget).passed,
+    choice = sweep_blends(
+        config, model, base_state, validate, score, base, suite, mitigation.encoder
     )
     finetune.save_model(model, tokenizer, trained.model_dir)
     return choice
