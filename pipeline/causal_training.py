@@ -35,6 +35,7 @@ from pipeline.finetune import (
     Optimization,
     Regularizer,
     freeze_modules,
+    logged_losses,
     micro_batches,
     run_phase,
     start_phase,
@@ -66,6 +67,17 @@ def freeze_decoder(model: nn.Module, strategy: str, frozen_layers: int) -> int:
         [model.get_input_embeddings(), *layers[:frozen_layers]] if strategy == "partial" else []
     )
     return freeze_modules(model, frozen)
+
+
+def shard(core: nn.Module) -> None:
+    """FSDP2 over the processes of torch.distributed: each decoder block a unit, the rest
+    (embeddings, a tied output layer, the final norm) with ``core``, the root, whose
+    forward gathers them. In place; the parameters become DTensor shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(core.model):
+        fully_shard(layer)
+    fully_shard(core)
 
 
 class _AnswerLoss(nn.Module):
@@ -112,7 +124,10 @@ class CausalLoop:
         self.pad_id = tokenizer.pad_token_id
         self.core = _AnswerLoss(model)
         self.net: nn.Module = self.core
-        if self.world > 1:
+        self.sharded = self.world > 1 and config.fsdp
+        if self.sharded:  # the core is the FSDP root: its forward gathers the shards
+            shard(self.core)
+        elif self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.core)
         self._setup_optimizer()
 
@@ -125,7 +140,9 @@ class CausalLoop:
         ]
         groups = [g for g in groups if g["params"]]
         self.total_steps = math.ceil(len(self.train) / config.batch_size) * config.epochs
-        self.opt = Optimization.build(self.model, groups, config, self.total_steps, self.device)
+        self.opt = Optimization.build(
+            self.model, groups, config, self.total_steps, self.device, self.sharded
+        )
 
     def lengths(self) -> list[int]:
         return [len(x.input_ids) for x in self.train]
@@ -142,10 +159,9 @@ class CausalLoop:
         task = 0.0
         for i, part in enumerate(micro):
             last = i == len(micro) - 1
-            # DDP syncs gradients on the last micro-batch's backward, which carries the
-            # regulariser too, so every gradient is reduced once.
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync()
-            with sync:
+            # DDP (FSDP) reduces gradients on the last micro-batch's backward, which carries
+            # the regulariser too, so every gradient is reduced once.
+            with self._gradient_sync(last):
                 batch = sft.pad_batch([self.train[j] for j in part], self.pad_id, self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     summed, _ = self.net(batch)
@@ -157,7 +173,15 @@ class CausalLoop:
                         reg = regularizer.loss(self.model, step)
                 (loss + reg if reg is not None else loss).backward()
         self.opt.finish_step(regularizer)
-        return task, reg.item() if reg is not None else 0.0
+        return logged_losses(task, reg, self.world, self.device)
+
+    def _gradient_sync(self, last: bool) -> Any:
+        if self.sharded:
+            self.core.set_requires_gradient_sync(last)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        return self.net.no_sync()  # type: ignore[operator]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -257,6 +281,25 @@ def train_causal(
     )
     if config.strategy == "lora":
         model = finish_lora(model)
+    if config.fsdp and rank_and_world()[1] > 1:
+        model = gather_shards(model, base, config.seed)
     if rank_and_world()[0] == 0:
         save_model(model, tokenizer, out_dir)
     return model.eval(), tokenizer, result
+
+
+def gather_shards(model: nn.Module, base: str, seed: int) -> nn.Module:
+    """A plain copy of an FSDP-sharded model on rank 0: its full weights (gathered from
+    every rank, a collective) in a fresh model built from ``base``. The other ranks keep
+    their shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from pipeline.causal_lm import load_causal_lm
+    from pipeline.finetune import full_state, rank_and_world
+
+    weights = get_model_state_dict(model, options=full_state())
+    if rank_and_world()[0] != 0:
+        return model
+    plain, _ = load_causal_lm(base, seed)
+    plain.load_state_dict(weights)
+    return plain

@@ -290,6 +290,12 @@ class TrainConfig(_Section):
     )
     nproc_per_node: int = Field(1, ge=1, description=">1: data-parallel with torchrun (DDP).")
     nnodes: int = Field(1, ge=1, description="Nodes for torchrun (multi-node needs rdzv setup).")
+    fsdp: bool = Field(
+        False,
+        description="Chat and translation under torchrun: shard the weights, gradients and "
+        "optimizer state across the processes (PyTorch FSDP2, one unit per decoder block) "
+        "instead of a full copy per process (DDP), for models larger than one device.",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     head_learning_rate: float = Field(
         5e-3,
@@ -570,10 +576,26 @@ class RetuneConfig(_Section):
                 f"train.strategy={self.train.strategy} does not apply to a generative task; "
                 "use lora, full or partial"
             )
-        if self.task in GENERATIVE_TASKS and self.train.nnodes * self.train.nproc_per_node > 1:
+        return self
+
+    @model_validator(mode="after")
+    def _check_sharding(self) -> RetuneConfig:
+        train, keep = self.train, self.forgetting
+        if not train.fsdp:
+            return self
+        if self.task not in GENERATIVE_TASKS:
+            raise ValueError("train.fsdp is built for chat and translation; set it to false")
+        if train.nproc_per_node * train.nnodes < 2:
+            raise ValueError("train.fsdp shards across processes: set train.nproc_per_node >= 2")
+        if train.strategy == "lora":
             raise ValueError(
-                "data-parallel training (train.nproc_per_node, train.nnodes) is built for "
-                "text-classification only so far; set both to 1 for a generative task"
+                "train.fsdp with train.strategy=lora is not built: LoRA's adapters are small "
+                "enough for DDP; use full or partial with fsdp, or set fsdp to false"
+            )
+        if keep.l2sp > 0 or keep.distill > 0:
+            raise ValueError(
+                "forgetting.l2sp and forgetting.distill act inside the training step, which "
+                "is not built for train.fsdp yet; set them to 0 (forgetting.wise_ft works)"
             )
         return self
 

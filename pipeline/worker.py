@@ -2,10 +2,11 @@
 
 Used for data-parallel training (``torchrun --nproc_per_node=N -m pipeline.worker SPEC``,
 gloo on CPU, NCCL on CUDA) and for resumable runs in a separate process. The spec names
-the base model, labels, config, the train/validation CSVs, the output folder and an
-optional checkpoint folder; rank 0 saves the trained model (safetensors + tokenizer) and
-``result.json``. Exit code 143 means SIGTERM: a checkpoint was written; run it again to
-resume.
+the kind (``text-classification``, or ``causal`` for chat and translation), the config,
+the train/validation CSVs (the split tables), the output folder and an optional
+checkpoint folder, plus the labels (a classifier) or the base model's local folder (a
+causal LM); rank 0 saves the trained model (safetensors + tokenizer) and ``result.json``.
+Exit code 143 means SIGTERM: a checkpoint was written; run it again to resume.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ from pipeline.config import ForgettingConfig, TrainConfig
 from pipeline.cpu import set_cpu_threads, worker_env
 from pipeline.finetune import EpochRecord, FineTuneResult, TrainingInterrupted
 from pipeline.mitigation import TeacherCache
-from pipeline.training import train_classifier
+
+CLASSIFIER, CAUSAL = "text-classification", "causal"
 
 
 def write_spec(
@@ -40,14 +43,21 @@ def write_spec(
     checkpoint_dir: Path | None = None,
     forgetting: ForgettingConfig | None = None,
     teacher_cache: TeacherCache | None = None,
+    kind: str = CLASSIFIER,
+    base: str | None = None,
 ) -> Path:
     """Write the JSON spec this worker reads.
 
-    ``forgetting`` carries the mitigations that act during training (L2-SP, embedding
-    distillation); every rank builds them from the pretrained weights, as one process would,
-    reading distillation's teacher embeddings from ``teacher_cache`` when given.
+    ``forgetting`` carries the mitigations that act during training (L2-SP, distillation);
+    every rank builds them from the pretrained weights, as one process would, reading a
+    classifier's teacher embeddings from ``teacher_cache`` when given. A ``causal`` spec
+    names the base's local folder (``base``) and has no labels.
     """
+    if kind not in {CLASSIFIER, CAUSAL} or (kind == CAUSAL) != (base is not None):
+        raise ValueError(f"a {kind!r} spec with base={base!r}")
     spec = {
+        "kind": kind,
+        "base": base,
         "config": config.model_dump(),
         "labels": labels,
         "train_csv": str(train_csv),
@@ -68,7 +78,6 @@ def write_spec(
 def run(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     config = TrainConfig.model_validate(spec["config"])
-    labels: list[str] = spec["labels"]
     set_cpu_threads(config.num_threads)  # this node's usable cores shared by its processes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -77,38 +86,117 @@ def run(spec_path: Path) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = int(os.environ.get("RANK", "0"))
-    index = {label: i for i, label in enumerate(labels)}
     train = pd.read_csv(spec["train_csv"], dtype=str, keep_default_na=False)
     val = pd.read_csv(spec["val_csv"], dtype=str, keep_default_na=False)
     keep = spec.get("forgetting")
-    teacher = spec.get("teacher_cache")
+    forgetting = ForgettingConfig.model_validate(keep) if keep else None
+    checkpoints = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
     out = Path(spec["out_dir"])
     try:
-        _, _, result = train_classifier(
-            config,
-            ForgettingConfig.model_validate(keep) if keep else None,
-            labels,
-            train["text"].tolist(),
-            train["label"].map(index).to_numpy(dtype=np.int64),
-            val["text"].tolist(),
-            val["label"].map(index).to_numpy(dtype=np.int64),
-            out,
-            checkpoint_dir=Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None,
-            teacher_cache=(
-                TeacherCache(Path(teacher["folder"]), teacher["weights_sha256"])
-                if teacher
-                else None
-            ),
-        )
+        if spec.get("kind", CLASSIFIER) == CAUSAL:
+            result = _train_causal(spec, config, forgetting, train, val, out, checkpoints)
+        else:
+            result = _train_classifier(spec, config, forgetting, train, val, out, checkpoints)
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 143
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-    if rank == 0:  # train_classifier saved the model there
+    if rank == 0:  # the training sequence saved the model there
         (out / "result.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return 0
+
+
+def _train_classifier(
+    spec: dict[str, Any],
+    config: TrainConfig,
+    forgetting: ForgettingConfig | None,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    out: Path,
+    checkpoints: Path | None,
+) -> FineTuneResult:
+    from pipeline.training import train_classifier
+
+    labels: list[str] = spec["labels"]
+    index = {label: i for i, label in enumerate(labels)}
+    teacher = spec.get("teacher_cache")
+    _, _, result = train_classifier(
+        config,
+        forgetting,
+        labels,
+        train["text"].tolist(),
+        train["label"].map(index).to_numpy(dtype=np.int64),
+        val["text"].tolist(),
+        val["label"].map(index).to_numpy(dtype=np.int64),
+        out,
+        checkpoint_dir=checkpoints,
+        teacher_cache=(
+            TeacherCache(Path(teacher["folder"]), teacher["weights_sha256"]) if teacher else None
+        ),
+    )
+    return result
+
+
+def _train_causal(
+    spec: dict[str, Any],
+    config: TrainConfig,
+    forgetting: ForgettingConfig | None,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    out: Path,
+    checkpoints: Path | None,
+) -> FineTuneResult:
+    from pipeline.causal_training import train_causal
+    from pipeline.conversations import messages_of
+
+    _, _, result = train_causal(
+        config, forgetting, spec["base"], messages_of(train), messages_of(val), out, checkpoints
+    )
+    return result
+
+
+def train_with_torchrun(
+    config: TrainConfig,
+    run_id: str | None,
+    out_dir: Path,
+    write: Callable[[Path, Path, Path], Path],
+) -> FineTuneResult:
+    """Data-parallel training under torchrun, on this node's processes or on several nodes
+    sharing RETUNE_SHARED_DIR; the model ends up in ``out_dir``.
+
+    Args:
+        write: (work folder, model folder, checkpoint folder) -> the spec it wrote there,
+            with the split tables beside it (see :func:`write_spec`).
+
+    Raises:
+        ValueError: ``nnodes > 1`` without RETUNE_SHARED_DIR.
+        RuntimeError: torchrun failed.
+    """
+    import shutil
+    import uuid
+
+    work, model_dir = out_dir.parent / "distributed", out_dir
+    if config.nnodes > 1:  # every node must see the spec, the data and the output
+        shared = os.environ.get("RETUNE_SHARED_DIR")
+        if not shared:
+            raise ValueError(
+                "train.nnodes > 1 needs RETUNE_SHARED_DIR: a folder every node mounts at "
+                "the same path, where the other nodes wait in `retune join`"
+            )
+        job_id = f"retune-{run_id or uuid.uuid4().hex}"  # a retried task resumes
+        work = Path(shared) / job_id
+        model_dir = work / "model"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoints = work / "checkpoints" if config.nnodes > 1 else out_dir.parent / "checkpoints"
+    spec = write(work, model_dir, checkpoints)
+    if config.nnodes > 1:
+        train_on_nodes(Path(work.parent), job_id, spec, config.nproc_per_node, config.nnodes)
+        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    else:
+        launch(spec, config.nproc_per_node, config.nnodes)
+    return read_result(out_dir)
 
 
 def launch(

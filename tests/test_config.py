@@ -294,3 +294,41 @@ def test_a_generative_task_brings_its_own_defaults_under_what_the_user_sets():
         load_config(None, ["task=chat", "registry.primary_metric=macro_f1"])
     with pytest.raises(ConfigError, match=r"train.strategy=head does not apply to a generative"):
         load_config(None, ["task=translation", "train.strategy=head"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.fsdp=true", "train.nproc_per_node=2"], "train.fsdp is built for chat and"),
+        (["task=chat", "train.fsdp=true"], r"set train.nproc_per_node >= 2"),
+        (["task=chat", "train.fsdp=true", "train.nproc_per_node=2"], "strategy=lora is not built"),
+        (
+            [
+                "task=chat",
+                "train.fsdp=true",
+                "train.nproc_per_node=2",
+                "train.strategy=full",
+                "forgetting.distill=1.0",
+            ],
+            "not built for train.fsdp yet",
+        ),
+    ],
+)
+def test_fsdp_is_refused_where_it_is_not_built(overrides: list[str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_a_generative_task_takes_kl_distillation_wise_ft_and_torchrun():
+    config = load_config(
+        overrides=[
+            "task=chat",
+            "train.strategy=full",
+            "forgetting.distill=1.0",
+            "forgetting.wise_ft=true",
+            "train.nproc_per_node=2",
+            "train.fsdp=false",
+        ]
+    )
+    assert config.forgetting.distill == 1.0 and config.forgetting.distill_batch_size == 8
+    assert config.forgetting.wise_ft and config.train.nproc_per_node == 2

@@ -42,6 +42,14 @@ def pairs_csv(path: Path, n: int = 80) -> Path:
     return path
 
 
+UI_PAIRS = (  # the translation pairs of pairs_csv(project / "ui.csv")
+    "task=translation",
+    "data.source=ui.csv",
+    "generation.source_column=en",
+    "generation.target_column=de",
+)
+
+
 def tiny_generative(tiny_causal_lm: Path) -> list[str]:
     return [
         f"train.base_model={tiny_causal_lm}",
@@ -69,10 +77,7 @@ def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
 ):
     pairs_csv(project / "ui.csv")
     overrides = [
-        "task=translation",
-        "data.source=ui.csv",
-        "generation.source_column=en",
-        "generation.target_column=de",
+        *UI_PAIRS,
         *tiny_generative(tiny_causal_lm),
     ]
     result = run(prefect_harness, project, *overrides)
@@ -225,10 +230,7 @@ def test_a_base_that_is_not_a_causal_lm_stops_before_training(
     result = run(
         prefect_harness,
         project,
-        "task=translation",
-        "data.source=ui.csv",
-        "generation.source_column=en",
-        "generation.target_column=de",
+        *UI_PAIRS,
         f"train.base_model={tiny_base_model}",
         *overrides,
     )
@@ -290,10 +292,7 @@ def test_full_tuning_with_kl_distillation_and_wise_ft_through_the_flow(
     result = run(
         prefect_harness,
         project,
-        "task=translation",
-        "data.source=ui.csv",
-        "generation.source_column=en",
-        "generation.target_column=de",
+        *UI_PAIRS,
         *tiny_generative(tiny_causal_lm),
         "train.learning_rate=0.01",
         "forgetting.distill=1.0",
@@ -320,3 +319,27 @@ def test_full_tuning_with_kl_distillation_and_wise_ft_through_the_flow(
     assert report["base"]["mean_drop"] == 0.0
     plots = [a.path for a in client.list_artifacts(version.run_id, "plots")]
     assert "plots/wise_ft.png" in plots
+
+
+def test_the_flow_trains_a_causal_lm_sharded_over_two_processes(
+    prefect_harness, project, tiny_causal_lm
+):
+    pairs_csv(project / "ui.csv")
+    result = run(
+        prefect_harness,
+        project,
+        *UI_PAIRS,
+        *tiny_generative(tiny_causal_lm),
+        "train.nproc_per_node=2",
+        "train.fsdp=true",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    tracking.configure(project)
+    client = MlflowClient()
+    version = client.get_model_version("retune-ui", "1")
+    params = client.get_run(version.run_id).data.params
+    assert params["train.fsdp"] == "True" and params["train.nproc_per_node"] == "2"
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["test_answer_loss"] < metrics["probe_test_answer_loss"]
+    spec = json.loads(next((project / "runs").glob("*/distributed/spec.json")).read_text())
+    assert spec["kind"] == "causal" and spec["config"]["fsdp"] is True

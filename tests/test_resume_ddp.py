@@ -137,6 +137,8 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, tiny_base_model: Pa
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
     r1, r2 = read_result(tmp_path / "one"), read_result(tmp_path / "two")
     assert r1.history[0].val_loss == pytest.approx(r2.history[0].val_loss, rel=1e-3)
+    # the logged loss is the whole batch's, summed over the ranks' shares
+    assert r1.loss_curve == pytest.approx(r2.loss_curve, rel=1e-3)
 
 
 def test_two_process_ddp_with_distillation_and_l2sp_matches_one_process(

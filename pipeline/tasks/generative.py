@@ -156,6 +156,37 @@ def token_counts(config: RetuneConfig, frames: Frames, project_dir: Path) -> Any
     return TokenCounts(counts, config.train.max_length)
 
 
+def train_distributed(
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    run_id: str | None,
+    model_dir: Path,
+    base: str,
+) -> Any:
+    """The causal LM trained under torchrun (DDP, or FSDP with ``train.fsdp``) by
+    :mod:`pipeline.worker`; rank 0 saves it to ``model_dir``. Returns its FineTuneResult."""
+    from pipeline import worker
+
+    def write(work: Path, out: Path, checkpoints: Path) -> Path:
+        train.to_csv(work / "train.csv", index=False)
+        validation.to_csv(work / "validation.csv", index=False)
+        return worker.write_spec(
+            work / "spec.json",
+            config.train,
+            [],
+            work / "train.csv",
+            work / "validation.csv",
+            out,
+            checkpoints,
+            config.forgetting,
+            kind=worker.CAUSAL,
+            base=base,
+        )
+
+    return worker.train_with_torchrun(config.train, run_id, model_dir, write)
+
+
 # --- the model ---------------------------------------------------------------------------
 
 
@@ -438,13 +469,19 @@ class Generative:
         from tqdm.auto import tqdm
 
         from pipeline import tracking
+        from pipeline.causal_lm import load_causal_lm
         from pipeline.causal_training import train_causal
         from pipeline.finetune import pick_device
 
+        base = base_path(config, project_dir)
+        if config.train.nnodes * config.train.nproc_per_node > 1:
+            result = train_distributed(config, train, validation, run_id, model_dir, base)
+            model, tokenizer = load_causal_lm(str(model_dir), config.train.seed)
+            return Trained(model.to(pick_device()), tokenizer, result, model_dir)
         model, tokenizer, result = train_causal(
             config.train,
             config.forgetting,
-            base_path(config, project_dir),
+            base,
             conv.messages_of(train),
             conv.messages_of(validation),
             model_dir,

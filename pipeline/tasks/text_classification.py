@@ -9,9 +9,6 @@ identity-term swaps and CrowS-Pairs; it is served as an MLflow pyfunc that reads
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -235,39 +232,23 @@ def train_distributed(
 ) -> Trained:
     """Data-parallel fine-tuning under torchrun (this node's processes, or several nodes
     sharing RETUNE_SHARED_DIR); the model is saved to ``out_dir`` and loaded back."""
-    cfg = config.train
-    work, model_dir = out_dir.parent / "distributed", out_dir
-    if cfg.nnodes > 1:  # every node must see the spec, the data and the output
-        shared = os.environ.get("RETUNE_SHARED_DIR")
-        if not shared:
-            raise ValueError(
-                "train.nnodes > 1 needs RETUNE_SHARED_DIR: a folder every node mounts at "
-                "the same path, where the other nodes wait in `retune join`"
-            )
-        job_id = f"retune-{run_id or uuid.uuid4().hex}"  # a retried task resumes
-        work = Path(shared) / job_id
-        model_dir = work / "model"
-    work.mkdir(parents=True, exist_ok=True)
-    train.to_csv(work / "train.csv", index=False)
-    val.to_csv(work / "validation.csv", index=False)
-    checkpoints = work / "checkpoints" if cfg.nnodes > 1 else out_dir.parent / "checkpoints"
-    spec = worker.write_spec(
-        work / "spec.json",
-        cfg,
-        config.data.labels,
-        work / "train.csv",
-        work / "validation.csv",
-        model_dir,
-        checkpoints,
-        config.forgetting,
-        teacher,
-    )
-    if cfg.nnodes > 1:
-        worker.train_on_nodes(Path(work.parent), job_id, spec, cfg.nproc_per_node, cfg.nnodes)
-        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
-    else:
-        worker.launch(spec, cfg.nproc_per_node, cfg.nnodes)
-    result = worker.read_result(out_dir)
+
+    def write(work: Path, model_dir: Path, checkpoints: Path) -> Path:
+        train.to_csv(work / "train.csv", index=False)
+        val.to_csv(work / "validation.csv", index=False)
+        return worker.write_spec(
+            work / "spec.json",
+            config.train,
+            config.data.labels,
+            work / "train.csv",
+            work / "validation.csv",
+            model_dir,
+            checkpoints,
+            config.forgetting,
+            teacher,
+        )
+
+    result = worker.train_with_torchrun(config.train, run_id, out_dir, write)
     model, tokenizer = finetune.load_saved_classifier(out_dir)
     return Trained(model, tokenizer, result, out_dir)
 
