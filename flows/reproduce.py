@@ -9,13 +9,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.retrain import evaluate_model, train_model
-from pipeline import data, lineage, retention, versioning
+from pipeline import data, lineage, retention, tasks, versioning
 from pipeline.config import RetuneConfig
 from pipeline.run_record import headline_metrics
 
-# Metrics that must match exactly on CPU for a run to count as reproduced, plus the
-# tuned model's score on every retention task (``retention_<task>``) recorded by the run.
-COMPARED = ("test_accuracy", "test_macro_f1", "best_epoch")
+# What must match exactly on CPU for a run to count as reproduced: the kind's test metrics
+# (``test_<metric>``), the best epoch and the tuned model's score on every retention task
+# (``retention_<task>``), as far as the run recorded them.
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     suite_folder = versioning.restore_dataset(
         root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
     )
-    suite = retention.Suite(
+    restored_suite = retention.Suite(
         retention.load_suite(suite_folder), versioning.folder_md5(suite_folder), [], suite_folder
     )
+    suite = tasks.get(config.task).retention_suite(config, root, restored_suite)
     evaluation = evaluate_model(config, trained, test, suite, root)
     shutil.rmtree(work / "model", ignore_errors=True)
     reproduced = {

@@ -343,3 +343,19 @@ def test_the_flow_trains_a_causal_lm_sharded_over_two_processes(
     assert metrics["test_answer_loss"] < metrics["probe_test_answer_loss"]
     spec = json.loads(next((project / "runs").glob("*/distributed/spec.json")).read_text())
     assert spec["kind"] == "causal" and spec["config"]["fsdp"] is True
+
+
+def test_a_translator_version_reproduces_exactly_from_its_data_and_config(
+    prefect_harness, project, tiny_causal_lm
+):
+    pairs_csv(project / "ui.csv")
+    result = run(prefect_harness, project, *UI_PAIRS, *tiny_generative(tiny_causal_lm))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    done = run_retune(project, prefect_harness, "reproduce", "retune-ui/1", "--project-dir", ".")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    compared = {line.split()[0] for line in lines if line.strip().endswith("same")}
+    # the kind's own metrics and its likelihood retention tasks, not the classifier's
+    assert {"test_answer_loss", "test_token_accuracy", "test_chrf", "best_epoch"} <= compared
+    assert {"retention_lee", "retention_brown"} <= compared
+    assert "reproduced exactly" in done.stdout

@@ -102,8 +102,12 @@ class TaskKind(Protocol):
         """Group representation and label rates in the training data."""
         ...
 
-    def retention_suite(self, config: RetuneConfig, project_dir: Path) -> retention.Suite:
-        """The general tasks the model is never tuned on (the forgetting benchmark)."""
+    def retention_suite(
+        self, config: RetuneConfig, project_dir: Path, versioned: retention.Suite | None = None
+    ) -> retention.Suite:
+        """The general tasks the model is never tuned on (the forgetting benchmark), from
+        the versioned suite: ``versioned`` (a restored one, for reproduce) or the project's,
+        built and committed to DVC when it changed."""
         ...
 
     def measure_base(

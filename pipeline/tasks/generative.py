@@ -378,12 +378,14 @@ class Generative:
             min_group_share=config.bias.min_group_share,
         )
 
-    def retention_suite(self, config: RetuneConfig, project_dir: Path) -> retention.Suite:
-        """Likelihood tasks from the versioned suite plus the base's answers to the general
-        prompts (generated once per base)."""
+    def retention_suite(
+        self, config: RetuneConfig, project_dir: Path, versioned: retention.Suite | None = None
+    ) -> retention.Suite:
+        """Likelihood tasks from the versioned suite (``versioned``, or the project's) plus
+        the base's answers to the general prompts (generated once per base)."""
         from pipeline import lm_eval
 
-        suite = datasets.ensure_suite(
+        suite = versioned or datasets.ensure_suite(
             project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
         )
         tasks = lm_retention.text_tasks(suite.tasks, config.forgetting.brown_sentences // 10)

@@ -388,8 +388,12 @@ class TextClassification:
             membership=group_membership(frame, lexicon),
         )
 
-    def retention_suite(self, config: RetuneConfig, project_dir: Path) -> retention.Suite:
+    def retention_suite(
+        self, config: RetuneConfig, project_dir: Path, versioned: retention.Suite | None = None
+    ) -> retention.Suite:
         """The versioned retention suite (built, and committed to DVC when it changed)."""
+        if versioned is not None:
+            return versioned
         return datasets.ensure_suite(
             project_dir, config.forgetting, config.data.data_dir, push=config.data.dvc_push
         )
