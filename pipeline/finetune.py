@@ -129,20 +129,27 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
 
     def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A detached copy of the model's weights (full tensors, on CPU when sharded)."""
+        """A detached copy of the weights that train (the best epoch's, say): frozen ones
+        never change, so a LoRA run copies its adapters, not the whole base. Full tensors,
+        on CPU, when sharded."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             return get_model_state_dict(model, options=full_state())
-        return {n: t.detach().clone() for n, t in model.state_dict().items()}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trained}
 
     def load_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`weights` copied; the frozen weights stay as they are."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
             set_model_state_dict(model, weights, options=full_state(load=True))
-        else:
-            model.load_state_dict(weights)
+            return
+        missing = set(weights) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"saved weights the model does not have: {sorted(missing)[:5]}")
+        model.load_state_dict(weights, strict=False)
 
     def tensor_states(self, model: nn.Module) -> dict[str, Any]:
         if self.sharded:

@@ -253,3 +253,28 @@ def test_kl_distillation_keeps_general_text_closer_to_the_base(tiny_causal_lm, t
         assert result.history[-1].val_loss < result.history[0].val_loss  # it still learns
         assert (tmp_path / str(weight) / "model.safetensors").is_file()
     assert drift[5.0] < 0.5 * drift[0.0], drift
+
+
+def test_the_best_weights_copy_holds_the_adapters_alone_and_restores_them(tiny_causal_lm):
+    from pipeline.finetune import Optimization
+
+    model, tokenizer = load(tiny_causal_lm)
+    wrapped = apply_lora(model, config(strategy="lora"), "CAUSAL_LM")
+    trainables = [p for p in wrapped.parameters() if p.requires_grad]
+    opt = Optimization.build(wrapped, [{"params": trainables}], config(), 10, torch.device("cpu"))
+    best = opt.weights(wrapped)
+    assert best and all("lora_" in name for name in best)  # not the frozen base
+    lora_size = sum(t.numel() for t in best.values())
+    assert (
+        lora_size
+        == sum(p.numel() for p in trainables)
+        < 0.2 * sum(p.numel() for p in wrapped.parameters())
+    )
+    before = {n: t.clone() for n, t in wrapped.state_dict().items()}
+    with torch.no_grad():
+        for p in trainables:
+            p.add_(1.0)
+    opt.load_weights(wrapped, best)
+    assert all(torch.equal(before[n], t) for n, t in wrapped.state_dict().items())
+    with pytest.raises(ValueError, match="saved weights the model does not have"):
+        opt.load_weights(wrapped, {"nowhere.weight": torch.zeros(1)})
