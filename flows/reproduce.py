@@ -31,7 +31,10 @@ class Reproduction:
 
     @property
     def matches(self) -> bool:
-        return all(self.recorded.get(k) == self.reproduced.get(k) for k in self.recorded)
+        """Every recorded figure reproduced, and there was something to compare."""
+        return "best_epoch" in self.recorded and all(
+            self.recorded.get(k) == self.reproduced.get(k) for k in self.recorded
+        )
 
 
 @flow(name="reproduce")

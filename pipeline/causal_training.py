@@ -77,7 +77,9 @@ def shard(core: nn.Module) -> None:
 
     for layer in decoder_layers(core.model):
         fully_shard(layer)
-    fully_shard(core)
+    # Resharded after every forward, the root too (its default keeps the gathered weights
+    # after a forward), so that loading weights between forwards meets shards everywhere.
+    fully_shard(core, reshard_after_forward=True)
 
 
 class _AnswerLoss(nn.Module):

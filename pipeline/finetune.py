@@ -132,10 +132,14 @@ class Optimization:
         """A detached copy of the weights that train (the best epoch's, say): frozen ones
         never change, so a LoRA run copies its adapters, not the whole base. Full tensors,
         on CPU, when sharded."""
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        if self.sharded:  # every rank holds the full copy, as a checkpoint read back does
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
-            return get_model_state_dict(model, options=full_state())
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            return {n: t.detach().cpu() for n, t in full.items()}
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trained}
 
@@ -187,11 +191,11 @@ class Optimization:
 
 def full_state(load: bool = False) -> Any:
     """FSDP shards gathered into full CPU tensors on rank 0 (the other ranks get an empty
-    dict); ``load``: rank 0's full tensors scattered back into every rank's shards."""
+    dict); ``load``: full tensors, which every rank holds, split back into its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     if load:
-        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        return StateDictOptions(full_state_dict=True)
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -1037,6 +1041,17 @@ class _Stop:
     requested: bool = False
 
 
+def _stop_agreed(stop: _Stop, world: int, device: torch.device) -> bool:
+    """Whether any rank got SIGTERM, agreed by all (an all-reduce after every step), so
+    every rank checkpoints and stops at the same step: saving gathers FSDP shards."""
+    if world == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    stop.requested = bool(flag.item())
+    return stop.requested
+
+
 @contextlib.contextmanager
 def _sigterm_requests_stop(stop: _Stop, enabled: bool) -> Iterator[None]:
     """While inside, SIGTERM sets ``stop`` instead of killing; the previous handler returns."""
@@ -1139,7 +1154,9 @@ def run_phase(
             bar.update(state.step)
         while not state.finished and state.epoch <= config.epochs:
             _run_epoch(loop, state, regularizer, log, bar, stop, saves)
-            best = _end_epoch(loop, state, log, saves) or best
+            better = _end_epoch(loop, state, log, saves)
+            # not `or`: under FSDP only rank 0 holds the gathered weights, the others {}
+            best = better if better is not None else best
     if stop.requested:  # it came after the last step: whoever handled it before decides
         signal.raise_signal(signal.SIGTERM)
     if best is not None and state.best_epoch != state.history[-1].epoch:
@@ -1216,7 +1233,7 @@ def _run_epoch(
             log.log(
                 metrics | ({"regularizer_loss": reg_value} if log.regularized else {}), state.step
             )
-        if stop.requested:
+        if _stop_agreed(stop, loop.world, loop.device):
             saves.save(loop, state)
             raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint in {saves.last}")
         if state.step % loop.config.checkpoint_every_steps == 0:

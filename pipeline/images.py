@@ -56,6 +56,8 @@ def read_image_source(
             f"{source}: column(s) {missing} missing; found: {', '.join(manifest.columns)}. "
             "Set the path and label columns of the manifest."
         )
+    if manifest.empty:
+        raise DataError(f"{source}: the manifest lists no images")
     root = source.parent
     table = manifest.rename(columns={path_column: "path", label_column: "label"})
     absent = [(i, p) for i, p in enumerate(table["path"]) if not (root / p).is_file()]
@@ -105,7 +107,7 @@ def describe_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
                     "aspect": max(width, height) / max(1, min(width, height)),
                     "phash": str(imagehash.phash(image)),
                 }
-        except (OSError, SyntaxError, ValueError) as err:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             row["error"] = f"{type(err).__name__}: {err}"
         derived.append(row)
     return pd.concat([table.reset_index(drop=True), pd.DataFrame(derived)], axis=1)

@@ -74,7 +74,9 @@ class L2SP:
             for p in group["params"]:
                 anchor = self.anchor.get(id(p))
                 if anchor is not None:
-                    p.sub_(shrink * (p - anchor.to(p.device)))
+                    if anchor.device != p.device:  # built on the CPU: move it once
+                        anchor = self.anchor[id(p)] = anchor.to(p.device)
+                    p.sub_(shrink * (p - anchor))
 
     def distance(self, model: nn.Module) -> float:
         """``||theta - theta_0||^2`` over the encoder (for logging and tests)."""
@@ -280,9 +282,12 @@ class LogitDistillation:
         with torch.no_grad():
             if self.teacher is not None:
                 teacher = lm_eval.scored_logits(self.teacher.to(device), batch)
-            else:
+            else:  # the base under the adapters, without dropout, as the frozen copy
+                was_training = model.training
+                model.eval()
                 with model.disable_adapter():
                     teacher = lm_eval.scored_logits(model, batch)
+                model.train(was_training)
         positions = max(1, sum(len(self.items[i].input_ids) - 1 for i in idx))
         # Summed over the shard / the global batch's positions, times world: DDP's gradient
         # mean then equals the gradient of the mean over the whole batch.

@@ -67,6 +67,12 @@ def spec(folder: Path, name: str, config: TrainConfig, base: Path, data, **kw) -
     )
 
 
+def torchrun(spec_path: Path) -> list[str]:
+    """The 2-process torchrun command of the worker, for a test that watches the process."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*run, "-m", "pipeline.worker", str(spec_path)]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
@@ -118,16 +124,7 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path, ti
     launch(straight, nproc_per_node=2)
 
     stopped = spec(tmp_path, "b", config, tiny_causal_lm, data, checkpoints=tmp_path / "b-ckpt")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "pipeline.worker",
-        str(stopped),
-    ]
+    command = torchrun(stopped)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "b-ckpt" / "checkpoint.pt"
     deadline = time.time() + 300
@@ -145,3 +142,31 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path, ti
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_result(tmp_path / "a").loss_curve == read_result(tmp_path / "b").loss_curve
+
+
+def test_fsdp_restores_an_earlier_best_epoch_on_every_rank(tmp_path, tiny_causal_lm):
+    """Validation answers the training never teaches: the loss rises after epoch 1, so the
+    best weights (gathered on rank 0 only) come back through a collective every rank joins."""
+    data = write_data(tmp_path / "data", 64)
+    val = pd.read_csv(data[1])
+    wrong = [{"role": "assistant", "content": "Nein nein Hilfe ja " * 3}]
+    val["messages"] = [json.dumps(json.loads(m)[:1] + wrong) for m in val["messages"]]
+    val.to_csv(data[1], index=False)
+    config = settings(epochs=4, patience=4, learning_rate=1e-2)
+    one = spec(tmp_path, "one", config, tiny_causal_lm, data)
+    launch(one, nproc_per_node=1)
+    two = spec(
+        tmp_path,
+        "two",
+        settings(epochs=4, patience=4, learning_rate=1e-2, fsdp=True),
+        tiny_causal_lm,
+        data,
+    )
+    command = torchrun(two)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)  # no hang
+    assert done.returncode == 0, done.stderr[-3000:]
+    r1, r2 = read_result(tmp_path / "one"), read_result(tmp_path / "two")
+    assert r1.best_epoch == r2.best_epoch == 1 and len(r2.history) == 4
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=2e-5)
