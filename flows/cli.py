@@ -818,35 +818,48 @@ def predict(
         Path,
         typer.Argument(
             help="CSV or JSONL file with a text column (a chat model also reads a JSONL "
-            "messages column)."
+            "messages column; an image classifier reads an image folder or a CSV manifest "
+            "with a path column)."
         ),
     ],
     out: Annotated[
         Path | None,
         typer.Option(
-            help="CSV or JSONL to write (default: FILE.predictions.<suffix> beside FILE)."
+            help="CSV or JSONL to write (default: FILE.predictions.<suffix> beside FILE; "
+            "for an image folder, FOLDER.predictions.csv beside it)."
         ),
     ] = None,
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 64,
+    path_column: Annotated[
+        str, typer.Option(help="Manifest column holding the image paths.")
+    ] = "path",
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts or images per forward pass.")] = 64,
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """Label every row of FILE with a registered model: its rows plus label and prob_* columns
-    (a chat or translation model: plus its answer)."""
+    (a chat or translation model: plus its answer; an image classifier: every image of a
+    folder, or of a manifest's path column)."""
     project_dir = project_dir.resolve()
     set_runtime_defaults(project_dir)
-    from pipeline import chat_serving, registry, tracking
+    from pipeline import chat_serving, image_serving, registry, tracking
+    from pipeline.config import GENERATIVE_TASKS, IMAGE_CLASSIFICATION
     from pipeline.serving import ServingInputError, predict_file
 
     tracking.configure(project_dir, os.environ.get("MLFLOW_TRACKING_URI"))
-    out = out or path.with_name(f"{path.stem}.predictions{path.suffix}")
     try:
         version = registry.resolve_version(ref)
         uri = f"models:/{version.name}/{version.version}"
-        if _generative(version):
+        task = _task(version)
+        if task == IMAGE_CLASSIFICATION:
+            out = out or _predictions_file(path, ".csv")
+            rows = image_serving.predict_images(uri, path, out, path_column, batch_size)
+            done = "labelled"
+        elif task in GENERATIVE_TASKS:
+            out = out or _predictions_file(path, path.suffix)
             rows = chat_serving.answer_file(uri, path, out, text_column, batch_size)
             done = "answered"
         else:
+            out = out or _predictions_file(path, path.suffix)
             rows = predict_file(uri, path, out, text_column, batch_size)
             done = "labelled"
     except (registry.ModelRefError, ServingInputError) as err:
@@ -854,13 +867,27 @@ def predict(
     typer.echo(f"{version.name}/{version.version}: {done} {rows} rows of {path} -> {out}")
 
 
-def _generative(version: Any) -> bool:
-    """Whether a registered version answers conversations (a chat or translation model)."""
+def _predictions_file(path: Path, suffix: str) -> Path:
+    """FILE.predictions.<suffix> beside FILE (a folder: FOLDER.predictions.<suffix>)."""
+    if path.is_dir():
+        folder = path.resolve()  # "." has no name
+        return folder.parent / f"{folder.name}.predictions{suffix}"
+    return path.with_name(f"{path.stem}.predictions{suffix}")
+
+
+def _task(version: Any) -> str | None:
+    """The task of a registered version (its identity), None when it has none recorded."""
     from pipeline import registry
-    from pipeline.config import GENERATIVE_TASKS
 
     found = registry.version_identity(version)
-    return found is not None and found.task in GENERATIVE_TASKS
+    return found.task if found is not None else None
+
+
+def _generative(version: Any) -> bool:
+    """Whether a registered version answers conversations (a chat or translation model)."""
+    from pipeline.config import GENERATIVE_TASKS
+
+    return _task(version) in GENERATIVE_TASKS
 
 
 @app.command()

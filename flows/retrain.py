@@ -86,7 +86,12 @@ def version_data(
     config: RetuneConfig, prepared: data.PreparedData, project_dir: Path
 ) -> versioning.DataVersion:
     version = datasets.import_dataset(
-        prepared.frames, config.data, project_dir, dropped=prepared.dropped, source=prepared.source
+        prepared.frames,
+        config.data,
+        project_dir,
+        dropped=prepared.dropped,
+        source=prepared.source,
+        files=prepared.files,
     )
     get_run_logger().info("data versioned: md5 %s", version.md5)
     return version
@@ -264,6 +269,7 @@ def register(
     champion_version: str | None,
     actor: str,
     lock: Callable[[], Any],
+    project_dir: Path,
     recompute: Recompute | None = None,
 ) -> Registered:
     """Log the model for serving, then register it with the alias the policy chose (see
@@ -274,7 +280,7 @@ def register(
         recompute: decides again when the champion changed while this run trained.
     """
     kind = _kind(config)
-    model_uri = kind.log_model(config, run_id, model_dir, test)
+    model_uri = kind.log_model(config, run_id, model_dir, test, project_dir)
     return registration.register_candidate(
         registry.model_name(config),
         run_id,
@@ -284,14 +290,19 @@ def register(
         champion_version or "",
         actor,
         lock,
-        smoke_input=kind.examples(test),
+        smoke_input=kind.examples(config, test, project_dir),
         recompute=recompute,
         logger=get_run_logger(),
     )
 
 
 def current_champion_figures(
-    config: RetuneConfig, name: str, data_md5: str, test: pd.DataFrame, work_dir: Path
+    config: RetuneConfig,
+    name: str,
+    data_md5: str,
+    test: pd.DataFrame,
+    work_dir: Path,
+    project_dir: Path,
 ) -> promotion.ChampionFigures | None:
     """The figures of the champion that holds the alias now, for a verdict decided again
     (see :func:`pipeline.registration.current_champion_figures`)."""
@@ -300,7 +311,7 @@ def current_champion_figures(
         name,
         data_md5,
         config.registry.primary_metric,
-        partial(kind.loaded_metric, config, test=test),
+        partial(kind.loaded_metric, config, test=test, project_dir=project_dir),
         work_dir,
     )
 
@@ -312,9 +323,10 @@ def decide_again(
     data_md5: str,
     test: pd.DataFrame,
     work_dir: Path,
+    project_dir: Path,
 ) -> Recompute:
     """The ``recompute`` for :func:`register`: the policy against the champion of now."""
-    figures = partial(current_champion_figures, config, name, data_md5, test, work_dir)
+    figures = partial(current_champion_figures, config, name, data_md5, test, work_dir, project_dir)
     identity = _kind(config).identity(config)
     incompatible = partial(registration.incompatibility, name, identity, _own_name(config))
     return registration.decide_again(candidate, config.promotion, figures, incompatible)
@@ -488,7 +500,9 @@ def register_model(
     registered, final = None, verdict
     if not verdict.refused or config.promotion.register_refused:
         name, out_dir = context.model_name, context.out_dir
-        recompute = decide_again(config, name, candidate, results.version.md5, test, out_dir)
+        recompute = decide_again(
+            config, name, candidate, results.version.md5, test, out_dir, context.project_dir
+        )
         try:
             registered = register(
                 config,
@@ -500,6 +514,7 @@ def register_model(
                 results.champion.version if results.champion else None,
                 registry.default_actor(out_dir.name),
                 partial(promotion_lock, context.project_dir, context.tracking_uri, name),
+                context.project_dir,
                 recompute,
             )
             final = registered.verdict

@@ -106,6 +106,15 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
     "copies": "warn",  # the target repeats the source (lower-cased, whitespace folded)
     "length_ratio": "warn",  # target/source characters beyond generation.max_length_ratio
     "placeholders": "warn",  # %(name)s, %s, {0} ... differ between source and target
+    # images (task: image-classification), on the manifest with per-image columns
+    "image_decodes": "error",  # Pillow decodes every pixel of every file
+    "image_mode": "warn",  # modes other than RGB/L (CMYK, 16-bit, palette, alpha): converted
+    "image_size": "error",  # width and height at least validation.min_image_side
+    "image_aspect": "warn",  # longer/shorter side above validation.max_aspect_ratio
+    "image_duplicates": "warn",  # the same bytes (SHA-256) twice, share over max_duplicate_rate
+    "image_near_duplicates": "warn",  # perceptual hashes within near_duplicate_distance
+    "image_leakage": "error",  # the same bytes in validation/test and in train
+    "image_leakage_near": "warn",  # a near-duplicate of a training image in validation/test
 }
 
 
@@ -130,6 +139,19 @@ class ValidationConfig(_Section):
         "sits at the end of a text, or raise train.max_length.",
     )
     min_rows_per_label: int = Field(5, ge=0, description="Per label in every split.")
+    min_image_side: int = Field(
+        8, ge=1, description="Images: narrower or shorter images fail image_size (pixels)."
+    )
+    max_aspect_ratio: float = Field(
+        4.0, ge=1, description="Images: a longer/shorter side ratio above this is flagged."
+    )
+    near_duplicate_distance: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Images: two images whose 64-bit perceptual hashes (imagehash pHash) "
+        "differ in at most this many bits count as near-duplicates.",
+    )
     max_duplicate_rate: float = Field(0.02, ge=0, le=1)
     max_mojibake_rate: float = Field(0.01, ge=0, le=1)
     max_imbalance_ratio: float = Field(10.0, ge=1, description="Majority/minority label rows.")
@@ -487,8 +509,51 @@ class GenerationConfig(_Section):
     )
 
 
-TaskName = Literal["text-classification", "chat", "translation"]
+class ImageConfig(_Section):
+    """Image classification (task: image-classification): how images are read, sized and
+    augmented."""
+
+    path_column: str = Field("path", description="CSV manifest: the image file, relative to it.")
+    size: int = Field(
+        224,
+        ge=16,
+        description="Pixels per side the model sees: the short side is resized to "
+        "size * 8/7 and the centre cropped (ImageNet's 256 -> 224), or a random resized crop "
+        "while training with augment.",
+    )
+    augment: bool = Field(
+        True,
+        description="Seeded augmentation of the training images (random resized crop, "
+        "horizontal flip) where gradients reach the backbone; off for features of frozen "
+        "layers computed once (train.cache_frozen), which then see the centre crop.",
+    )
+    crop_scale: float = Field(
+        0.6, gt=0, le=1, description="augment: smallest share of the image a random crop keeps."
+    )
+    hflip: bool = Field(True, description="augment: flip half the images left to right.")
+    example_per_class: int = Field(
+        300,
+        ge=10,
+        description="source example (Fashion-MNIST): images per class drawn from its 60,000 "
+        "training images, then split; 10 classes.",
+    )
+
+
+TaskName = Literal["text-classification", "chat", "translation", "image-classification"]
 GENERATIVE_TASKS = ("chat", "translation")
+IMAGE_CLASSIFICATION = "image-classification"
+FASHION_MNIST_LABELS = [  # Fashion-MNIST's classes by id (Xiao et al. 2017)
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+]
 TOP_LEVEL_KEYS = ("task",)  # keys outside any section
 # What a generative task changes in the defaults (a key the user sets wins): the offline
 # causal LM, LoRA on its attention projections, and what promotion compares.
@@ -515,12 +580,31 @@ _GENERATIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     # CrowS-Pairs by likelihood is the generative kinds' bias gate: it refuses by default.
     "bias": {"severity": {"crows_pairs": "error"}},
 }
+# Image classification: the offline ImageNet MobileNetV2, its stem and first 10 of 17
+# blocks frozen (the seed's recipe), SGD-sized rates for a CNN's BatchNorm layers.
+_IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "base_model": "packaged:mobilenet_v2",
+        "strategy": "partial",
+        "frozen_layers": 10,
+        "learning_rate": 1e-3,
+        "head_learning_rate": 1e-2,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "epochs": 3,
+        "patience": 2,
+    },
+    "forgetting": {"distill": 0.0},
+}
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "chat": _GENERATIVE_DEFAULTS | {"registry": {"primary_metric": "token_accuracy"}},
     "translation": _GENERATIVE_DEFAULTS | {"registry": {"primary_metric": "chrf"}},
+    IMAGE_CLASSIFICATION: _IMAGE_DEFAULTS,
 }
+EXAMPLE_NAMES = {"chat": "chatterbot-en", IMAGE_CLASSIFICATION: "fashion-mnist"}
 PRIMARY_METRICS = {
     "text-classification": ("macro_f1", "accuracy"),
+    IMAGE_CLASSIFICATION: ("macro_f1", "accuracy"),
     "chat": ("token_accuracy",),
     "translation": ("chrf", "token_accuracy"),
 }
@@ -530,7 +614,8 @@ class RetuneConfig(_Section):
     task: TaskName = Field(
         "text-classification",
         description="The kind of fine-tuning task (pipeline/tasks/): text-classification, "
-        "chat (conversations) or translation (source/target pairs).",
+        "chat (conversations), translation (source/target pairs) or image-classification "
+        "(an image folder or a CSV manifest of images).",
     )
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -541,6 +626,7 @@ class RetuneConfig(_Section):
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
     generation: GenerationConfig = GenerationConfig()
+    image: ImageConfig = ImageConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -558,8 +644,10 @@ class RetuneConfig(_Section):
             data = dict(data or {})
             if data.get("source", EXAMPLE_SOURCE) == EXAMPLE_SOURCE and not data.get("name"):
                 language = (filled.get("generation") or {}).get("example_language", "de")
-                example = {"chat": "chatterbot-en", "translation": f"django-{language}"}
-                data["name"] = example[raw["task"]]
+                data["name"] = EXAMPLE_NAMES.get(raw["task"], f"django-{language}")
+            if raw["task"] == IMAGE_CLASSIFICATION and "labels" not in data:
+                if data.get("source", EXAMPLE_SOURCE) == EXAMPLE_SOURCE:
+                    data["labels"] = FASHION_MNIST_LABELS
             filled["data"] = data
         return filled
 
@@ -570,6 +658,16 @@ class RetuneConfig(_Section):
             raise ValueError(
                 f"registry.primary_metric={self.registry.primary_metric} is not a metric of "
                 f"task {self.task}; use {' or '.join(allowed)}"
+            )
+        if self.task == IMAGE_CLASSIFICATION and self.train.strategy == "lora":
+            raise ValueError(
+                "train.strategy=lora is not built for image-classification; use head, "
+                "partial, full or lp-ft"
+            )
+        if self.task == IMAGE_CLASSIFICATION and (self.forgetting.distill or self.forgetting.l2sp):
+            raise ValueError(
+                "forgetting.distill and forgetting.l2sp are built for text and causal LMs, not "
+                "image-classification; set them to 0 (forgetting.wise_ft works)"
             )
         if self.task in GENERATIVE_TASKS and self.train.strategy not in {"lora", "full", "partial"}:
             raise ValueError(

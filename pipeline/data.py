@@ -442,6 +442,9 @@ class PreparedData:
     dropped: dict[str, int] = field(default_factory=dict)
     rows_read: int = 0
     source: str | None = None  # what the manifest records as the source; None: the config's
+    # files copied into the dataset folder beside the split tables (images): path inside
+    # the dataset -> the file it is copied from
+    files: dict[str, Path] = field(default_factory=dict)
 
     def dropped_lines(self) -> list[str]:
         """``"2 rows: cross-split near-duplicate (its text, ...)"``, one per reason."""

@@ -41,6 +41,7 @@ def import_dataset(
     dropped: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
     source: str | None = None,
+    files: dict[str, Path] | None = None,
 ) -> versioning.DataVersion:
     """Write ``frames`` as ``data/<name>/`` and version them with DVC, all or nothing.
 
@@ -53,6 +54,8 @@ def import_dataset(
         extra: more manifest fields, e.g. from :func:`forced_meta`.
         source: what the manifest records as the source (default: the configured one,
             see :func:`pipeline.data.describe_source`).
+        files: copied into the dataset folder beside the splits (an image dataset's
+            images): path inside the folder -> the file copied.
 
     Raises:
         DataVersionError: a hash mismatch or a DVC failure (nothing changed).
@@ -75,7 +78,12 @@ def import_dataset(
     )
     notes = restore_builtin(project_dir, config.data_dir, keep=name)
     staged = versioning.stage_folder(project_dir)
-    write_splits(frames, staged)
+    try:
+        write_splits(frames, staged)
+        copy_files(files or {}, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     expected = recorded[name].md5 if config.source == EXAMPLE_SOURCE and name in recorded else None
     return _commit(
         notes,
@@ -86,6 +94,17 @@ def import_dataset(
         expected_md5=expected,
         push=config.dvc_push,
     )
+
+
+def copy_files(files: dict[str, Path], folder: Path) -> None:
+    """Copy each source file to ``folder / relative`` (no path may leave ``folder``)."""
+    root = folder.resolve()
+    for relative, source in files.items():
+        target = (folder / relative).resolve()
+        if not target.is_relative_to(root):
+            raise DataError(f"{relative!r}: a file inside the dataset may not leave its folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
 
 
 def count_tokens(frames: dict[str, pd.DataFrame], base_model: str, max_length: int) -> TokenCounts:

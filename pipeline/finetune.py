@@ -129,9 +129,9 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
 
     def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A detached copy of the weights that train (the best epoch's, say): frozen ones
-        never change, so a LoRA run copies its adapters, not the whole base. Full tensors,
-        on CPU, when sharded."""
+        """A detached copy of the weights that train (the best epoch's, say) and of the
+        buffers of the modules they belong to: frozen ones never change, so a LoRA run
+        copies its adapters, not the whole base. Full tensors, on CPU, when sharded."""
         if self.sharded:  # every rank holds the full copy, as a checkpoint read back does
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -141,6 +141,10 @@ class Optimization:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
             return {n: t.detach().cpu() for n, t in full.items()}
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        # and the buffers of modules that train: BatchNorm's running statistics move with
+        # its weights (a frozen module's never change)
+        owners = {n.rpartition(".")[0] for n in trained}
+        trained |= {n for n, _ in model.named_buffers() if n.rpartition(".")[0] in owners}
         return {n: t.detach().clone() for n, t in model.state_dict().items() if n in trained}
 
     def load_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -114,7 +114,12 @@ def bootstrap_drops(
 
 
 # What each kind of retention task scores (a likelihood's drop is in nats per token).
-METRIC_OF_KIND = {"similarity": "spearman", "probe": "accuracy", "likelihood": "log-likelihood"}
+METRIC_OF_KIND = {
+    "similarity": "spearman",
+    "probe": "accuracy",
+    "likelihood": "log-likelihood",
+    "agreement": "agreement",  # images: the base's ImageNet predictions kept (top-1, top-5)
+}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ that has lost its training.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.forgetting import TaskOutputs
 from pipeline.image_models import imagenet_inputs
+from pipeline.retention_tasks import RetentionTask
 
 PHOTOS = (  # scikit-image's bundled photographs (skimage/data/), natural scenes and objects
     "astronaut.png",
@@ -142,3 +146,116 @@ def head_agreement(base: np.ndarray, tuned: np.ndarray, k: int = 5):
     tuned_k = np.argsort(-tuned, axis=1)[:, :k]
     overlap = np.array([len(set(b) & set(t)) / k for b, t in zip(base_k, tuned_k, strict=True)])
     return top1, overlap
+
+
+# --- the suite and its scores --------------------------------------------------------------
+
+TOP1, TOP5 = "imagenet_top1", "imagenet_top5"
+PROBE_SOURCES = {
+    "digits": "scikit-learn load_digits (1,797 8x8 digits, 10 classes)",
+    "faces": "scikit-image lfw_subset (100 faces, 100 non-faces, 25x25)",
+}
+PHOTO_SOURCE = f"scikit-image data/: {len(PHOTOS)} photographs and 4 corner crops each"
+
+
+@functools.cache
+def suite_images() -> tuple[dict[str, tuple[list[np.ndarray], np.ndarray]], list[np.ndarray]]:
+    """The probe sets and the photographs, read once per process (they never change)."""
+    return probe_sets(), photographs()
+
+
+def image_suite(imagenet: bool) -> tuple[list[RetentionTask], str]:
+    """The image kind's retention tasks and their md5 (over every image's pixels and
+    label): a probe task per labelled set; with ``imagenet`` (the base has an ImageNet-1k
+    head) the top-1 and top-5 agreement on the photographs.
+
+    A probe's items are all its images (cross-validated); an agreement task's items are
+    the photographs, each 1.0 for the base itself.
+    """
+    probes, photos = suite_images()
+    digest = hashlib.md5()
+    tasks = []
+    for name, (images, labels) in probes.items():
+        for image in images:
+            digest.update(image.tobytes())
+        digest.update(labels.tobytes())
+        tasks.append(
+            RetentionTask(
+                name=name,
+                kind="probe",
+                source=PROBE_SOURCES[name],
+                texts=[f"{name}/{i}" for i in range(len(images))],
+                labels=labels,
+                is_test=np.ones(len(images), dtype=bool),
+                label_names=tuple(str(x) for x in sorted(set(labels.tolist()))),
+            )
+        )
+    if imagenet:
+        for photo in photos:
+            digest.update(photo.tobytes())
+        ids = [f"photo/{i}" for i in range(len(photos))]
+        for name in (TOP1, TOP5):
+            tasks.append(
+                RetentionTask(
+                    name, "agreement", PHOTO_SOURCE, ids, is_test=np.ones(len(ids), dtype=bool)
+                )
+            )
+    return tasks, digest.hexdigest()
+
+
+def score_backbone(
+    model: nn.Module,
+    imagenet_head: nn.Module | None,
+    base_logits: np.ndarray | None,
+    tasks: Sequence[RetentionTask],
+    seed: int = 0,
+) -> tuple[dict[str, TaskOutputs], np.ndarray]:
+    """A backbone (anything with ``embed``) on the suite: per-item outputs by task, and
+    per-stage pooled features of the photographs for CKA, (L, N, H) zero-padded to the
+    widest stage (zero columns leave linear CKA unchanged).
+
+    Args:
+        imagenet_head: the *base's* 1,000-class head, read on this backbone's features.
+        base_logits: the base's own logits on the photographs (what agreement compares
+            with); None scores the base itself (agreement 1.0 everywhere).
+    """
+    probes, photos = suite_images()
+    outputs = {}
+    for task in tasks:
+        if task.kind == "probe":
+            images, labels = probes[task.name]
+            correct = probe_correct(embed(model, images, PROBE_SIZE), labels, seed=seed)
+            outputs[task.name] = TaskOutputs(task.name, correct, float(correct.mean()))
+    if any(t.kind == "agreement" for t in tasks):
+        assert imagenet_head is not None
+        logits = photo_logits(model, imagenet_head, photos)
+        top1, top5 = head_agreement(logits if base_logits is None else base_logits, logits)
+        for name, items in ((TOP1, top1), (TOP5, top5)):
+            outputs[name] = TaskOutputs(name, items, float(items.mean()))
+    return outputs, stage_features(model, photos)
+
+
+@torch.no_grad()
+def photo_logits(model: nn.Module, head: nn.Module, photos: Sequence[np.ndarray]) -> np.ndarray:
+    """``head`` on the backbone's pooled features of each photo at 224 px: (N, 1000)."""
+    device = next(model.parameters()).device
+    features = torch.from_numpy(embed(model, photos, 224, batch=16)).to(device)
+    return head.to(device)(features).float().cpu().numpy()
+
+
+@torch.no_grad()
+def stage_features(model: nn.Module, photos: Sequence[np.ndarray], size: int = 128) -> np.ndarray:
+    """Pooled output of every stage of the backbone (MobileNetV2) on the photos, or of
+    its final features alone (other backbones): (L, N, H) float32, zero-padded."""
+    backbone = getattr(model, "backbone", model)
+    model.eval()
+    device = next(model.parameters()).device
+    x = imagenet_inputs(photos, size).to(device)
+    if not hasattr(backbone, "run"):
+        return embed(model, photos, size)[None]
+    layers = []
+    for stage in backbone.stages:
+        x = stage(x)
+        layers.append(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1).float().cpu().numpy())
+    width = max(a.shape[1] for a in layers)
+    return np.stack([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in layers])

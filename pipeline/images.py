@@ -14,8 +14,11 @@ Pure reading: nothing is copied or changed here.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data import DataError
@@ -105,7 +108,9 @@ def describe_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
                     "width": width,
                     "height": height,
                     "aspect": max(width, height) / max(1, min(width, height)),
-                    "phash": str(imagehash.phash(image)),
+                    # of the pixels the model reads: imagehash's own conversion to grey
+                    # clips 16-bit values, so every bright 16-bit scan would hash alike
+                    "phash": str(imagehash.phash(Image.fromarray(_to_rgb(image)))),
                 }
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             row["error"] = f"{type(err).__name__}: {err}"
@@ -123,3 +128,100 @@ def undecodable(described: pd.DataFrame, source: Path) -> str | None:
         f"{source}: {len(bad)} file(s) do not decode as images, e.g. {first['path']!r} "
         f"({first['error']}); remove or replace them"
     )
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path`` as (H, W, 3) uint8 RGB, whatever its mode: 16-bit and float
+    greys are scaled to 8 bits by their range (not clipped), CMYK and palette images
+    converted, an alpha channel composited onto white.
+
+    Raises:
+        DataError: the file does not decode as an image (named).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{path}: does not decode as an image ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _to_rgb(image: Any) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        grey = scaled.round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_images(root: Path, paths: Sequence[str]) -> list[np.ndarray]:
+    """:func:`read_rgb` of each ``root / path``, in order."""
+    return [read_rgb(root / p) for p in paths]
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian; `retune examples` installs it
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """An IDX3 file (gzip): (N, 28, 28) uint8."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes())
+    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def read_idx_labels(path: Path) -> np.ndarray:
+    """An IDX1 file (gzip): (N,) uint8."""
+    import gzip
+
+    return np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint8, offset=8)
+
+
+def write_fashion_mnist(
+    folder: Path, labels: Sequence[str], per_class: int, source: Path = FASHION_MNIST_DIR
+) -> Path:
+    """The first ``per_class`` training images of each Fashion-MNIST class as
+    ``folder/<label>/<index>.png`` (index: the image's row in the training file), written
+    once: the same PNG bytes on every machine.
+
+    Raises:
+        DataError: Fashion-MNIST is not installed (says how to install it).
+    """
+    from PIL import Image
+
+    images_file = source / "train-images-idx3-ubyte.gz"
+    if not images_file.is_file():
+        raise DataError(
+            f"Fashion-MNIST is not installed ({images_file} missing): run `retune examples` "
+            f"or `sudo apt-get install {FASHION_MNIST_PACKAGE}`"
+        )
+    if (folder / ".complete").is_file():
+        return folder
+    images = read_idx_images(images_file)
+    ids = read_idx_labels(source / "train-labels-idx1-ubyte.gz")
+    staged = folder.with_name(f".{folder.name}.partial")
+    for k, label in enumerate(labels):
+        (staged / label).mkdir(parents=True, exist_ok=True)
+        for index in np.flatnonzero(ids == k)[:per_class]:
+            Image.fromarray(images[index]).save(staged / label / f"{index:05d}.png", optimize=False)
+    (staged / ".complete").write_text("")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    staged.rename(folder)
+    return folder

@@ -104,11 +104,16 @@ def weights_sha256(base_model: str) -> str:
     """sha256 over the base model's weight files (safetensors, else .bin), in name order.
 
     A GGUF base (``packaged:SmolLM2-135M-Instruct`` or a ``.gguf`` file) is the sha256 of
-    its file. A hub id that is not a local folder gives "unresolved:<id>": the weights are
+    its file, the packaged MobileNetV2 that of its ``.pth``. A hub id that is not a local
+    folder gives "unresolved:<id>": the weights are
     not here.
     """
     from pipeline.causal_lm import file_sha256, gguf_file
 
+    if base_model == "packaged:mobilenet_v2":  # pipeline.image_models.PACKAGED_MOBILENET_V2
+        from pipeline.image_models import mobilenet_v2_weights
+
+        return file_sha256(mobilenet_v2_weights())
     gguf = gguf_file(base_model)
     if gguf is not None:
         return file_sha256(gguf)

@@ -163,3 +163,32 @@ def _png(fig: Any) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_confusion(confusion: list[list[int]], labels: Sequence[str], path: Path) -> Path:
+    """The confusion matrix (rows true, columns predicted): colour is the row fraction, text
+    the count, so a rare class's errors show as clearly as a common one's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=int)  # (K, K)
+    k = len(labels)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion has shape {counts.shape} but labels has {k} entries")
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = counts / np.maximum(totals, 1)  # a class absent from the truth draws a blank row
+    side = max(4.0, 0.6 * k + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if fraction[i, j] > 0.5 else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xticks(range(k), list(labels), rotation=45, ha="right")
+    ax.set_yticks(range(k), list(labels))
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (colour: fraction of true row)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)

@@ -20,7 +20,9 @@ LEE_SOURCE = f"{LEE_REQUIREMENT} lee.cor + similarities0-1.txt"
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make == ambiguous
 class RetentionTask:
     name: str
-    kind: str  # "similarity" | "probe" | "likelihood" (causal LMs, pipeline.lm_retention)
+    # "similarity" | "probe" | "likelihood" (causal LMs, pipeline.lm_retention) |
+    # "agreement" (images, pipeline.image_retention)
+    kind: str
     source: str  # human-readable origin
     texts: list[str]  # unique texts to embed
     pairs: np.ndarray | None = None  # similarity: (P, 2) int64 indices into texts

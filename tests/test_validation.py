@@ -12,6 +12,7 @@ from pipeline.config import DEFAULT_SEVERITY, ValidationConfig
 from pipeline.data import SPLITS
 from pipeline.validation import (
     CHECK_KEYS,
+    IMAGE_CHECKS,
     PAIR_CHECKS,
     TABLE_HEADER,
     DataValidationError,
@@ -100,10 +101,12 @@ def test_good_frames_pass_every_check():
     assert counts(outcome(report, "all", "min_rows_per_label")) == (True, 0, 6)
     assert counts(outcome(report, "all", "class_imbalance")) == (True, 0, 3)
     # Every check ran except the confidence ones (the frames have no confidence column)
-    # and those of translation pairs.
+    # and those of translation pairs and images.
     status = {check: s["status"] for check, s in report.check_status().items()}
     assert status == {
-        check: "not run" if check.startswith("confidence") or check in PAIR_CHECKS else "passed"
+        check: "not run"
+        if check.startswith("confidence") or check in PAIR_CHECKS or check in IMAGE_CHECKS
+        else "passed"
         for check in DEFAULT_SEVERITY
     }
 
@@ -586,8 +589,8 @@ def test_every_check_names_its_keys_values_and_the_commands_that_change_them():
         "validation.max_confidence_missing_rate": "0.05",
     }
     for check, keys in CHECK_KEYS.items():
-        if check in PAIR_CHECKS:
-            continue  # tests/test_conversation_validation.py
+        if check in PAIR_CHECKS or check in IMAGE_CHECKS:
+            continue  # tests/test_conversation_validation.py, tests/test_image_validation.py
         mine = [o for o in report.failures if o.check == check]
         assert mine, f"{check} did not fail"
         for o in mine:

@@ -52,8 +52,15 @@ def _generative(name: str) -> Callable[[], TaskKind]:
     return make
 
 
+def _image_classification() -> TaskKind:
+    from pipeline.tasks.image_classification import ImageClassification
+
+    return ImageClassification()
+
+
 KINDS: dict[str, Callable[[], TaskKind]] = {
     "text-classification": _text_classification,
     "chat": _generative("chat"),
     "translation": _generative("translation"),
+    "image-classification": _image_classification,
 }

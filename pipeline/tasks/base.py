@@ -178,18 +178,25 @@ class TaskKind(Protocol):
         """The bias probes on candidate, base and champion; the bias gate on the candidate."""
         ...
 
-    def loaded_metric(self, config: RetuneConfig, model: Any, test: pd.DataFrame) -> float:
+    def loaded_metric(
+        self, config: RetuneConfig, model: Any, test: pd.DataFrame, project_dir: Path
+    ) -> float:
         """The primary metric, on this test split, of a registered model loaded through
         :func:`pipeline.modelstore.load_version` (a champion that changed mid-run)."""
         ...
 
-    def examples(self, test: pd.DataFrame) -> pd.DataFrame:
+    def examples(self, config: RetuneConfig, test: pd.DataFrame, project_dir: Path) -> pd.DataFrame:
         """A few inputs from the test split, as the model's input frame: the registered
-        model's input example and its smoke test."""
+        model's input example and its smoke test (image paths resolve in ``project_dir``)."""
         ...
 
     def log_model(
-        self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
+        self,
+        config: RetuneConfig,
+        run_id: str,
+        model_dir: Path,
+        test: pd.DataFrame,
+        project_dir: Path,
     ) -> str:
         """Log the saved model for serving (signature, example, requirements); its URI."""
         ...

@@ -570,23 +570,32 @@ class Generative:
             shifts, cfg, vs_champion, champion.version if champion else None
         )
 
-    def loaded_metric(self, config: RetuneConfig, model: Any, test: pd.DataFrame) -> float:
+    def loaded_metric(
+        self, config: RetuneConfig, model: Any, test: pd.DataFrame, project_dir: Path | None = None
+    ) -> float:
         predictor = model.predictor
         report, _ = measure(config, predictor.model, predictor.tokenizer, test, self.name)
         return float(getattr(report, config.registry.primary_metric))
 
-    def examples(self, test: pd.DataFrame) -> pd.DataFrame:
+    def examples(
+        self, config: RetuneConfig, test: pd.DataFrame, project_dir: Path | None = None
+    ) -> pd.DataFrame:
         asked = prompts_of(test.head(2))
         return pd.DataFrame({"messages": [json.dumps(p, ensure_ascii=False) for p in asked]})
 
     def log_model(
-        self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
+        self,
+        config: RetuneConfig,
+        run_id: str,
+        model_dir: Path,
+        test: pd.DataFrame,
+        project_dir: Path | None = None,
     ) -> str:
         gen = config.generation
         return chat_serving.log_chat_model(
             run_id,
             model_dir,
-            self.examples(test),
+            self.examples(config, test),
             gen.max_new_tokens,
             config.train.max_length,
             gen.instruction if self.name == "translation" else "",

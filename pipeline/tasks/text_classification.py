@@ -444,7 +444,9 @@ class TextClassification:
 
     check_model_bias = staticmethod(check_model_bias)
 
-    def loaded_metric(self, config: RetuneConfig, model: Any, test: pd.DataFrame) -> float:
+    def loaded_metric(
+        self, config: RetuneConfig, model: Any, test: pd.DataFrame, project_dir: Path | None = None
+    ) -> float:
         predictor = model.predictor
         probs = classifier_predict(config, predictor.model, predictor.tokenizer)(
             test["text"].tolist()
@@ -453,11 +455,18 @@ class TextClassification:
         report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
         return float(getattr(report, config.registry.primary_metric))
 
-    def examples(self, test: pd.DataFrame) -> pd.DataFrame:
+    def examples(
+        self, config: RetuneConfig, test: pd.DataFrame, project_dir: Path | None = None
+    ) -> pd.DataFrame:
         return pd.DataFrame({"text": test["text"].head(2).tolist()})
 
     def log_model(
-        self, config: RetuneConfig, run_id: str, model_dir: Path, test: pd.DataFrame
+        self,
+        config: RetuneConfig,
+        run_id: str,
+        model_dir: Path,
+        test: pd.DataFrame,
+        project_dir: Path | None = None,
     ) -> str:
-        example = self.examples(test)["text"].tolist()
+        example = self.examples(config, test)["text"].tolist()
         return serving.log_classifier(run_id, model_dir, example, config.train.max_length)
