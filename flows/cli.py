@@ -226,17 +226,26 @@ def print_bias_tables(
     from rich.table import Table
 
     from pipeline import lm_bias
-    from pipeline.fairness import GROUP_TABLE_HEADER, TABLE_HEADER
+    from pipeline.fairness import GROUP_TABLE_HEADER, OVERALL, TABLE_HEADER
 
     console = _console()
     generative = "shifts" in report  # a causal LM's CrowS-Pairs report
+    if not generative and all(row[0] == OVERALL for row in groups):
+        console.print(
+            "model bias: no groups to compare - the data has no identity column "
+            "(set data.identity_column, e.g. site, sex or age band, to measure per-group "
+            "figures and gate on them)",
+            soft_wrap=True,
+        )
+        rows, groups = [], []
     header = lm_bias.TABLE_HEADER if generative else TABLE_HEADER
     title = "model bias (CrowS-Pairs)" if generative else "model bias (test split)"
-    table = Table(*header, title=title, title_justify="left")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    if not generative:
+    if rows:
+        table = Table(*header, title=title, title_justify="left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if not generative and groups:
         per_group = Table(*GROUP_TABLE_HEADER, title="per group", title_justify="left")
         empty = [row[0] for row in groups if row[1] == "0"]
         for row in groups:
@@ -254,22 +263,35 @@ def print_bias_tables(
     console.print(f"bias gate: {report['gate']['status']}", soft_wrap=True)
 
 
+def _scores(report: dict[str, Any]) -> str:
+    """Accuracy and macro-F1; ROC-AUC and calibration error where the report has them."""
+    text = f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
+    if "ece" in report:
+        auc = report["roc_auc"]
+        text += f", ROC-AUC {auc:.4f}" if auc is not None else ", ROC-AUC n/a"
+        text += f", ECE {report['ece']:.4f}"
+    return text
+
+
+def _class_figures(c: dict[str, Any]) -> str:
+    text = f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}"
+    if "specificity" in c:
+        spec, auc = c["specificity"], c["roc_auc"]
+        text += f" spec {spec:.3f}" if spec is not None else " spec n/a"
+        text += f" AUC {auc:.3f}" if auc is not None else " AUC n/a"
+    return text
+
+
 def _classification_rows(test: dict[str, Any], probe: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
-        ("test (tuned)", f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"),
+        ("test (tuned)", _scores(test)),
         (
             "test (frozen probe)",
-            f"accuracy {probe['accuracy']:.4f}, macro-F1 {probe['macro_f1']:.4f}  "
+            f"{_scores(probe)}  "
             f"(tuned - probe: {test['accuracy'] - probe['accuracy']:+.4f} accuracy)",
         ),
     ]
-    return rows + [
-        (
-            f"  class {c['label']}",
-            f"P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} n={c['support']}",
-        )
-        for c in test["per_class"]
-    ]
+    return rows + [(f"  class {c['label']}", _class_figures(c)) for c in test["per_class"]]
 
 
 def _generation_figures(report: dict[str, Any]) -> str:
@@ -479,7 +501,11 @@ IMPORT_SETTINGS = {"data.labels": "--labels"}
 def data_import(
     path: Annotated[
         Path,
-        typer.Argument(help="CSV, JSONL or Parquet file, anywhere (relative to --project-dir)."),
+        typer.Argument(
+            help="CSV, JSONL or Parquet file, anywhere (relative to --project-dir); with "
+            "--task image-classification an image folder (FOLDER/<label>/*.png) or a CSV "
+            "manifest (path,label,...)."
+        ),
     ],
     name: Annotated[str, typer.Option(help="Dataset name: the folder under data/.")],
     text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
@@ -510,6 +536,10 @@ def data_import(
         bool,
         typer.Option(help="Version the data even if error-level checks fail (recorded)."),
     ] = False,
+    task: Annotated[
+        str | None,
+        typer.Option(help="The kind of task the data is for (default: the config's task)."),
+    ] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
     project_dir: ProjectDir = Path("."),
@@ -521,7 +551,8 @@ def data_import(
     --allow-invalid. Every dropped row is counted with its reason.
     """
     project_dir = project_dir.resolve()
-    cfg = _load(project_dir, config, set_ or [])
+    overrides = [*(set_ or []), *([f"task={task}"] if task else [])]
+    cfg = _load(project_dir, config, overrides)
     columns = {
         "text_column": text_col,
         "label_column": label_col,
@@ -531,6 +562,11 @@ def data_import(
         "identity_column": identity_col,
     }
     data_cfg = _import_data_config(cfg.data, path, name, columns, encoding, max_text_bytes)
+    if cfg.task == "image-classification":
+        _import_images(
+            cfg.model_copy(update={"data": data_cfg}), labels, allow_invalid, project_dir
+        )
+        return
     from pipeline.data import DataError, dataset_name, prepare_dataset, source_path
     from pipeline.datasets import count_tokens, forced_meta, import_dataset
     from pipeline.versioning import DataVersionError
@@ -556,6 +592,52 @@ def data_import(
     except (DataError, DataVersionError) as err:
         _fail(str(err))
     _print_imported(source, version, forced=bool(extra))
+
+
+def _import_images(cfg: Any, labels: str | None, allow_invalid: bool, project_dir: Path) -> None:
+    """``retune data import`` of an image folder or manifest: read and describe every
+    image, split by --group-col, validate, then copy the images and the tables under
+    data/NAME/ and version them (nothing is written when an error-level check fails)."""
+    from pipeline import tasks
+    from pipeline.data import DataError, source_path
+    from pipeline.datasets import forced_meta, import_dataset
+    from pipeline.reports import render_validation_page
+    from pipeline.versioning import DataVersionError
+
+    kind = tasks.get(cfg.task)
+    try:
+        prepared = kind.prepare(cfg, project_dir)
+    except (DataError, FileNotFoundError) as err:
+        _fail(str(err))
+    found = sorted({str(x) for f in prepared.frames.values() for x in f["label"]})
+    allowed = [x.strip() for x in labels.split(",") if x.strip()] if labels else found
+    if len(allowed) < 2:
+        _fail(
+            f"{cfg.data.source}: one label ({', '.join(allowed)}); a classifier needs two or more"
+        )
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": allowed})})
+    source = source_path(cfg.data.source, project_dir)
+    typer.echo(f"read {prepared.rows_read} images")
+    report = kind.validate(cfg, prepared.frames, None, project_dir)
+    print_validation_table(report.table_rows())
+    page = project_dir / "reports" / "import" / cfg.data.name / "validation.html"
+    typer.echo(f"validation (labels {', '.join(allowed)}): {report.summary()}")
+    typer.echo(f"validation report: {render_validation_page(report, page, str(source))}")
+    if not report.success and not allow_invalid:
+        _refuse_import(source, len(report.errors))
+    extra = forced_meta(report) if not report.success else {}
+    try:
+        version = import_dataset(
+            prepared.frames,
+            cfg.data,
+            project_dir,
+            extra=extra,
+            source=prepared.source,
+            files=prepared.files,
+        )
+    except (DataError, DataVersionError) as err:
+        _fail(str(err))
+    _print_imported(source, version, bool(extra), f"--set task={cfg.task} ")
 
 
 def _refuse_import(source: Path, errors: int) -> None:
@@ -625,7 +707,8 @@ def _print_dropped(prepared: Any) -> None:
         typer.echo(f"  - {line}")
 
 
-def _print_imported(source: Path, version: Any, forced: bool) -> None:
+def _print_imported(source: Path, version: Any, forced: bool, task: str = "") -> None:
+    """What was imported, and the command that trains on it (``task``: its ``--set``)."""
     record = version.dataset
     rows = ", ".join(f"{k} {v}" for k, v in record.rows.items())
     typer.echo(f"imported {source} as dataset '{record.name}' ({rows})")
@@ -641,7 +724,7 @@ def _print_imported(source: Path, version: Any, forced: bool) -> None:
         )
         return
     typer.echo(
-        f"train on it: retune run --set data.source=dataset:{record.name} "
+        f"train on it: retune run {task}--set data.source=dataset:{record.name} "
         f'--set "data.labels=[{", ".join(record.labels)}]"; commit data.dvc to keep it'
     )
 
@@ -1295,6 +1378,32 @@ def _set_working_directory(deployment_id: Any, directory: str) -> None:
     steps = [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
     with get_client(sync_client=True) as client:
         client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=steps))
+
+
+@app.command()
+def examples() -> None:
+    """Install the example data that no pip package ships: Fashion-MNIST (Debian's
+    dataset-fashion-mnist, MIT) for examples/images.yaml, where it is missing."""
+    import os
+    import shutil
+    import subprocess
+
+    from pipeline.images import FASHION_MNIST_DIR, FASHION_MNIST_PACKAGE
+
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        _console().print(f"Fashion-MNIST: installed ({FASHION_MNIST_DIR})")
+        return
+    if shutil.which("apt-get") is None:
+        _fail(
+            f"Fashion-MNIST is missing and there is no apt-get here: install the Debian "
+            f"package {FASHION_MNIST_PACKAGE}, or put its four .gz files in {FASHION_MNIST_DIR}"
+        )
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q"]):
+        args = [*sudo, *command] + ([FASHION_MNIST_PACKAGE] if "install" in command else [])
+        if subprocess.run(args).returncode != 0:
+            _fail(f"`{' '.join(args)}` failed; install {FASHION_MNIST_PACKAGE} by hand")
+    _console().print(f"Fashion-MNIST: installed ({FASHION_MNIST_DIR})")
 
 
 @app.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,7 @@ class TaskDrop:
     retention: float  # candidate / reference; likelihood: perplexity base / tuned
     ci_low: float  # paired bootstrap 95% interval of the drop
     ci_high: float
+    gated: bool = True  # False: reported only (forgetting.report_only), not in the mean
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,13 @@ def compare(
     reference_name: str = "base",
     resamples: int = 1000,
     seed: int = 0,
+    report_only: Sequence[str] = (),
 ) -> Comparison:
     """Per-task drops with paired bootstrap intervals, and the mean and worst drop.
 
     The mean's interval comes from the per-resample means over tasks (each task resampled
-    independently, the same number of times).
+    independently, the same number of times). Tasks named in ``report_only`` get their
+    row but stay out of the mean and the worst (unless every task is report-only).
     """
     if not tasks:
         raise ValueError("compare needs at least one retention task")
@@ -195,14 +199,17 @@ def compare(
                 retention=_retention(task.kind, ref.score, cand.score),
                 ci_low=low,
                 ci_high=high,
+                gated=task.name not in report_only,
             )
         )
-    mean_low, mean_high = percentile_interval(np.mean(np.stack(per_resample), axis=0))
-    worst = max(rows, key=lambda r: r.drop)
+    gated = [i for i, r in enumerate(rows) if r.gated] or list(range(len(rows)))
+    means = np.mean(np.stack([per_resample[i] for i in gated]), axis=0)
+    mean_low, mean_high = percentile_interval(means)
+    worst = max((rows[i] for i in gated), key=lambda r: r.drop)
     return Comparison(
         reference=reference_name,
         tasks=rows,
-        mean_drop=float(np.mean([r.drop for r in rows])),
+        mean_drop=float(np.mean([rows[i].drop for i in gated])),
         mean_ci_low=mean_low,
         mean_ci_high=mean_high,
         worst_task=worst.task,
@@ -253,7 +260,7 @@ def forgetting_gate(base: Comparison, config: ForgettingConfig) -> GateVerdict:
                 f"{base.mean_ci_high:.3f}): upper bound above {config.max_mean_drop:.3f}"
             )
         for row in base.tasks:
-            if not row.drop <= config.max_task_drop:
+            if row.gated and not row.drop <= config.max_task_drop:
                 failures.append(
                     f"{row.task}: {row.metric} {row.reference:.3f} -> {row.candidate:.3f}, drop "
                     f"{row.drop:.3f} (95% CI {row.ci_low:.3f} to {row.ci_high:.3f}) above "
@@ -375,7 +382,7 @@ class ForgettingReport:
             vs = champ.get(r.task)
             rows.append(
                 (
-                    r.task,
+                    r.task if r.gated else f"{r.task} (reported)",
                     r.metric,
                     f"{r.reference:.3f}",
                     f"{r.candidate:.3f}",
@@ -426,7 +433,9 @@ def evaluate_forgetting(
     mitigation: dict[str, Any] | None = None,
 ) -> ForgettingReport:
     """Compare the candidate with the base (gated) and the champion (reported)."""
-    vs_base = compare(base, candidate, tasks, "base", config.bootstrap, config.seed)
+    vs_base = compare(
+        base, candidate, tasks, "base", config.bootstrap, config.seed, config.report_only
+    )
     vs_champion = (
         compare(
             champion,
@@ -435,6 +444,7 @@ def evaluate_forgetting(
             f"champion v{champion_version}",
             config.bootstrap,
             config.seed,
+            config.report_only,
         )
         if champion is not None
         else None

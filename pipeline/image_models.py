@@ -296,14 +296,14 @@ def _processor_stats(base_model: str) -> tuple[tuple[float, ...], tuple[float, .
 
 
 def build_classifier(
-    base_model: str, labels: Sequence[str], size: int, seed: int = 0
+    base_model: str, labels: Sequence[str], size: int, seed: int = 0, dropout: float = 0.2
 ) -> tuple[ImageClassifier, nn.Linear | None, ImageSpec]:
     """A classifier for ``labels`` on the pretrained backbone (the head seeded by
-    ``seed``), the base's ImageNet head and its spec."""
+    ``seed``, ``dropout`` before it), the base's ImageNet head and its spec."""
     backbone, imagenet, spec = load_backbone(base_model, size)
     torch.manual_seed(seed)
-    model = ImageClassifier(backbone, len(labels), spec.dropout)
-    return model, imagenet, replace(spec, labels=list(labels))
+    model = ImageClassifier(backbone, len(labels), dropout)
+    return model, imagenet, replace(spec, labels=list(labels), dropout=dropout)
 
 
 def save_classifier(model: ImageClassifier, spec: ImageSpec, folder: Path) -> Path:

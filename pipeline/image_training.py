@@ -142,14 +142,52 @@ class _ImageLogits(nn.Module):
             module.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits and the (B, D) pooled features they read."""
         model = self.model
-        if self.k == POOLED:
-            return model.head(model.dropout(x))
-        if self.k is not None:
-            backbone = model.backbone
-            return model.head(model.dropout(backbone.pool(backbone.run(x, self.k))))
-        return model(x)  # (B, K)
+        features = pooled_features(model.backbone, x, self.k)
+        return model.head(model.dropout(features)), features
+
+
+def pooled_features(backbone: nn.Module, x: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Pooled features from images (k None), from the first ``k`` stages' output, or the
+    cached features themselves (:data:`POOLED`)."""
+    if k == POOLED:
+        return x
+    if k is not None:
+        return backbone.pool(backbone.run(x, k))
+    return backbone.embed(x)
+
+
+class _Teacher:
+    """Learning without Forgetting (Li & Hoiem 2016): the frozen base backbone and its
+    ImageNet head; the loss is ``distill`` * T^2 * KL(base || tuned) of the ImageNet
+    head's predictions at temperature T on the training batch, so the tuned backbone
+    keeps answering the old task as the base did."""
+
+    temperature = 2.0
+
+    def __init__(self, model: ImageClassifier, head: nn.Module, weight: float, k: int | None):
+        import copy
+
+        self.backbone = copy.deepcopy(model.backbone).eval().requires_grad_(False)
+        self.head = copy.deepcopy(head).requires_grad_(False)
+        self.weight, self.k = weight, k
+
+    def to(self, device: torch.device) -> _Teacher:
+        self.backbone.to(device)
+        self.head.to(device)
+        return self
+
+    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        with torch.no_grad():
+            target = self.head(pooled_features(self.backbone, x, self.k)).float() / t
+        student = self.head(features).float() / t
+        kl = nn.functional.kl_div(
+            student.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="sum"
+        )
+        return self.weight * t * t * kl
 
 
 class ImageLoop:
@@ -162,7 +200,10 @@ class ImageLoop:
         splits: ImageSplits,
         config: TrainConfig,
         image: ImageConfig,
+        teacher: tuple[nn.Module, float] | None = None,
     ):
+        """``teacher``: the base's ImageNet head and the distillation weight (LwF), or
+        None; taken from the model before any step (its backbone is still the base's)."""
         self.model, self.spec, self.splits, self.config, self.image = (
             model,
             spec,
@@ -179,6 +220,9 @@ class ImageLoop:
         self.fitted_head = config.strategy == "head" and config.head_init == "probe"
         if self.fitted_head:
             fit_head(_HeadView(model), self.train_in.float(), splits.train_labels)
+        self.teacher = None
+        if teacher is not None and config.strategy != "head":  # head: the backbone is kept
+            self.teacher = _Teacher(model, teacher[0], teacher[1], self.k).to(self.device)
         self.core = _ImageLogits(model, self.k, frozen)
         self.net: nn.Module = self.core
         if self.world > 1:
@@ -232,23 +276,28 @@ class ImageLoop:
     def step(
         self, idx: list[int], step: int, regularizer: Regularizer | None
     ) -> tuple[float, float]:
-        """One optimizer step on the global batch ``idx``: (task loss, 0)."""
+        """One optimizer step on the global batch ``idx``: (task loss, distillation loss)."""
         shard, world = idx[self.rank :: self.world], self.world
-        task = 0.0
+        task, kept = 0.0, torch.zeros((), device=self.device)
         micro = micro_batches(shard, self.config.gradient_accumulation_steps)
         for i, part in enumerate(micro):
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last or world == 1 else self.net.no_sync():
+                x = self.inputs(part, step)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    logits = self.net(self.inputs(part, step))
-                target = self.labels[part].to(self.device)
-                # sum / global batch, times world: DDP's mean is then the global mean
-                loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
-                loss = loss * world / len(idx)
-                task += loss.item() / world
+                    logits, features = self.net(x)
+                    target = self.labels[part].to(self.device)
+                    # sum / global batch, times world: DDP's mean is then the global mean
+                    loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+                    loss = loss * world / len(idx)
+                    task += loss.item() / world
+                    if self.teacher is not None:
+                        kl = self.teacher.loss(x, features) * world / len(idx)
+                        kept = kept + kl.detach()
+                        loss = loss + kl
                 loss.backward()
         self.opt.finish_step(None)
-        return logged_losses(task, None, world, self.device)
+        return logged_losses(task, kept if self.teacher is not None else None, world, self.device)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -271,7 +320,7 @@ class ImageLoop:
         if self.k is None:
             part = normalise(centre_crop(part, self.spec.size), self.spec.mean, self.spec.std)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.core(part.to(self.device)).float().cpu()
+            return self.core(part.to(self.device))[0].float().cpu()
 
 
 class _HeadView:
@@ -290,11 +339,16 @@ def fine_tune_images(
     logger: MetricLogger | None = None,
     progress: Callable[[int], Any] | None = None,
     checkpoint_dir: Path | None = None,
+    teacher: tuple[nn.Module, float] | None = None,
 ) -> FineTuneResult:
     """Train ``model`` in place by ``config.strategy``; the best weights by the
-    early-stopping metric stay (see :func:`pipeline.finetune.run_phase`)."""
+    early-stopping metric stay (see :func:`pipeline.finetune.run_phase`).
+
+    Args:
+        teacher: the base's ImageNet head and the LwF weight (see :class:`_Teacher`).
+    """
     if config.strategy != "lp-ft":
-        loop = ImageLoop(model, spec, splits, config, image)
+        loop = ImageLoop(model, spec, splits, config, image, teacher)
         return run_phase(loop, logger, progress, checkpoint_dir)
     probe = config.model_copy(
         update={
@@ -312,7 +366,7 @@ def fine_tune_images(
     )
     full = config.model_copy(update={"strategy": "full"})
     second = run_phase(
-        ImageLoop(model, spec, splits, full, image),
+        ImageLoop(model, spec, splits, full, image, teacher),
         logger,
         progress,
         checkpoint_dir and checkpoint_dir / "full",
@@ -335,11 +389,18 @@ def train_image_classifier(
     checkpoint_dir: Path | None = None,
     logger: MetricLogger | None = None,
     progress: Callable[[int], Any] | None = None,
+    distill: float = 0.0,
 ) -> tuple[ImageClassifier, ImageSpec, FineTuneResult]:
     """The training sequence, once for the flow and every torchrun rank: build the
-    classifier on the base, fine-tune, save to ``out_dir`` (rank 0 only)."""
-    model, _, spec = build_classifier(config.base_model, labels, image.size, config.seed)
-    result = fine_tune_images(model, spec, splits, config, image, logger, progress, checkpoint_dir)
+    classifier on the base, fine-tune (with ``distill`` > 0 and a base with an ImageNet
+    head, learning without forgetting), save to ``out_dir`` (rank 0 only)."""
+    model, imagenet, spec = build_classifier(
+        config.base_model, labels, image.size, config.seed, image.dropout
+    )
+    teacher = (imagenet, distill) if distill > 0 and imagenet is not None else None
+    result = fine_tune_images(
+        model, spec, splits, config, image, logger, progress, checkpoint_dir, teacher
+    )
     if rank_and_world()[0] == 0:
         save_classifier(model, spec, out_dir)
     return model.eval(), spec, result
@@ -358,5 +419,5 @@ def predict_proba(
             centre_crop(pixels[start : start + batch_size], spec.size), spec.mean, spec.std
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            parts.append(model(x.to(device)).float().softmax(-1).cpu())
+            parts.append(model(x.to(device)).float().softmax(-1).cpu())  # ImageClassifier
     return torch.cat(parts).double().numpy()

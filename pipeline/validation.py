@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +132,15 @@ CHECK_KEYS: dict[str, tuple[str, ...]] = {
 PAIR_CHECKS = ("copies", "length_ratio", "placeholders")
 # Checks of images only (task: image-classification, :func:`validate_images`).
 IMAGE_CHECKS = tuple(check for check in CHECK_KEYS if check.startswith("image_"))
+# The checks an image dataset's report lists (the text and pair checks do not apply).
+IMAGE_SUITE = (
+    "schema",
+    "label_set",
+    "labels_in_every_split",
+    "min_rows_per_label",
+    "class_imbalance",
+    *IMAGE_CHECKS,
+)
 # What to do where no limit would make sense (or there is none to change).
 ROW_FIXES = {
     "min_rows_per_label": "add rows for these labels (or groups, which decide the split)",
@@ -662,7 +671,7 @@ def validate_conversations(
         "train.max_length": tokens.max_length if tokens else None,
         "generation.max_length_ratio": max_length_ratio,
     }
-    return _run_suite(assets, config, docs_dir, values, None)
+    return _run_suite(assets, config, docs_dir, values, None, IMAGE_SUITE)
 
 
 def _label_counts(frames: dict[str, pd.DataFrame], labels: list[str]) -> pd.DataFrame:
@@ -958,6 +967,7 @@ def _run_suite(
     docs_dir: Path | None,
     values: dict[str, Any],
     flags: Mapping[str, str] | None,
+    checks: Sequence[str] = (),
 ) -> ValidationReport:
     """Validate every asset in one ephemeral GX context; Data Docs in ``docs_dir``."""
     import great_expectations as gx
@@ -992,7 +1002,7 @@ def _run_suite(
     docs_index = (
         _build_docs(context, docs_dir) if docs_dir is not None and config.data_docs else None
     )
-    severities = {check: config.severity_of(check) for check in DEFAULT_SEVERITY}
+    severities = {check: config.severity_of(check) for check in checks or DEFAULT_SEVERITY}
     return ValidationReport(outcomes=outcomes, severities=severities, docs_index=docs_index)
 
 

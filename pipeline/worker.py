@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import ForgettingConfig, TrainConfig
+from pipeline.config import ForgettingConfig, ImageConfig, TrainConfig
 from pipeline.cpu import set_cpu_threads, worker_env
 from pipeline.finetune import EpochRecord, FineTuneResult, TrainingInterrupted
 from pipeline.mitigation import TeacherCache
 
-CLASSIFIER, CAUSAL = "text-classification", "causal"
+CLASSIFIER, CAUSAL, IMAGES = "text-classification", "causal", "image-classification"
 
 
 def write_spec(
@@ -45,20 +45,25 @@ def write_spec(
     teacher_cache: TeacherCache | None = None,
     kind: str = CLASSIFIER,
     base: str | None = None,
+    image: ImageConfig | None = None,
 ) -> Path:
     """Write the JSON spec this worker reads.
 
     ``forgetting`` carries the mitigations that act during training (L2-SP, distillation);
     every rank builds them from the pretrained weights, as one process would, reading a
     classifier's teacher embeddings from ``teacher_cache`` when given. A ``causal`` spec
-    names the base's local folder (``base``) and has no labels.
+    names the base's local folder (``base``) and has no labels; an image spec names the
+    folder its tables' image paths are relative to (``base``) and carries ``image``.
     """
-    if kind not in {CLASSIFIER, CAUSAL} or (kind == CAUSAL) != (base is not None):
+    if kind not in {CLASSIFIER, CAUSAL, IMAGES} or (kind == CLASSIFIER) != (base is None):
         raise ValueError(f"a {kind!r} spec with base={base!r}")
+    if (kind == IMAGES) != (image is not None):
+        raise ValueError(f"a {kind!r} spec with image={image!r}")
     spec = {
         "kind": kind,
         "base": base,
         "config": config.model_dump(),
+        "image": image.model_dump() if image is not None else None,
         "labels": labels,
         "train_csv": str(train_csv),
         "val_csv": str(val_csv),
@@ -95,6 +100,8 @@ def run(spec_path: Path) -> int:
     try:
         if spec.get("kind", CLASSIFIER) == CAUSAL:
             result = _train_causal(spec, config, forgetting, train, val, out, checkpoints)
+        elif spec["kind"] == IMAGES:
+            result = _train_images(spec, config, forgetting, train, val, out, checkpoints)
         else:
             result = _train_classifier(spec, config, forgetting, train, val, out, checkpoints)
     except TrainingInterrupted as err:
@@ -153,6 +160,35 @@ def _train_causal(
 
     _, _, result = train_causal(
         config, forgetting, spec["base"], messages_of(train), messages_of(val), out, checkpoints
+    )
+    return result
+
+
+def _train_images(
+    spec: dict[str, Any],
+    config: TrainConfig,
+    forgetting: ForgettingConfig | None,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    out: Path,
+    checkpoints: Path | None,
+) -> FineTuneResult:
+    from pipeline.image_models import square_pixels
+    from pipeline.image_training import ImageSplits, train_image_classifier
+    from pipeline.images import read_images
+
+    image = ImageConfig.model_validate(spec["image"])
+    labels: list[str] = spec["labels"]
+    index, root = {label: i for i, label in enumerate(labels)}, Path(spec["base"])
+
+    def split(frame: pd.DataFrame) -> tuple[Any, np.ndarray]:
+        pixels = square_pixels(read_images(root, frame["path"].tolist()), image.size)
+        return pixels, frame["label"].map(index).to_numpy(dtype=np.int64)
+
+    splits = ImageSplits(*split(train), *split(val))
+    distill = forgetting.distill if forgetting is not None else 0.0
+    _, _, result = train_image_classifier(
+        config, image, labels, splits, out, checkpoints, distill=distill
     )
     return result
 

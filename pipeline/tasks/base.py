@@ -223,7 +223,13 @@ def sweep_blends(
 
     def retain(blend: Any) -> forgetting.Comparison:
         return forgetting.compare(
-            base.retention.outputs, score(blend), suite.tasks, "base", cfg.bootstrap, cfg.seed
+            base.retention.outputs,
+            score(blend),
+            suite.tasks,
+            "base",
+            cfg.bootstrap,
+            cfg.seed,
+            cfg.report_only,
         )
 
     return mitigate.wise_ft(

@@ -350,14 +350,20 @@ def train(
     from pipeline.image_training import ImageSplits, train_image_classifier
 
     labels = config.data.labels
+    if config.train.nnodes * config.train.nproc_per_node > 1:
+        trained = train_distributed(config, train, validation, run_id, model_dir, project_dir)
+        logger = tracking.MlflowLogger(run_id) if run_id else None
+        for record in trained.result.history if logger is not None else []:
+            logger.log_metrics(
+                {"val_loss": record.val_loss, "val_accuracy": record.val_accuracy}, record.epoch
+            )
+        return trained
     splits = ImageSplits(
         pixels_of(config, train, project_dir),
         label_ids(train, labels),
         pixels_of(config, validation, project_dir),
         label_ids(validation, labels),
     )
-    if config.train.nnodes * config.train.nproc_per_node > 1:
-        raise NotImplementedError("image-classification under torchrun is not built yet")
     model, spec, result = train_image_classifier(
         config.train,
         config.image,
@@ -367,7 +373,44 @@ def train(
         checkpoint_dir=model_dir.parent / "checkpoints",
         logger=tracking.MlflowLogger(run_id) if run_id else None,
         progress=lambda total: tqdm(total=total, desc="fine-tune", unit="step"),
+        distill=config.forgetting.distill,
     )
+    return Trained(model.to(pick_device()), spec, result, model_dir)
+
+
+def train_distributed(
+    config: RetuneConfig,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    run_id: str | None,
+    model_dir: Path,
+    project_dir: Path,
+) -> Trained:
+    """Data-parallel fine-tuning under torchrun (:mod:`pipeline.worker`, one process per
+    rank reading the images from the dataset folder); rank 0 saves the model."""
+    from pipeline import worker
+    from pipeline.finetune import pick_device
+    from pipeline.image_models import load_classifier
+
+    def write(work: Path, out: Path, checkpoints: Path) -> Path:
+        train.to_csv(work / "train.csv", index=False)
+        validation.to_csv(work / "validation.csv", index=False)
+        return worker.write_spec(
+            work / "spec.json",
+            config.train,
+            config.data.labels,
+            work / "train.csv",
+            work / "validation.csv",
+            out,
+            checkpoints,
+            config.forgetting,
+            kind=worker.IMAGES,
+            base=str(dataset_folder(config, project_dir)),
+            image=config.image,
+        )
+
+    result = worker.train_with_torchrun(config.train, run_id, model_dir, write)
+    model, spec = load_classifier(model_dir)
     return Trained(model.to(pick_device()), spec, result, model_dir)
 
 
