@@ -671,7 +671,7 @@ def validate_conversations(
         "train.max_length": tokens.max_length if tokens else None,
         "generation.max_length_ratio": max_length_ratio,
     }
-    return _run_suite(assets, config, docs_dir, values, None, IMAGE_SUITE)
+    return _run_suite(assets, config, docs_dir, values, None)
 
 
 def _label_counts(frames: dict[str, pd.DataFrame], labels: list[str]) -> pd.DataFrame:
@@ -1237,4 +1237,4 @@ def validate_images(
     values: dict[str, Any] = {
         f"validation.{key}": value for key, value in config.model_dump().items()
     } | {"data.labels": labels}
-    return _run_suite(assets, config, docs_dir, values, None)
+    return _run_suite(assets, config, docs_dir, values, None, IMAGE_SUITE)
