@@ -567,6 +567,21 @@ def data_import(
             cfg.model_copy(update={"data": data_cfg}), labels, allow_invalid, project_dir
         )
         return
+    _import_table(cfg, data_cfg, path, name, labels, config, set_ or [], allow_invalid, project_dir)
+
+
+def _import_table(
+    cfg: Any,
+    data_cfg: Any,
+    path: Path,
+    name: str,
+    labels: str | None,
+    config: Path | None,
+    overrides: list[str],
+    allow_invalid: bool,
+    project_dir: Path,
+) -> None:
+    """``retune data import`` of a CSV/JSONL/Parquet file of texts."""
     from pipeline.data import DataError, dataset_name, prepare_dataset, source_path
     from pipeline.datasets import count_tokens, forced_meta, import_dataset
     from pipeline.versioning import DataVersionError
@@ -574,7 +589,7 @@ def data_import(
     try:
         dataset_name(data_cfg)
         prepared = prepare_dataset(data_cfg, project_dir, IMPORT_FLAGS)
-        allowed = _import_labels(labels, cfg, config, set_ or [], name, prepared.frames)
+        allowed = _import_labels(labels, cfg, config, overrides, name, prepared.frames)
         tokens = count_tokens(prepared.frames, cfg.train.base_model, cfg.train.max_length)
     except (DataError, FileNotFoundError) as err:
         _fail(str(err))

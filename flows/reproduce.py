@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from flows.retrain import evaluate_model, train_model
 from pipeline import data, lineage, retention, tasks, versioning
-from pipeline.config import RetuneConfig
+from pipeline.config import IMAGE_CLASSIFICATION, RetuneConfig
 from pipeline.run_record import headline_metrics
 
 # What must match exactly on CPU for a run to count as reproduced: the kind's test metrics
@@ -54,23 +54,36 @@ def reproduce(ref: str, project_dir: str = ".", tracking_uri: str | None = None)
     config = RetuneConfig.model_validate(trace.config)
     work = root / "runs" / f"reproduce-{trace.model}-{trace.version}"
     shutil.rmtree(work, ignore_errors=True)
-    folder = versioning.restore_dataset(root, trace.data_dvc_md5, trace.dataset, work / "data")
+    folder = versioning.restore_dataset(
+        root, trace.data_dvc_md5, trace.dataset, work / "data" / trace.dataset
+    )
     restored = versioning.folder_md5(folder)
     if restored != trace.data_md5:
         raise versioning.DataVersionError(
             f"restored data hashes to {restored}, but {ref} records {trace.data_md5}"
         )
     logger.info("restored %s (%s) from DVC into %s", trace.dataset, restored, folder)
+    # The restored copy is the data: a kind that reads files beside the tables (images)
+    # finds them there, not in data/, which may hold a later version.
+    data_dir = (work / "data").relative_to(root).as_posix()
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"data_dir": data_dir})}
+    )
     frames = data.read_splits(folder)
     train = data.subsample(frames["train"], config.train.max_train_samples, config.train.seed)
     test = data.subsample(frames["test"], config.evaluate.max_test_samples, config.train.seed)
     trained = train_model(config, train, frames["validation"], None, work / "model", root)
-    suite_folder = versioning.restore_dataset(
-        root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
-    )
-    restored_suite = retention.Suite(
-        retention.load_suite(suite_folder), versioning.folder_md5(suite_folder), [], suite_folder
-    )
+    restored_suite = None
+    if config.task != IMAGE_CLASSIFICATION:  # images: built from pinned packages, no DVC
+        suite_folder = versioning.restore_dataset(
+            root, trace.data_dvc_md5, retention.SUITE_NAME, work / "suite"
+        )
+        restored_suite = retention.Suite(
+            retention.load_suite(suite_folder),
+            versioning.folder_md5(suite_folder),
+            [],
+            suite_folder,
+        )
     suite = tasks.get(config.task).retention_suite(config, root, restored_suite)
     evaluation = evaluate_model(config, trained, test, suite, root)
     shutil.rmtree(work / "model", ignore_errors=True)
