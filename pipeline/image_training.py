@@ -236,7 +236,7 @@ class ImageLoop:
         else:
             self.train_in = frozen_outputs(self.model, s.train, self.spec, k, self.bf16)
             self.val_in = frozen_outputs(self.model, s.val, self.spec, k, self.bf16)
-        self.labels = torch.as_tensor(s.train_labels, dtype=torch.long)
+        self.labels = torch.tensor(np.array(s.train_labels), dtype=torch.long)  # a copy
 
     def _setup_optimizer(self) -> None:
         config = self.config

@@ -38,6 +38,8 @@ def read_image_source(
         DataError: no images, a manifest without its path or label column, a path that
             does not exist (named with its row).
     """
+    if not source.exists():
+        raise DataError(f"{source} does not exist: give an image folder or a CSV manifest")
     if source.is_dir():
         rows = [
             {"path": str(f.relative_to(source)), "label": f.parent.name}

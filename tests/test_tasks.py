@@ -42,7 +42,9 @@ def test_the_config_names_the_kind_and_an_unknown_kind_is_refused():
     assert tasks.get(RetuneConfig().task).name == "text-classification"
     assert [tasks.get(name).name for name in ("chat", "translation")] == ["chat", "translation"]
     with pytest.raises(
-        ValueError, match="unknown task 'poem'; known: chat, image-classification, text-classification, translation"
+        ValueError,
+        match="unknown task 'poem'; known: chat, image-classification, text-classification, "
+        "translation",
     ):
         tasks.get("poem")
 
