@@ -126,7 +126,10 @@ def card_view(inputs: CardInputs) -> dict[str, Any]:
     Record values stay as recorded (numbers unformatted, None where missing): the template
     formats them with the reports' filters.
     """
+    image = _report(inputs, "config").get("task") == "image-classification"
     return {
+        "image": image,  # the template names a backbone, blocks and pixels instead
+        "image_size": _config(inputs, "image").get("size"),
         "title": _title(inputs),
         "use": _intended_use(inputs),
         "model": _model(inputs),
@@ -355,6 +358,7 @@ def _group_metrics(inputs: CardInputs) -> dict[str, Any]:
     overall = _dict(groups.get("overall"))
     return {
         "recorded": bool(groups),
+        "none": bool(groups) and not _records(groups.get("groups")),  # no group column
         "rows": _records(groups.get("groups")) + ([overall] if overall else []),
         "positive": _positive(bias),
         "per_label": [

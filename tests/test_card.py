@@ -493,3 +493,36 @@ def test_lp_ft_epochs_and_a_multilingual_base_model(full):
     assert "`lp-ft`: a linear probe (encoder frozen) for 5 epochs, then full fine-tuning." in md
     assert "2 epochs run of 5 probe + 3 full configured" in md
     assert "English" not in md
+
+
+def test_an_image_classifiers_card_names_its_backbone_pixels_and_scores():
+    """The image kind's card: backbone words, the image size, specificity and ROC-AUC per
+    class from its scored report, and a plain sentence when there are no groups."""
+    import numpy as np
+
+    from pipeline.evaluate import scored_metrics
+
+    labels = ["cat", "dog"]
+    y_true = np.array([0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    config = RetuneConfig.model_validate(
+        {"task": "image-classification", "data": {"labels": labels}, "image": {"size": 96}}
+    )
+    no_groups = fairness.check_model_bias(
+        y_true, probs.argmax(1), pd.DataFrame(index=range(5)), config.bias, labels
+    )
+    body = reports() | {
+        "config": jsonable(config.model_dump()),
+        "test_metrics": jsonable(scored_metrics(y_true, probs, labels).to_dict()),
+        "bias": jsonable(fairness.evaluate_model_bias(no_groups, config.bias).to_dict()),
+    }
+    card = render_card(CardInputs("retune-pets", "1", body, dict(TAGS), RUN_ID))
+    model = section(card, "Model")
+    assert "the stem and the first 10 blocks of the backbone are frozen" in model
+    assert "images at 96 px" in model and "tokens" not in model
+    metrics = section(card, "Test metrics")
+    # cat: TP 1, FN 1, FP 1 (row 5), TN 2 -> specificity 2/3; its AUC from the cat scores:
+    # cats 0.9, 0.4 against dogs 0.2, 0.3, 0.6 -> 5 of 6 pairs ranked right
+    cat = next(r for r in metrics.splitlines() if r.startswith("| cat |"))
+    assert cells(cat)[3] == "0.6667" and cells(cat)[4] == "0.8333"
+    assert "No groups to compare" in section(card, "Per-group metrics")
