@@ -71,8 +71,9 @@ def test_two_rank_head_matches_one_process_and_partial_trains(tmp_path: Path):
     )
     launch(spec(tmp_path, "one", head, data), nproc_per_node=1)
     launch(spec(tmp_path, "two", head, data), nproc_per_node=2)
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(
-        tmp_path / "two" / "model.safetensors"
+    one, two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
     )
     from pipeline.image_models import build_classifier
 
