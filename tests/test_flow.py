@@ -281,6 +281,7 @@ def test_user_csv_runs_the_whole_flow_and_registers(prefect_harness, project, ti
     assert ((out["prob_pos"] + out["prob_neg"]) - 1).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # 65 s here; make test-slow (CI runs both tiers)
 def test_forgetting_gate_refuses_records_and_registers_nothing(
     prefect_harness, project, tiny_base_model
 ):
@@ -328,6 +329,7 @@ def test_forgetting_gate_refuses_records_and_registers_nothing(
     assert first_report["base"]["mean_drop"] == 0.0  # head-only: the encoder is the base
 
 
+@pytest.mark.slow  # 45 s: two torchrun nodes; make test-slow
 def test_two_node_training_through_the_flow(
     prefect_harness, project, tiny_base_model, tmp_path, monkeypatch
 ):

@@ -72,6 +72,7 @@ def run(api_url: str, project: Path, *overrides: str):
     return run_retune(project, api_url, *args)
 
 
+@pytest.mark.slow  # 90 s here; make test-slow (CI runs both tiers)
 def test_translation_pairs_run_the_whole_flow_and_register_a_chat_model(
     prefect_harness, project, tiny_causal_lm
 ):
@@ -331,6 +332,7 @@ def test_full_tuning_with_kl_distillation_and_wise_ft_through_the_flow(
     assert "plots/wise_ft.png" in plots
 
 
+@pytest.mark.slow  # 40 s: FSDP through the flow; make test-slow
 def test_the_flow_trains_a_causal_lm_sharded_over_two_processes(
     prefect_harness, project, tiny_causal_lm
 ):
