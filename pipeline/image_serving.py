@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.serving import LABEL_COLUMN, PROB_PREFIX, READERS, ServingInputError
+from pipeline.serving import (
+    LABEL_COLUMN,
+    PROB_PREFIX,
+    READERS,
+    ServingInputError,
+    column_values,
+    probability_frame,
+)
 
 if TYPE_CHECKING:
     from pipeline.image_models import ImageClassifier, ImageSpec
@@ -89,29 +96,15 @@ class ImageClassifierPredictor:
             images = [decode_image(v, row) for row, v in enumerate(values)]
             pixels = square_pixels(images, self.spec.size)  # (N, 3, S, S) uint8
             probs = predict_proba(self.model, pixels, self.spec, False, batch_size)  # (N, K)
-        out = pd.DataFrame({LABEL_COLUMN: [self.labels[i] for i in probs.argmax(axis=1)]})
-        for j, label in enumerate(self.labels):
-            out[f"{PROB_PREFIX}{label}"] = probs[:, j]
-        if index is not None:
-            out.index = index
-        return out
+        return probability_frame(probs, self.labels, index)
 
 
 def _images_of(model_input: Any) -> tuple[list[Any], Any]:
     """The values of a DataFrame (``image`` column), Series or list, and the index to keep."""
-    if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
-            found = ", ".join(map(str, model_input.columns)) or "no columns"
-            raise ServingInputError(f"input has no '{IMAGE_COLUMN}' column; found: {found}")
-        return model_input[IMAGE_COLUMN].tolist(), model_input.index
-    if isinstance(model_input, pd.Series):
-        return model_input.tolist(), model_input.index
-    if isinstance(model_input, list | tuple):
-        return list(model_input), None
-    raise ServingInputError(
-        f"expected a DataFrame with an '{IMAGE_COLUMN}' column, a Series or a list of paths "
-        f"or base64 images; got {type(model_input).__name__}"
+    expected = (
+        f"a DataFrame with an '{IMAGE_COLUMN}' column, a Series or a list of paths or base64 images"
     )
+    return column_values(model_input, IMAGE_COLUMN, expected)
 
 
 def decode_image(value: Any, row: int) -> np.ndarray:

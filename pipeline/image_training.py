@@ -104,7 +104,7 @@ def random_resized_crops(
 
 @torch.no_grad()
 def frozen_outputs(
-    model: ImageClassifier,
+    model: nn.Module,
     pixels: torch.Tensor,
     spec: ImageSpec,
     k: int,
@@ -112,9 +112,10 @@ def frozen_outputs(
     batch_size: int = 128,
 ) -> torch.Tensor:
     """The frozen part's output for each image's centre crop: pooled features (N, D) for
-    :data:`POOLED`, else the first ``k`` stages' maps (N, C, h, w); float32 or bf16."""
+    :data:`POOLED`, else the first ``k`` stages' maps (N, C, h, w); float32 or bf16.
+    ``model``: a classifier, or its backbone alone."""
     device = next(model.parameters()).device
-    backbone, parts = model.backbone, []
+    backbone, parts = getattr(model, "backbone", model), []
     was = backbone.training
     backbone.eval()
     for start in range(0, len(pixels), batch_size):

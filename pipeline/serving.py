@@ -76,30 +76,43 @@ class TextClassifier:
         probs = predict_proba(  # (N, num_labels), float32
             self.model, self.tokenizer, texts, batch_size, self.max_length, bf16=False
         )
-        out = pd.DataFrame({LABEL_COLUMN: [self.labels[i] for i in probs.argmax(axis=1)]})
-        for j, label in enumerate(self.labels):
-            out[f"{PROB_PREFIX}{label}"] = probs[:, j]
-        if index is not None:
-            out.index = index
-        return out
+        return probability_frame(probs, self.labels, index)
+
+
+def probability_frame(probs: Any, labels: list[str], index: Any) -> pd.DataFrame:
+    """A classifier's output: ``label`` (the argmax) and ``prob_<label>`` per class, on
+    ``index`` (the input's, or a fresh range when None). ``probs``: (N, K)."""
+    out = pd.DataFrame({LABEL_COLUMN: [labels[i] for i in probs.argmax(axis=1)]})
+    for j, label in enumerate(labels):
+        out[f"{PROB_PREFIX}{label}"] = probs[:, j]
+    if index is not None:
+        out.index = index
+    return out
+
+
+def column_values(model_input: Any, column: str, expected: str) -> tuple[list[Any], Any]:
+    """The values of a DataFrame's ``column``, a Series or a list, and the index to keep.
+
+    Raises:
+        ServingInputError: a frame without ``column``, or another type (``expected`` says
+            what would do).
+    """
+    if isinstance(model_input, pd.DataFrame):
+        if column not in model_input.columns:
+            found = ", ".join(map(str, model_input.columns)) or "no columns"
+            raise ServingInputError(f"input has no '{column}' column; found: {found}")
+        return model_input[column].tolist(), model_input.index
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist(), model_input.index
+    if isinstance(model_input, list | tuple):
+        return list(model_input), None
+    raise ServingInputError(f"expected {expected}; got {type(model_input).__name__}")
 
 
 def _texts_of(model_input: Any) -> tuple[list[str], Any]:
     """The texts of a DataFrame (``text`` column), Series or list, and the index to keep."""
-    if isinstance(model_input, pd.DataFrame):
-        if TEXT_COLUMN not in model_input.columns:
-            found = ", ".join(map(str, model_input.columns)) or "no columns"
-            raise ServingInputError(f"input has no '{TEXT_COLUMN}' column; found: {found}")
-        values, index = model_input[TEXT_COLUMN].tolist(), model_input.index
-    elif isinstance(model_input, pd.Series):
-        values, index = model_input.tolist(), model_input.index
-    elif isinstance(model_input, list | tuple):
-        values, index = list(model_input), None
-    else:
-        raise ServingInputError(
-            f"expected a DataFrame with a '{TEXT_COLUMN}' column, a Series or a list of "
-            f"strings; got {type(model_input).__name__}"
-        )
+    expected = f"a DataFrame with a '{TEXT_COLUMN}' column, a Series or a list of strings"
+    values, index = column_values(model_input, TEXT_COLUMN, expected)
     bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
     if bad:
         shown = ", ".join(f"{i} ({type(values[i]).__name__})" for i in bad[:5])

@@ -202,6 +202,21 @@ class TaskKind(Protocol):
         ...
 
 
+def load_champion(config: RetuneConfig, work_dir: Path) -> tuple[str, Any] | None:
+    """The version holding the champion alias of this run's model name and its loaded
+    model (:func:`pipeline.modelstore.load_version`, digest by weights), or None."""
+    from pipeline import lineage, modelstore, registry
+
+    try:
+        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
+    except registry.ModelRefError:
+        return None
+    loaded = modelstore.load_version(
+        champion.name, champion.version, work_dir, digest=lineage.folder_sha256
+    )
+    return champion.version, loaded
+
+
 def sweep_blends(
     config: RetuneConfig,
     model: Any,

@@ -39,7 +39,6 @@ from pipeline import (
     lm_bias,
     lm_retention,
     promotion,
-    registry,
     retention,
     sft,
 )
@@ -52,6 +51,7 @@ from pipeline.tasks.base import (
     Frames,
     Retention,
     Trained,
+    load_champion,
     sweep_blends,
 )
 
@@ -438,24 +438,17 @@ class Generative:
         project_dir: Path,
         work_dir: Path,
     ) -> Champion | None:
-        from pipeline import modelstore
-
-        try:
-            champion = registry.resolve_version(
-                f"{registry.model_name(config)}@{registry.CHAMPION}"
-            )
-        except registry.ModelRefError:
+        found = load_champion(config, work_dir)
+        if found is None:
             return None
-        loaded = modelstore.load_version(
-            champion.name, champion.version, work_dir, digest=lineage.folder_sha256
-        )
+        version, loaded = found
         model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
         # What the champion scores depends only on its weights: cached by their digest.
         digest = loaded.digest or "unresolved:champion"
         report, retained, prefs = measure_cached(
             config, digest, model, tokenizer, test, suite, project_dir, self.name
         )
-        return Champion(champion.version, retained, lambda _: prefs, report, {})
+        return Champion(version, retained, lambda _: prefs, report, {})
 
     def train(
         self,

@@ -36,11 +36,18 @@ from pipeline import (
     identity,
     lineage,
     promotion,
-    registry,
     retention,
 )
 from pipeline.config import IMAGE_CLASSIFICATION, RetuneConfig
-from pipeline.tasks.base import Baseline, Champion, Evaluation, Frames, Retention, Trained
+from pipeline.tasks.base import (
+    Baseline,
+    Champion,
+    Evaluation,
+    Frames,
+    Retention,
+    Trained,
+    load_champion,
+)
 
 INPUT = (("image", "string"),)
 IMAGES = "images"  # the folder inside data/<name>/ that holds the copied images
@@ -240,7 +247,7 @@ def features(
 
     def compute() -> np.ndarray:
         pixels = pixels_of(config, frame, project_dir)
-        return frozen_outputs(_Holder(backbone), pixels, spec, POOLED, bf16).float().numpy()
+        return frozen_outputs(backbone, pixels, spec, POOLED, bf16).float().numpy()
 
     if sha.startswith("unresolved:"):
         return compute()
@@ -252,16 +259,6 @@ def features(
         "bf16": str(bf16),
     }
     return cache.cached_array(project_dir / config.forgetting.cache_dir / "images", key, compute)
-
-
-class _Holder:
-    """A bare backbone seen as a classifier (``frozen_outputs`` reads ``.backbone``)."""
-
-    def __init__(self, backbone: Any):
-        self.backbone = backbone
-
-    def parameters(self) -> Any:
-        return self.backbone.parameters()
 
 
 def predict(config: RetuneConfig, model: Any, spec: Any, pixels: Any) -> np.ndarray:
@@ -318,20 +315,15 @@ def measure_champion(
     project_dir: Path,
     work_dir: Path,
 ) -> Champion | None:
-    from pipeline import modelstore
-
-    try:
-        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
-    except registry.ModelRefError:
+    found = load_champion(config, work_dir)
+    if found is None:
         return None
-    loaded = modelstore.load_version(
-        champion.name, champion.version, work_dir, digest=lineage.folder_sha256
-    )
+    version, loaded = found
     model, spec = loaded.predictor.model, loaded.predictor.spec
     retained = score(config, model, suite, project_dir, loaded.digest)
     probs = predict(config, model, spec, pixels_of(config, test, project_dir))
     report = evaluate.scored_metrics(label_ids(test, config.data.labels), probs, config.data.labels)
-    return Champion(champion.version, retained, lambda _: probs, report, probs)
+    return Champion(version, retained, lambda _: probs, report, probs)
 
 
 def train(

@@ -27,9 +27,7 @@ from pipeline import (
     identity,
     lineage,
     mitigation,
-    modelstore,
     promotion,
-    registry,
     retention,
     serving,
     validation,
@@ -43,6 +41,7 @@ from pipeline.tasks.base import (
     Frames,
     Retention,
     Trained,
+    load_champion,
     sweep_blends,
 )
 
@@ -196,13 +195,10 @@ def measure_champion(
 ) -> Champion | None:
     """The current champion's retention scores (cached by its weights), its predict
     function and its metrics on this test split; None when there is no champion."""
-    try:
-        champion = registry.resolve_version(f"{registry.model_name(config)}@{registry.CHAMPION}")
-    except registry.ModelRefError:
+    found = load_champion(config, work_dir)
+    if found is None:
         return None
-    loaded = modelstore.load_version(
-        champion.name, champion.version, work_dir, digest=lineage.folder_sha256
-    )
+    version, loaded = found
     model, tokenizer = loaded.predictor.model, loaded.predictor.tokenizer
     scores = score_retention(
         config, lambda: (model.base_model, tokenizer), suite, project_dir, loaded.digest
@@ -213,7 +209,7 @@ def measure_champion(
     probs = predict(test["text"].tolist())
     labels = config.data.labels
     report = evaluate.classification_metrics(label_ids(test, labels), probs.argmax(1), labels)
-    return Champion(champion.version, scores, predict, report, probs)
+    return Champion(version, scores, predict, report, probs)
 
 
 def teacher_cache(config: RetuneConfig, project_dir: Path) -> mitigation.TeacherCache:
